@@ -1,0 +1,114 @@
+"""Typed configs: every field described, unknown keys refused, loadable from YAML.
+
+One config class per job; the CLI builds its flags from the same fields, so a YAML file and
+command-line flags are one thing (flags override the file).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tourray.errors import UserError
+
+
+class BaseConfig(BaseModel):
+    """Base for all configs: extra keys are an error, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any):
+        """Load a YAML file; `overrides` (e.g. from command-line flags) win over the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path} must be a mapping of field: value")
+        return cls.parse(data | overrides, source=str(path))
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: str = "flags"):
+        """Validate `data`, turning pydantic's errors into one UserError naming each field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = []
+            for err in e.errors():
+                field = ".".join(str(p) for p in err["loc"]) or "(config)"
+                lines.append(f"  {field.replace('_', '-')}: {err['msg']}")
+            raise UserError(f"invalid {cls.__name__} from {source}:\n" + "\n".join(lines)) from None
+
+
+class StoreDtype(str, enum.Enum):
+    """dtype of stored activation vectors."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class ModelDtype(str, enum.Enum):
+    """dtype the model runs in; `auto` = float32 on CPU, bfloat16 on GPU."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Site(str, enum.Enum):
+    """Where in a decoder block the residual stream is read."""
+
+    resid_post = "resid_post"
+    resid_mid = "resid_mid"
+
+
+class Engine(str, enum.Enum):
+    """Which runtime runs the model."""
+
+    hf = "hf"
+
+
+EMBED_LAYER = -1
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Parse `--layers` ("all", "embed,0,5,10-20", "none") against a model's depth.
+
+    Returns sorted unique layer indices; -1 stands for the embedding output. Raises UserError
+    naming the offending item when a layer is out of range or the syntax is wrong.
+    """
+    spec = spec.strip().lower()
+    if spec in ("none", ""):
+        return []
+    out: set[int] = set()
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "all":
+            out.update(range(-1, num_layers))
+        elif item == "blocks":
+            out.update(range(num_layers))
+        elif item == "embed":
+            out.add(EMBED_LAYER)
+        else:
+            try:
+                lo, _, hi = item.partition("-") if not item.startswith("-") else (item, "", "")
+                a, b = int(lo), int(hi) if hi else int(lo)
+            except ValueError:
+                raise UserError(
+                    f"--layers: cannot parse {item!r}; use e.g. 'all', 'embed,0,5,10-20' or 'none'"
+                ) from None
+            if a > b or a < 0 or b >= num_layers:
+                raise UserError(
+                    f"--layers: {item!r} is out of range; the model has {num_layers} decoder blocks "
+                    f"(0-{num_layers - 1}) plus 'embed'"
+                )
+            out.update(range(a, b + 1))
+    return sorted(out)

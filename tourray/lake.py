@@ -1,0 +1,247 @@
+"""The lake: one Lance dataset per table under a root URI, with declared schemas.
+
+Schemas are declared once, in `schemas/<table>.yaml`, and every write is checked against them.
+Workers write fragments (`write_fragments`) and hand back their metadata as JSON; only the driver
+commits (`commit`), one Lance `Append` per table, so a table only ever grows by whole groups.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import lance
+import pyarrow as pa
+import yaml
+from lance.arrow import BFloat16Type
+
+from tourray.errors import UserError
+from tourray.runtime import resolve_uri
+
+log = logging.getLogger("tourray")
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+TABLES = ("runs", "samples", "tokens", "activations", "blocks")
+
+_SCALARS = {
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "bfloat16": BFloat16Type(),
+    "timestamp[us, UTC]": pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_type(spec: str) -> pa.DataType:
+    """Parse the small type language of `schemas/*.yaml` (scalars, list<T>, fixed_size_list<T>[N])."""
+    spec = spec.strip()
+    if spec in _SCALARS:
+        return _SCALARS[spec]
+    if m := re.fullmatch(r"list<(.+)>", spec):
+        return pa.list_(arrow_type(m[1]))
+    if m := re.fullmatch(r"fixed_size_list<(.+)>\[(\d+)\]", spec):
+        return pa.list_(arrow_type(m[1]), int(m[2]))
+    raise ValueError(f"unknown type {spec!r} in a schema declaration")
+
+
+@lru_cache(maxsize=None)
+def _declaration(table: str) -> dict:
+    path = SCHEMA_DIR / f"{table}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no schema declaration {path}")
+    return yaml.safe_load(path.read_text())
+
+
+def schema(table: str, **params) -> pa.Schema:
+    """The declared Arrow schema of `table`; `params` fill placeholders such as {hidden_size}."""
+    decl = _declaration(table)
+    fields = []
+    for col in decl["columns"]:
+        try:
+            spec = col["type"].format(**params)
+        except KeyError as e:
+            raise ValueError(f"schema {table}: column {col['name']} needs parameter {e}") from None
+        fields.append(pa.field(col["name"], arrow_type(spec), nullable=col.get("nullable", False)))
+    meta = {"tourray.table": table, "tourray.schema_version": str(decl["version"])}
+    return pa.schema(fields, metadata=meta)
+
+
+def check(table: str, data: pa.Table | pa.RecordBatch, expected: pa.Schema) -> None:
+    """Refuse data that does not match the declared schema, naming table and column."""
+    got = {f.name: f for f in data.schema}
+    problems = []
+    for f in expected:
+        g = got.pop(f.name, None)
+        if g is None:
+            problems.append(f"missing column {f.name!r}")
+        elif not g.type.equals(f.type):
+            problems.append(f"column {f.name!r} is {g.type}, schema says {f.type}")
+        elif not f.nullable and data.column(f.name).null_count:
+            problems.append(f"column {f.name!r} has nulls but is not nullable")
+    problems += [f"unexpected column {name!r}" for name in got]
+    if problems:
+        raise UserError(f"write to table {table!r} refused: " + "; ".join(problems))
+
+
+class Lake:
+    """A lake root (local path or URI) and its tables.
+
+    >>> lake = Lake("lake/")             # doctest: +SKIP
+    >>> lake.dataset("tokens").count_rows()  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, str] | None = None):
+        self.root = resolve_uri(root)
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"Lake({self.root!r})"
+
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}.lance"
+
+    def exists(self, table: str) -> bool:
+        try:
+            self.dataset(table)
+            return True
+        except (FileNotFoundError, ValueError, OSError):
+            return False
+
+    def dataset(self, table: str, version: int | None = None) -> lance.LanceDataset:
+        return lance.dataset(self.uri(table), version=version, storage_options=self.storage_options)
+
+    def tables(self) -> list[str]:
+        return [t for t in TABLES if self.exists(t)]
+
+    def ensure(self, table: str, expected: pa.Schema) -> None:
+        """Create `table` empty with `expected` schema, or check the existing one matches it."""
+        if not self.exists(table):
+            lance.write_dataset(
+                expected.empty_table(), self.uri(table), schema=expected, mode="create",
+                storage_options=self.storage_options,
+            )
+            log.info("lake: created %s", self.uri(table))
+            return
+        have = self.dataset(table).schema
+        diffs = [
+            f"{f.name}: lake has {have.field(f.name).type if f.name in have.names else 'nothing'}, "
+            f"this capture writes {f.type}"
+            for f in expected
+            if f.name not in have.names or not have.field(f.name).type.equals(f.type)
+        ]
+        if diffs:
+            raise UserError(
+                f"table {self.uri(table)} does not match this capture ({'; '.join(diffs)}). One lake "
+                "holds one hidden size and store dtype: use another --lake for this model or dtype."
+            )
+
+    # -- workers ---------------------------------------------------------------------------
+    def write_fragments(
+        self, table: str, data: pa.RecordBatchReader | pa.Table, expected: pa.Schema
+    ) -> list[str]:
+        """Write data files for `table` without committing; return fragment metadata as JSON.
+
+        Every batch is checked against `expected` as it streams through.
+        """
+        batches = data.to_batches() if isinstance(data, pa.Table) else data
+
+        def checked() -> Iterable[pa.RecordBatch]:
+            for b in batches:
+                check(table, b, expected)
+                yield b
+
+        reader = pa.RecordBatchReader.from_batches(expected, checked())
+        frags = lance.fragment.write_fragments(
+            reader, self.uri(table), schema=expected, storage_options=self.storage_options
+        )
+        return [json.dumps(f.to_json()) for f in frags]
+
+    # -- driver ----------------------------------------------------------------------------
+    def commit(self, table: str, fragments: list[str]) -> int:
+        """Append written fragments to `table` in one atomic Lance commit; return the new version."""
+        if not fragments:
+            return self.dataset(table).version
+        metas = [lance.fragment.FragmentMetadata.from_json(f) for f in fragments]
+        ds = lance.LanceDataset.commit(
+            self.uri(table),
+            lance.LanceOperation.Append(metas),
+            read_version=self.dataset(table).version,
+            storage_options=self.storage_options,
+        )
+        return ds.version
+
+    def append(self, table: str, data: pa.Table, expected: pa.Schema) -> int:
+        """Write and commit a small table from the driver."""
+        return self.commit(table, self.write_fragments(table, data, expected))
+
+    def delete(self, table: str, predicate: str) -> None:
+        if self.exists(table):
+            self.dataset(table).delete(predicate)
+
+    def read(self, table: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        if not self.exists(table):
+            return schema_or_empty(table, columns)
+        return self.dataset(table).to_table(columns=columns, filter=filter)
+
+
+def schema_or_empty(table: str, columns: list[str] | None) -> pa.Table:
+    """An empty table for a table that does not exist yet (so readers need no special case)."""
+    params = {"store_dtype": "float32", "hidden_size": 1}
+    s = schema(table, **params)
+    if columns:
+        s = pa.schema([s.field(c) for c in columns])
+    return s.empty_table()
+
+
+def sql_quote(value: str) -> str:
+    """Quote a string literal for a Lance / DuckDB filter."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+# -- vectors ---------------------------------------------------------------------------------
+def vectors_to_arrow(h, store_dtype: str) -> pa.FixedSizeListArray:
+    """[n, d] array (numpy or torch, already in `store_dtype`) -> FixedSizeList column for `h`.
+
+    bfloat16 arrives as its raw 16-bit patterns (Lance's BFloat16 extension type)."""
+    import numpy as np
+
+    n, d = h.shape
+    if store_dtype == "bfloat16":
+        raw = np.ascontiguousarray(h).view(np.uint16).reshape(-1)
+        storage = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2), n * d, [None, pa.py_buffer(raw)])
+        values = pa.ExtensionArray.from_storage(BFloat16Type(), storage)
+    else:
+        values = pa.array(np.ascontiguousarray(h).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, d)
+
+
+def arrow_to_numpy(col: pa.FixedSizeListArray | pa.ChunkedArray, dtype=None):
+    """FixedSizeList column of float16/bfloat16/float32 -> [n, d] numpy array (float32 for bf16).
+
+    `dtype` casts the result (e.g. float32 for analysis); None keeps the stored dtype where numpy
+    has one."""
+    import numpy as np
+
+    if isinstance(col, pa.ChunkedArray):
+        parts = [arrow_to_numpy(c, dtype) for c in col.chunks]
+        d = col.type.list_size
+        return np.concatenate(parts) if parts else np.empty((0, d), dtype or np.float32)
+    d = col.type.list_size
+    values = col.values.slice(col.offset * d, len(col) * d) if col.offset else col.values
+    values = values.slice(0, len(col) * d)
+    if isinstance(values.type, BFloat16Type):
+        buf = values.storage.buffers()[1]
+        u16 = np.frombuffer(buf, dtype=np.uint16, count=len(values), offset=values.storage.offset * 2)
+        out = (u16.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = values.to_numpy(zero_copy_only=False)
+    out = out.reshape(len(col), d)
+    return out.astype(dtype, copy=False) if dtype is not None else out

@@ -1,0 +1,41 @@
+"""Where work runs: embedded Ray on one machine, or a Ray cluster; and where the lake lives.
+
+Only the driver calls these; stages never start Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("tourray")
+
+
+def resolve_uri(path: str | os.PathLike) -> str:
+    """A lake root as a URI every process can open: URIs (s3://, gs://, ...) pass through, local
+    paths become absolute (so `ray job submit --working-dir` copies do not swallow the output)."""
+    s = str(path)
+    if "://" in s:
+        return s.rstrip("/")
+    return str(Path(s).expanduser().resolve())
+
+
+def init_ray(address: str | None = None, quiet: bool = True):
+    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray.
+
+    A job submitted with `ray job submit` already has RAY_ADDRESS set, so the same script runs
+    embedded or on a cluster unchanged.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(log_to_driver=not quiet, include_dashboard=False) if address is None else {}
+    ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s
+    ctx.print_on_execution_start = False
+    log.info("ray: %s", "embedded local cluster" if address is None else f"cluster at {address}")
+    return ray
