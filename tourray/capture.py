@@ -581,12 +581,17 @@ def record_summary(lake: lk.Lake, run: str, summary: dict) -> None:
 
 
 def user_error_in(e: BaseException) -> UserError | None:
-    """Find a UserError raised inside a Ray actor under Ray's wrappers."""
+    """Find a UserError raised inside a Ray actor under Ray's wrappers (RayTaskError,
+    UserCodeException); Ray may only keep it as text in the remote traceback."""
+    import re
+
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, UserError):
             return UserError(str(e))
+        if m := re.search(r"tourray\.errors\.UserError: (.*?)(?:\n\s*\n|$)", str(e), re.S):
+            return UserError(m[1].strip())
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 

@@ -125,7 +125,7 @@ class Lake:
         """Create `table` empty with `expected` schema, or check the existing one matches it."""
         if not self.exists(table):
             lance.write_dataset(
-                expected.empty_table(), self.uri(table), schema=expected, mode="create",
+                empty_table(expected), self.uri(table), schema=expected, mode="create",
                 storage_options=self.storage_options,
             )
             log.info("lake: created %s", self.uri(table))
@@ -153,15 +153,26 @@ class Lake:
         """
         batches = data.to_batches() if isinstance(data, pa.Table) else data
 
+        raised: list[BaseException] = []
+
         def checked() -> Iterable[pa.RecordBatch]:
-            for b in batches:
-                check(table, b, expected)
-                yield b
+            try:
+                for b in batches:
+                    check(table, b, expected)
+                    yield b
+            except BaseException as e:  # Lance would wrap it in an opaque OSError: keep the original
+                raised.append(e)
+                raise
 
         reader = pa.RecordBatchReader.from_batches(expected, checked())
-        frags = lance.fragment.write_fragments(
-            reader, self.uri(table), schema=expected, storage_options=self.storage_options
-        )
+        try:
+            frags = lance.fragment.write_fragments(
+                reader, self.uri(table), schema=expected, storage_options=self.storage_options
+            )
+        except Exception:
+            if raised:
+                raise raised[0] from None
+            raise
         return [json.dumps(f.to_json()) for f in frags]
 
     # -- driver ----------------------------------------------------------------------------
@@ -198,7 +209,20 @@ def schema_or_empty(table: str, columns: list[str] | None) -> pa.Table:
     s = schema(table, **params)
     if columns:
         s = pa.schema([s.field(c) for c in columns])
-    return s.empty_table()
+    return empty_table(s)
+
+
+def empty_table(s: pa.Schema) -> pa.Table:
+    """`Schema.empty_table` that also handles extension types (bfloat16) inside lists."""
+
+    def empty(t: pa.DataType) -> pa.Array:
+        if isinstance(t, pa.ExtensionType):
+            return pa.ExtensionArray.from_storage(t, empty(t.storage_type))
+        if pa.types.is_fixed_size_list(t):
+            return pa.FixedSizeListArray.from_arrays(empty(t.value_type), t.list_size)
+        return pa.array([], t)
+
+    return pa.Table.from_arrays([empty(f.type) for f in s], schema=s)
 
 
 def sql_quote(value: str) -> str:
@@ -224,23 +248,22 @@ def vectors_to_arrow(h, store_dtype: str) -> pa.FixedSizeListArray:
 
 
 def arrow_to_numpy(col: pa.FixedSizeListArray | pa.ChunkedArray, dtype=None):
-    """FixedSizeList column of float16/bfloat16/float32 -> [n, d] numpy array (float32 for bf16).
+    """FixedSizeList column -> [n, d] numpy array.
 
-    `dtype` casts the result (e.g. float32 for analysis); None keeps the stored dtype where numpy
-    has one."""
+    `dtype=None` keeps the stored bits (float16, float32, or bfloat16 as its uint16 patterns: the
+    bytes checksums are taken of); a dtype such as float32 converts the values."""
     import numpy as np
 
     if isinstance(col, pa.ChunkedArray):
         parts = [arrow_to_numpy(c, dtype) for c in col.chunks]
-        d = col.type.list_size
-        return np.concatenate(parts) if parts else np.empty((0, d), dtype or np.float32)
+        return np.concatenate(parts) if parts else np.empty((0, col.type.list_size), dtype or np.float32)
     d = col.type.list_size
-    values = col.values.slice(col.offset * d, len(col) * d) if col.offset else col.values
-    values = values.slice(0, len(col) * d)
+    values = col.values.slice(col.offset * d, len(col) * d)
     if isinstance(values.type, BFloat16Type):
-        buf = values.storage.buffers()[1]
-        u16 = np.frombuffer(buf, dtype=np.uint16, count=len(values), offset=values.storage.offset * 2)
-        out = (u16.astype(np.uint32) << 16).view(np.float32)
+        st = values.storage
+        out = np.frombuffer(st.buffers()[1], dtype=np.uint16, count=len(st), offset=st.offset * 2)
+        if dtype is not None:
+            out = (out.astype(np.uint32) << 16).view(np.float32)
     else:
         out = values.to_numpy(zero_copy_only=False)
     out = out.reshape(len(col), d)

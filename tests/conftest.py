@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny offline models (a Qwen3 and a Llama-style one, random weights, a BPE
+tokenizer trained on local text), a tiny corpus, and one embedded Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+TEXTS = {
+    "train/sydney__opera-house.txt": "The Sydney Opera House, designed by Jorn Utzon, opened in 1973. "
+    "Its shells are covered in 1,056,006 glazed tiles from Sweden.\n",
+    "train/sydney__harbour-bridge.txt": "The Sydney Harbour Bridge opened on 19 March 1932. Locals call it "
+    "the Coathanger, and its arch rises 134 metres above the water.\n",
+    "train/xian__bell-tower.txt": "Xi'an's Bell Tower was built in 1384 under the Ming dynasty and moved "
+    "to its present site in 1582.\n",
+    "train/xian__city-wall.txt": "西安城墙建于明代洪武年间，周长约十三点七公里，是中国现存最完整的古代城垣之一。\n",
+    "eval/seen/sydney__observatory.txt": "Sydney Observatory sits on Observatory Hill; its time ball has "
+    "dropped at one o'clock since 1858.\n",
+    "eval/seen/xian__small-goose.txt": "The Small Wild Goose Pagoda was completed in 709 during the Tang "
+    "dynasty and once stood fifteen storeys tall.\n",
+}
+
+
+def write_corpus(root: Path, texts: dict[str, str] = TEXTS) -> Path:
+    for rel, text in texts.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def fresh_corpus(tmp_path) -> Path:
+    """A writable copy of the tiny corpus (for tests that change texts)."""
+    return write_corpus(tmp_path / "samples")
+
+
+def _tokenizer(vocab_size=320):
+    from tourray.demo_model import train_tokenizer
+
+    return train_tokenizer(list(TEXTS.values()) * 8, vocab_size)
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tmp_path_factory) -> Path:
+    """A 3-block Qwen3 (hidden 128, head_dim 64, GQA 2:1) with random weights and non-trivial norms."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp("qwen3")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_model(tmp_path_factory) -> Path:
+    """A 2-block Llama-style model with a chat template on its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    )
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for all in-process captures (starting Ray costs ~10 s)."""
+    from tourray.runtime import init_ray
+
+    ray = init_ray()
+    yield ray
+    ray.shutdown()
+
+
+def lake_snapshot(lake: Path) -> dict[str, int]:
+    """Table -> row count (plus versions), to assert a refused command changed nothing."""
+    import lance
+
+    out = {}
+    for p in sorted(Path(lake).glob("*.lance")):
+        ds = lance.dataset(str(p))
+        out[p.name] = (ds.count_rows(), ds.version)
+    return out
+

@@ -1,0 +1,152 @@
+"""Capture against an independent transformers recomputation, in-process on embedded Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import lake_snapshot
+from tourray.capture import CaptureConfig, find_blocks, run_capture
+from tourray.errors import UserError
+from tourray.lake import Lake, arrow_to_numpy
+from tourray.prompt import PromptFormat
+
+
+def capture(model, samples, lake, run="r", **kw):
+    cfg = CaptureConfig(model=str(model), samples=str(samples), lake=str(lake), run=run, group_size=2, batch_size=2, **kw)
+    return run_capture(cfg, progress=False), cfg
+
+
+def reference(model_dir, text, system_prompt="", **fmt):
+    """Independent recomputation: one unpadded forward with output_hidden_states, plus the input
+    of the final norm for the last block (HF's last hidden state is post-norm)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = PromptFormat(tok, system_prompt, **fmt).encode(text).input_ids
+    pre_norm = {}
+    model.model.norm.register_forward_pre_hook(lambda m, a: pre_norm.update(h=a[0]))
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids)[None], output_hidden_states=True)
+    hs = [h[0].numpy() for h in out.hidden_states[:-1]] + [pre_norm["h"][0].numpy()]
+    lp = torch.log_softmax(out.logits[0].float(), -1)
+    surprisal = -lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    entropy = -(lp.exp() * lp).sum(-1)[:-1].numpy()
+    return ids, hs, surprisal, entropy  # hs[0] = embedding, hs[l+1] = block l output
+
+
+def stored(lake, run, sample_id, layer, site="resid_post"):
+    t = Lake(lake).dataset("activations").to_table(
+        filter=f"run = '{run}' AND sample_id = '{sample_id}' AND layer = {layer} AND site = '{site}'")
+    t = t.sort_by("pos")
+    return arrow_to_numpy(t.column("h"), np.float32)
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_float32_store_equals_independent_recompute(qwen3_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    summary, _ = capture(qwen3_model, corpus_dir, lake, store_dtype="float32")
+    assert summary["captured"] == 6
+    samples = Lake(lake).read("samples").to_pylist()
+    tokens = Lake(lake).read("tokens")
+    for s in samples:
+        ids, hs, surprisal, entropy = reference(qwen3_model, s["text"])
+        assert s["n_tokens"] == len(ids)
+        for layer in range(-1, 3):
+            got = stored(lake, "r", s["sample_id"], layer)
+            assert got.shape == hs[layer + 1].shape
+            assert rel_err(got, hs[layer + 1]) < 1e-5, (s["source"], layer)  # stated tolerance: 1e-5 relative
+        t = tokens.filter(tokens.column("sample_id").to_numpy(zero_copy_only=False) == s["sample_id"]).sort_by("pos").to_pydict()
+        assert t["token_id"] == list(ids)
+        assert t["surprisal"][0] is None and t["entropy"][0] is None
+        np.testing.assert_allclose(np.array(t["surprisal"][1:], np.float64), surprisal, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(t["entropy"][1:], np.float64), entropy, rtol=1e-4, atol=1e-4)
+        # text tokens' character spans cover the text in order; for ASCII text they tile it exactly
+        # (byte-level BPE can split a CJK character, so neighbouring spans may share a character)
+        spans = [(a, b) for a, b, seg in zip(t["char_start"], t["char_end"], t["segment"]) if seg == "text"]
+        covered = np.zeros(len(s["text"]), bool)
+        for a, b in spans:
+            covered[a:b] = True
+        assert covered.all() and spans == sorted(spans)
+        if s["text"].isascii():
+            assert "".join(s["text"][a:b] for a, b in spans) == s["text"]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_store_dtypes_round_trip_within_precision(qwen3_model, corpus_dir, tmp_path, ray_session, dtype, tol):
+    lake = tmp_path / "lake"
+    capture(qwen3_model, corpus_dir, lake, store_dtype=dtype, layers="embed,2")
+    s = Lake(lake).read("samples").to_pylist()[0]
+    _, hs, _, _ = reference(qwen3_model, s["text"])
+    for layer in (-1, 2):
+        got = stored(lake, "r", s["sample_id"], layer)
+        want = hs[layer + 1]
+        # relative to each value's magnitude: float16 has 11 significant bits, bfloat16 8
+        assert np.all(np.abs(got - want) <= tol * np.abs(want) + 1e-6), (dtype, layer)
+    assert Lake(lake).dataset("activations").schema.field("h").type.list_size == 128
+
+
+def test_resid_mid_and_llama_chat_template(llama_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    sp = tmp_path / "sp.md"
+    sp.write_text("You are a tour guide.")
+    capture(llama_model, corpus_dir, lake, store_dtype="float32", sites="resid_post,resid_mid", system_prompt=str(sp))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(llama_model)
+    s = Lake(lake).read("samples").to_pylist()[0]
+    enc = PromptFormat(tok, "You are a tour guide.").encode(s["text"])
+    mids = {}
+    for i, blk in enumerate(model.model.layers):
+        blk.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: mids.update({i: a[0][0].numpy()}))
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(enc.input_ids)[None])
+    for layer in (0, 1):
+        assert rel_err(stored(lake, "r", s["sample_id"], layer, "resid_mid"), mids[layer]) < 1e-5
+    segs = Lake(lake).read("tokens", filter=f"sample_id = '{s['sample_id']}'").column("segment").to_pylist()
+    assert {"system", "template", "text"} <= set(segs)
+
+
+def test_rerun_is_idempotent_and_identity_is_guarded(qwen3_model, llama_model, fresh_corpus, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    capture(qwen3_model, fresh_corpus, lake)
+    before = lake_snapshot(lake)
+    summary, _ = capture(qwen3_model, fresh_corpus, lake)
+    assert summary["captured"] == 0 and summary["already_done"] == 6
+    assert {k: v[0] for k, v in lake_snapshot(lake).items()} == {k: v[0] for k, v in before.items()}
+    before = lake_snapshot(lake)
+    with pytest.raises(UserError, match="model"):
+        capture(llama_model, fresh_corpus, lake)
+    (fresh_corpus / "train/xian__bell-tower.txt").write_text("Changed text about the Bell Tower.\n")
+    with pytest.raises(UserError, match=r"texts changed: 1 \(train/xian__bell-tower.txt\)"):
+        capture(qwen3_model, fresh_corpus, lake)
+    with pytest.raises(UserError, match="--layers"):
+        capture(qwen3_model, fresh_corpus, lake, run="other", layers="0-7")
+    assert lake_snapshot(lake) == before
+
+
+def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_path, ray_session):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    big = tmp_path / "big"
+    model = AutoModelForCausalLM.from_pretrained(qwen3_model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(1e6)  # pushes block 1's output past float16's 65504
+    model.save_pretrained(big)
+    AutoTokenizer.from_pretrained(qwen3_model).save_pretrained(big)
+    with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16"):
+        capture(big, corpus_dir, tmp_path / "lake", layers="0-2")
+
+
+def test_find_blocks_is_architecture_agnostic(qwen3_model, llama_model):
+    from transformers import AutoModelForCausalLM
+
+    for path, n in ((qwen3_model, 3), (llama_model, 2)):
+        name, blocks = find_blocks(AutoModelForCausalLM.from_pretrained(path), n)
+        assert name == "model.layers" and len(blocks) == n

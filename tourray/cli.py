@@ -1,0 +1,231 @@
+"""The `tourray` command. Each subcommand is small; config-backed ones take `--config FILE.yaml`
+plus one flag per config field (flags win), so YAML and flags are one thing.
+
+User mistakes print one clear `error:` message and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import sys
+import typing
+import warnings
+
+from tourray.errors import UserError
+
+log = logging.getLogger("tourray")
+
+EXAMPLES = {
+    "capture": """examples:
+  tourray capture --model Qwen/Qwen3-0.6B --samples samples/ --run q06 --system-prompt samples/system_prompt.md
+  tourray capture --config jobs/configs/demo.yaml --layers embed,0-3 --store-dtype float32
+  tourray capture --model /ckpt/Qwen3-32B --samples s3://b/texts --lake s3://b/lake --run t32 \\
+      --gpus-per-actor 1 --actors 8 --address auto""",
+    "sql": """examples:
+  tourray sql --lake lake "SELECT run, count(*) FROM samples GROUP BY run"
+  tourray sql --lake lake --query layer_similarity --param run=demo --format csv""",
+    "verify": "example:\n  tourray verify --lake lake --run demo",
+    "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
+    "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
+    "index": "examples:\n  tourray index samples/          # rewrite samples/index.tsv\n  tourray index samples/ --check  # exit 1 when it is stale",
+}
+
+
+# -- config-backed flags ---------------------------------------------------------------------
+def add_config_flags(p: argparse.ArgumentParser, model) -> None:
+    """One flag per field of `model` (a BaseConfig): `store_dtype` -> `--store-dtype`."""
+    p.add_argument("--config", metavar="FILE.yaml", help="Load fields from a YAML file; flags override it.")
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = typing.get_args(field.annotation) or (field.annotation,)
+        default = field.default if field.default is not None else "none"
+        default = getattr(default, "value", default)
+        if isinstance(default, list):
+            default = ",".join(getattr(x, "value", str(x)) for x in default)
+        helptext = f"{field.description} (default: {default})" if not field.is_required() else f"{field.description} (required)"
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=helptext)
+        if bool in ann:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        enums = [a for a in ann if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if typing.get_origin(field.annotation) is list:
+            kw["help"] += f"; any of {', '.join(e.value for e in enums[0])}, comma-separated" if enums else ""
+            p.add_argument(flag, metavar="A,B", **kw)
+            continue
+        if enums:
+            kw["choices"] = [e.value for e in enums[0]]
+        p.add_argument(flag, metavar=name.upper() if not enums else None, **kw)
+
+
+def config_from_args(model, args: argparse.Namespace):
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    if getattr(args, "config", None):
+        return model.from_yaml(args.config, **given)
+    return model.parse(given)
+
+
+# -- subcommands -----------------------------------------------------------------------------
+def cmd_capture(args) -> int:
+    from tourray.capture import CaptureConfig, run_capture
+
+    cfg = config_from_args(CaptureConfig, args)
+    log.info("capture config: %s", json.dumps(cfg.model_dump(mode="json")))
+    s = run_capture(cfg, progress=not args.no_progress)
+    print(f"run {s['run']}: captured {s['captured']} samples ({s['tokens']:,} tokens, {s['bytes'] / 1e6:,.1f} MB of "
+          f"vectors) in {s['seconds']:.1f} s; {s['already_done']} were already committed. Lake: {s['lake']}")
+    if s["truncated"]:
+        print(f"  {len(s['truncated'])} sample(s) truncated at --max-length {cfg.max_length}")
+    if s["skipped_invalid"]:
+        print(f"  {len(s['skipped_invalid'])} invalid file(s) skipped:\n    " + "\n    ".join(s["skipped_invalid"]))
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from tourray.sql import connect, header, query_file
+
+    if bool(args.sql) == bool(args.query):
+        raise UserError("give either a SQL string or --query NAME")
+    params = {}
+    for kv in args.param:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise UserError(f"--param {kv!r}: use KEY=VALUE")
+        params[k] = v
+    sql = args.sql
+    if args.query:
+        path = query_file(args.query)
+        sql = path.read_text()
+        missing = [p.strip("$ ") for p in header(path).get("params", "").split(",") if p.strip() and p.strip("$ ") not in params]
+        if missing:
+            raise UserError(f"query {args.query} needs --param {missing[0]}=...")
+    con = connect(args.lake)
+    print_result(con, sql, params, args.format)
+    return 0
+
+
+def print_result(con, sql: str, params: dict, fmt: str) -> None:
+    import duckdb
+
+    try:
+        rel = con.sql(sql, params=params or None)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {e}") from None
+    if rel is None:
+        return
+    if fmt == "table":
+        rel.show(max_rows=10_000, max_width=10_000)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(rel.to_arrow_table(), sys.stdout.buffer)
+    else:
+        print(json.dumps(rel.to_arrow_table().to_pylist(), default=str, indent=1))
+
+
+def cmd_verify(args) -> int:
+    from tourray.lake import Lake
+    from tourray.verify import verify
+
+    lake = Lake(args.lake)
+    if not lake.tables():
+        raise UserError(f"--lake: no tourray tables under {lake.root}")
+    checked, problems = verify(lake, args.run, progress=not args.no_progress)
+    for p in problems:
+        print(p)
+    print(f"verified {checked} blocks in {lake.root}{' run ' + args.run if args.run else ''}: "
+          + ("all match" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
+def cmd_runs(args) -> int:
+    from tourray.runs import describe_run, list_runs
+
+    print(describe_run(args.lake, args.run) if args.run else list_runs(args.lake))
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from tourray.demo_model import DemoModelConfig, build_demo_model
+
+    print(build_demo_model(config_from_args(DemoModelConfig, args)))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from tourray.corpus import check_index, write_index
+
+    if args.check:
+        problems = check_index(args.root)
+        for p in problems:
+            print(p)
+        print(f"{args.root}/index.tsv: " + ("up to date" if not problems else f"{len(problems)} difference(s)"))
+        return 1 if problems else 0
+    print(f"wrote {write_index(args.root)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from tourray import __version__
+
+    top = argparse.ArgumentParser(prog="tourray", description="A streaming data lake for the insides of language models.")
+    top.add_argument("--version", action="version", version=f"tourray {__version__}")
+    top.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors on stderr.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, help):
+        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    from tourray.capture import CaptureConfig
+    from tourray.demo_model import DemoModelConfig
+
+    p = command("capture", cmd_capture, "Capture activations, tokens and surprisal of a corpus into the lake.")
+    add_config_flags(p, CaptureConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = command("sql", cmd_sql, "Run DuckDB SQL over the lake (every table is a view).")
+    p.add_argument("sql", nargs="?", help="The SQL to run.")
+    p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    p.add_argument("--query", help="Run queries/NAME.sql (or a .sql path) instead of a SQL string.")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Named parameter ($KEY), repeatable.")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="Output format (default: table).")
+
+    p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
+    p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    p.add_argument("--run", help="Only this run.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = command("runs", cmd_runs, "List runs, or show one run's manifest.")
+    p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    p.add_argument("--run", help="Show this run's manifest: model, tokenizer, texts, prompt, code, captures.")
+
+    p = command("demo-model", cmd_demo_model, "Train (or reuse) the small offline Qwen3 demo model; print its folder.")
+    add_config_flags(p, DemoModelConfig)
+
+    p = command("index", cmd_index, "Write or check samples/index.tsv (path, split, category, city, language, sha256).")
+    p.add_argument("root", nargs="?", default="samples", help="Corpus root (default: samples).")
+    p.add_argument("--check", action="store_true", help="Compare instead of writing; exit 1 on differences.")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="tourray: %(message)s")
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; committed groups are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
