@@ -394,6 +394,11 @@ class Plan:
 
 def plan_capture(cfg: CaptureConfig) -> Plan:
     """Validate everything (samples, model, layers, run identity, table schemas) without writing."""
+    from tourray.runtime import in_ray_job
+
+    if in_ray_job() and "://" not in cfg.lake and not Path(cfg.lake).is_absolute():
+        raise UserError(f"--lake {cfg.lake!r} is relative, but this is a Ray job running in a temporary copy of "
+                        "the working dir: pass an absolute path or a URI (s3://...) so the lake outlives the job")
     samples, skipped = corpus.load_samples(cfg.samples, cfg.skip_invalid)
     system_prompt = corpus.read_system_prompt(cfg.system_prompt)
     tok = load_tokenizer(cfg)

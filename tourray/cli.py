@@ -213,18 +213,23 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="tourray: %(message)s")
+def guarded(fn, *args, quiet: bool = False) -> int:
+    """Run `fn(*args)` as a command: logging set up, user errors printed without a traceback."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="tourray: %(message)s")
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     try:
-        return args.fn(args)
+        return fn(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; committed groups are kept, re-run to resume", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return guarded(args.fn, args, quiet=args.quiet)
 
 
 if __name__ == "__main__":

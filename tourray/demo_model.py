@@ -12,12 +12,14 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
 from pydantic import Field
 
 from tourray import corpus
+from tourray.capture import CaptureConfig
 from tourray.config import BaseConfig
 
 log = logging.getLogger("tourray")
@@ -27,16 +29,16 @@ class DemoModelConfig(BaseConfig):
     """Size and training of the demo model. Every field is a `tourray demo-model` flag."""
 
     samples: str = Field("samples", description="Corpus root: trains on <samples>/train, reports on <samples>/eval/*.")
-    out: str = Field(".cache/demo-model", description="Parent folder; the checkpoint goes in a sub-folder named by a hash of these settings.")
-    layers: int = Field(10, gt=0, description="Decoder blocks.")
+    out: str = Field(".cache/demo-model", description="Checkpoint folder; reused when its recorded settings and training texts match, else retrained.")
+    layers: int = Field(8, gt=0, description="Decoder blocks.")
     hidden_size: int = Field(256, gt=0, description="Residual width.")
     head_dim: int = Field(64, description="Per-head width; vLLM's CPU attention accepts 64 or 128.")
     kv_heads: int = Field(2, gt=0, description="Key/value heads (grouped-query attention).")
     intermediate_size: int = Field(768, gt=0, description="MLP width.")
     vocab_size: int = Field(4096, ge=300, description="BPE vocabulary trained on the corpus.")
     seq_len: int = Field(256, gt=8, description="Training sequence length (texts are packed).")
-    steps: int = Field(600, ge=0, description="Optimiser steps (0 = untrained).")
-    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    steps: int = Field(300, ge=0, description="Optimiser steps (0 = untrained).")
+    batch_size: int = Field(8, gt=0, description="Sequences per step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay, 5% warm-up).")
     seed: int = Field(0, description="Seed for weights and data order: same seed, same checkpoint.")
     threads: int | None = Field(None, gt=0, description="torch threads; default all cores.")
@@ -101,9 +103,10 @@ def build_demo_model(cfg: DemoModelConfig, report: bool = True) -> Path:
     import torch
 
     train = [s.text for s in corpus.load_samples(Path(cfg.samples) / "train")[0]]
-    out = Path(cfg.out) / f"qwen3-{cfg.layers}x{cfg.hidden_size}-{settings_hash(cfg, train)}"
-    if (out / "config.json").exists():
-        log.info("demo model: reusing %s", out)
+    out, key = Path(cfg.out), settings_hash(cfg, train)
+    meta = out / "tourray_demo.json"
+    if meta.exists() and json.loads(meta.read_text()).get("settings_hash") == key:
+        log.info("demo model: reusing %s (settings %s)", out, key)
         return out
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -113,10 +116,13 @@ def build_demo_model(cfg: DemoModelConfig, report: bool = True) -> Path:
     untrained = {k: perplexity(model, tok, v) for k, v in eval_sets(cfg.samples).items()} if report else {}
     losses = train_lm(model, tok, train, cfg)
     tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "tourray_demo.json").write_text(json.dumps(dict(settings=cfg.model_dump(), final_loss=losses[-1] if losses else None,
-                                                           train_seconds=round(time.perf_counter() - t0, 1)), indent=2))
+    (tmp / "tourray_demo.json").write_text(json.dumps(dict(
+        settings_hash=key, settings=cfg.model_dump(), final_loss=losses[-1] if losses else None,
+        train_seconds=round(time.perf_counter() - t0, 1)), indent=2))
+    shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("demo model: trained %d steps in %.0f s -> %s", cfg.steps, time.perf_counter() - t0, out)
     if report:
@@ -165,3 +171,12 @@ def train_lm(model, tok, texts: list[str], cfg: DemoModelConfig) -> list[float]:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+class DemoConfig(BaseConfig):
+    """`make demo`: the demo model, the capture of the corpus with it, and where reports go."""
+
+    demo_model: DemoModelConfig = Field(default_factory=DemoModelConfig, description="The offline demo model.")
+    capture: CaptureConfig = Field(description="The capture of the corpus (model: the demo model's folder).")
+    reports: str = Field("reports", description="Folder for the demo's plots.")
+

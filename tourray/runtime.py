@@ -32,10 +32,17 @@ def init_ray(address: str | None = None, quiet: bool = True):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # "local" really starts a new embedded Ray; None would silently join a `ray start` cluster.
     kwargs = dict(log_to_driver=not quiet, include_dashboard=False) if address is None else {}
-    ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
+    ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s
     ctx.print_on_execution_start = False
     log.info("ray: %s", "embedded local cluster" if address is None else f"cluster at {address}")
     return ray
+
+
+def in_ray_job() -> bool:
+    """True inside a driver started by `ray job submit` (it runs in a temporary copy of the
+    working dir, so relative output paths would vanish with it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ

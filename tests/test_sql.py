@@ -1,0 +1,122 @@
+"""DuckDB over the lake: view types, values, filter/projection pushdown, and the shipped queries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tourray.capture import CaptureConfig, run_capture
+from tourray.lake import Lake, arrow_to_numpy
+from tourray.sql import LakeView, connect, query_file, run_query
+
+DTYPES = ("float16", "bfloat16", "float32")
+LAYERS = {"float16": "embed,0", "bfloat16": "embed,0", "float32": "all"}  # all = embed + 3 blocks
+
+
+@pytest.fixture(scope="module")
+def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
+    out = {}
+    for dtype in DTYPES:
+        lake = tmp_path_factory.mktemp(f"lake-{dtype}")
+        cfg = CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="r",
+                            store_dtype=dtype, layers=LAYERS[dtype], group_size=2, batch_size=2)
+        assert run_capture(cfg, progress=False)["captured"] == 6
+        out[dtype] = lake
+    return out
+
+
+def types(con, view):
+    return {r[0]: r[1] for r in con.sql(f"DESCRIBE {view}").fetchall()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_view_types(lakes, dtype):
+    con = connect(str(lakes[dtype]))
+    assert sorted(r[0] for r in con.sql("SHOW TABLES").fetchall()) == sorted(
+        ["activations", "blocks", "runs", "samples", "tokens"])
+    a = types(con, "activations")
+    assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
+    t = types(con, "tokens")
+    assert t["surprisal"] == "FLOAT" and t["entropy"] == "FLOAT" and t["char_start"] == "INTEGER"
+    assert types(con, "samples")["truncated"] == "BOOLEAN"
+    assert types(con, "runs")["created_at"] == "TIMESTAMP WITH TIME ZONE"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sql_values_equal_lance_values(lakes, dtype):
+    key = ["sample_id", "layer", "pos"]
+    direct = Lake(str(lakes[dtype])).read("activations").sort_by([(k, "ascending") for k in key])
+    want = arrow_to_numpy(direct.column("h"), np.float32)  # float32 conversion of the stored bits
+    con = connect(str(lakes[dtype]))
+    got_t = con.sql("SELECT sample_id, layer, pos, h FROM activations ORDER BY sample_id, layer, pos").arrow()
+    got_t = got_t.read_all() if isinstance(got_t, pa.RecordBatchReader) else got_t
+    assert got_t.column("layer").to_pylist() == direct.column("layer").to_pylist()
+    got = np.array(got_t.column("h").to_pylist(), np.float32)
+    assert got.shape == want.shape == (direct.num_rows, 128)
+    assert np.array_equal(got, want)  # exact: both are the same stored value widened to float32
+    n = con.sql("SELECT count(*) FROM activations").fetchone()[0]
+    assert n == direct.num_rows == Lake(str(lakes[dtype])).dataset("tokens").count_rows() * len(
+        {-1, 0} if dtype != "float32" else {-1, 0, 1, 2})
+
+
+def test_layer_filter_is_pushed_into_lance(lakes, monkeypatch):
+    calls = []
+    orig = LakeView.scanner
+
+    def spy(self, columns=None, filter=None, **kw):
+        sc = orig(self, columns=columns, filter=filter, **kw)
+        rec = dict(uri=self.uri, columns=columns, filter=None if filter is None else str(filter), rows=0)
+        calls.append(rec)
+        reader = sc.to_reader
+
+        def counted():
+            r = reader()
+
+            def gen():
+                for b in r:
+                    rec["rows"] += b.num_rows
+                    yield b
+            return pa.RecordBatchReader.from_batches(r.schema, gen())
+
+        sc.to_reader = counted
+        return sc
+
+    monkeypatch.setattr(LakeView, "scanner", spy)
+    lake = Lake(str(lakes["float32"]))
+    total = lake.dataset("activations").count_rows()
+    layer0 = lake.dataset("activations").count_rows(filter="layer = 0")
+    assert 0 < layer0 < total
+    con = connect(lake)
+    n, dim = con.sql("SELECT count(*), max(len(h)) FROM activations WHERE layer = 0").fetchone()
+    assert (n, dim) == (layer0, 128)
+    scans = [c for c in calls if c["uri"].endswith("activations.lance")]
+    assert scans, calls
+    assert all(c["filter"] is not None and "layer" in c["filter"] for c in scans), scans
+    assert sum(c["rows"] for c in scans) == layer0  # Lance returned only layer 0's rows
+    assert all(c["columns"] is not None and set(c["columns"]) <= {"h", "layer"} for c in scans), scans
+
+
+def test_layer_similarity_query(lakes):
+    con = connect(str(lakes["float32"]))
+    rows = run_query(con, query_file("layer_similarity").read_text(), {"run": "r"}).fetchall()
+    cols = ["layer", "tokens", "mean_cos", "block_influence", "angular_distance"]
+    rows = [dict(zip(cols, r)) for r in rows]
+    assert [r["layer"] for r in rows] == [0, 1, 2]  # one row per block (layer -1 has no input)
+    text_tokens = con.sql("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchone()[0]
+    for r in rows:
+        assert r["tokens"] == text_tokens
+        assert -1 <= r["mean_cos"] <= 1
+        assert r["block_influence"] == pytest.approx(1 - r["mean_cos"], abs=1e-9)  # same float64 avg
+        assert 0 <= r["angular_distance"] <= 1
+
+
+def test_perplexity_by_category_query(lakes):
+    con = connect(str(lakes["float16"]))
+    rows = run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall()
+    by_cat = {r[0]: r for r in rows}
+    assert set(by_cat) == {"train", "eval"} and len(rows) == 2  # one row per category
+    assert by_cat["train"][1] == 4 and by_cat["eval"][1] == 2
+    for cat, samples, tokens, mean_s, ppl, mean_e in rows:
+        assert ppl > 1 and ppl == pytest.approx(np.exp(mean_s), rel=1e-9)
+        assert mean_e > 0
