@@ -150,3 +150,14 @@ def test_find_blocks_is_architecture_agnostic(qwen3_model, llama_model):
     for path, n in ((qwen3_model, 3), (llama_model, 2)):
         name, blocks = find_blocks(AutoModelForCausalLM.from_pretrained(path), n)
         assert name == "model.layers" and len(blocks) == n
+
+
+def test_token_only_capture_writes_no_vectors(qwen3_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    summary, _ = capture(qwen3_model, corpus_dir, lake, layers="none")
+    lk = Lake(str(lake))
+    assert summary["captured"] == 6 and summary["bytes"] == 0
+    assert not lk.exists("activations") and lk.read("blocks").num_rows == 0
+    tokens = lk.read("tokens")
+    assert tokens.num_rows == sum(lk.read("samples").column("n_tokens").to_pylist())
+    assert tokens.column("surprisal").null_count == 6  # only pos 0 of each sample

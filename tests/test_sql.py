@@ -27,13 +27,13 @@ def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
 
 
 def types(con, view):
-    return {r[0]: r[1] for r in con.sql(f"DESCRIBE {view}").fetchall()}
+    return {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_view_types(lakes, dtype):
     con = connect(str(lakes[dtype]))
-    assert sorted(r[0] for r in con.sql("SHOW TABLES").fetchall()) == sorted(
+    assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
         ["activations", "blocks", "runs", "samples", "tokens"])
     a = types(con, "activations")
     assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
@@ -49,13 +49,12 @@ def test_sql_values_equal_lance_values(lakes, dtype):
     direct = Lake(str(lakes[dtype])).read("activations").sort_by([(k, "ascending") for k in key])
     want = arrow_to_numpy(direct.column("h"), np.float32)  # float32 conversion of the stored bits
     con = connect(str(lakes[dtype]))
-    got_t = con.sql("SELECT sample_id, layer, pos, h FROM activations ORDER BY sample_id, layer, pos").arrow()
-    got_t = got_t.read_all() if isinstance(got_t, pa.RecordBatchReader) else got_t
+    got_t = con.sql("SELECT sample_id, layer, pos, h FROM activations ORDER BY sample_id, layer, pos").to_arrow_table()
     assert got_t.column("layer").to_pylist() == direct.column("layer").to_pylist()
     got = np.array(got_t.column("h").to_pylist(), np.float32)
     assert got.shape == want.shape == (direct.num_rows, 128)
     assert np.array_equal(got, want)  # exact: both are the same stored value widened to float32
-    n = con.sql("SELECT count(*) FROM activations").fetchone()[0]
+    n = con.execute("SELECT count(*) FROM activations").fetchone()[0]
     assert n == direct.num_rows == Lake(str(lakes[dtype])).dataset("tokens").count_rows() * len(
         {-1, 0} if dtype != "float32" else {-1, 0, 1, 2})
 
@@ -88,7 +87,7 @@ def test_layer_filter_is_pushed_into_lance(lakes, monkeypatch):
     layer0 = lake.dataset("activations").count_rows(filter="layer = 0")
     assert 0 < layer0 < total
     con = connect(lake)
-    n, dim = con.sql("SELECT count(*), max(len(h)) FROM activations WHERE layer = 0").fetchone()
+    n, dim = con.execute("SELECT count(*), max(len(h)) FROM activations WHERE layer = 0").fetchone()
     assert (n, dim) == (layer0, 128)
     scans = [c for c in calls if c["uri"].endswith("activations.lance")]
     assert scans, calls
@@ -103,7 +102,7 @@ def test_layer_similarity_query(lakes):
     cols = ["layer", "tokens", "mean_cos", "block_influence", "angular_distance"]
     rows = [dict(zip(cols, r)) for r in rows]
     assert [r["layer"] for r in rows] == [0, 1, 2]  # one row per block (layer -1 has no input)
-    text_tokens = con.sql("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchone()[0]
+    text_tokens = con.execute("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchone()[0]
     for r in rows:
         assert r["tokens"] == text_tokens
         assert -1 <= r["mean_cos"] <= 1

@@ -225,7 +225,7 @@ class HFEngine:
                         for k in self.keys}
                 out.append(Captured(s, e, vecs))
             for k in self.keys:
-                finite = torch.isfinite(self._buf[k].float()).all(-1)  # [B, T]
+                finite = torch.isfinite(self._buf[k]).all(-1)  # [B, T]
                 for i, length in enumerate(n):
                     if out[i].not_finite is None and not bool(finite[i, :length].all()):
                         out[i].not_finite = k

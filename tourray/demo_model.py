@@ -98,38 +98,43 @@ def perplexity(model, tok, texts: list[str], max_length: int = 512) -> float:
     return math.exp(total / count)
 
 
-def build_demo_model(cfg: DemoModelConfig, report: bool = True) -> Path:
-    """Train (or reuse) the demo model; returns the checkpoint folder."""
+def build_demo_model(cfg: DemoModelConfig) -> Path:
+    """Train (or reuse) the demo model; print its perplexity table; return the checkpoint folder."""
     import torch
 
     train = [s.text for s in corpus.load_samples(Path(cfg.samples) / "train")[0]]
     out, key = Path(cfg.out), settings_hash(cfg, train)
     meta = out / "tourray_demo.json"
-    if meta.exists() and json.loads(meta.read_text()).get("settings_hash") == key:
+    recorded = json.loads(meta.read_text()) if meta.exists() else {}
+    if recorded.get("settings_hash") == key and "eval_perplexity" in recorded:
         log.info("demo model: reusing %s (settings %s)", out, key)
-        return out
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(train, cfg.vocab_size)
-    model = qwen3(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
-    untrained = {k: perplexity(model, tok, v) for k, v in eval_sets(cfg.samples).items()} if report else {}
-    losses = train_lm(model, tok, train, cfg)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "tourray_demo.json").write_text(json.dumps(dict(
-        settings_hash=key, settings=cfg.model_dump(), final_loss=losses[-1] if losses else None,
-        train_seconds=round(time.perf_counter() - t0, 1)), indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("demo model: trained %d steps in %.0f s -> %s", cfg.steps, time.perf_counter() - t0, out)
-    if report:
-        trained = {k: perplexity(model, tok, v) for k, v in eval_sets(cfg.samples).items()}
-        print(f"{'eval set':<18}{'uniform':>10}{'untrained':>12}{'trained':>10}")
-        for k in trained:
-            print(f"{k:<18}{len(tok):>10}{untrained[k]:>12.1f}{trained[k]:>10.1f}")
+    else:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        t0 = time.perf_counter()
+        tok = train_tokenizer(train, cfg.vocab_size)
+        model = qwen3(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+        sets = eval_sets(cfg.samples)
+        untrained = {k: perplexity(model, tok, v) for k, v in sets.items()}
+        losses = train_lm(model, tok, train, cfg)
+        seconds = time.perf_counter() - t0
+        table = {k: dict(uniform=float(len(tok)), untrained=untrained[k], trained=perplexity(model, tok, v))
+                 for k, v in sets.items()}
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tourray_demo.json").write_text(json.dumps(dict(
+            settings_hash=key, settings=cfg.model_dump(), final_loss=losses[-1] if losses else None,
+            train_seconds=round(seconds, 1), eval_perplexity=table), indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log.info("demo model: trained %d steps in %.0f s -> %s", cfg.steps, seconds, out)
+    table = json.loads(meta.read_text())["eval_perplexity"]
+    print(f"perplexity of the demo model ({out}) on the held-out sets:")
+    print(f"  {'eval set':<18}{'uniform':>10}{'untrained':>12}{'trained':>10}")
+    for k, r in table.items():
+        print(f"  {k:<18}{r['uniform']:>10.0f}{r['untrained']:>12.1f}{r['trained']:>10.1f}")
     return out
 
 

@@ -112,6 +112,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def submit_and_wait(client, args, timeout=400):
+    """Submit `python jobs/capture.py ARGS` (retrying while the head's job agent starts) and wait."""
+    from ray.job_submission import JobStatus
+
+    entry = " ".join([sys.executable, "jobs/capture.py", *map(str, args)])
+    deadline = time.time() + timeout
+    while True:
+        try:
+            job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO), "excludes": ["lake/", "reports/"]})
+            break
+        except RuntimeError as e:  # "No available agent to submit job" while the head warms up
+            assert time.time() < deadline, f"could not submit: {e}"
+            time.sleep(2)
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish"
+        time.sleep(1)
+    return job
+
+
 def test_ray_job_submit_to_a_local_head(qwen3_model, reference, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -134,22 +153,13 @@ def test_ray_job_submit_to_a_local_head(qwen3_model, reference, tmp_path):
             except Exception:  # noqa: BLE001
                 time.sleep(1)
         assert client is not None, "Ray head did not come up"
-        entry = " ".join([sys.executable, "jobs/capture.py", *capture_args(qwen3_model, samples, lake)])
-        job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO), "excludes": ["lake/", "reports/"]})
-        deadline = time.time() + 400
-        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, "job did not finish"
-            time.sleep(1)
+        job = submit_and_wait(client, capture_args(qwen3_model, samples, lake))
         logs = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
         assert "captured 40 samples" in logs
         assert rows(lake) == want
         # a relative lake inside a job would vanish with the job's working-dir copy: refused
-        bad = client.submit_job(entrypoint=" ".join([sys.executable, "jobs/capture.py",
-                                                     *capture_args(qwen3_model, samples, "lake")]),
-                                runtime_env={"working_dir": str(REPO), "excludes": ["lake/", "reports/"]})
-        while client.get_job_status(bad) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            time.sleep(1)
+        bad = submit_and_wait(client, capture_args(qwen3_model, samples, "lake"))
         assert client.get_job_status(bad) == JobStatus.FAILED
         assert "is relative" in client.get_job_logs(bad)
     finally:
