@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         sql = query_file(name).read_text()
         print(f"== 4. {name} (queries/{name}.sql)")
         print_result(con, sql, {"run": run}, "table")
-        png = plot(run_query(con, sql, {"run": run}).arrow(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
+        png = plot(run_query(con, sql, {"run": run}).to_arrow_table(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
         print(f"plot: {png}")
 
     print(f"\nOutputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "

@@ -107,12 +107,9 @@ def cmd_sql(args) -> int:
 
 
 def print_result(con, sql: str, params: dict, fmt: str) -> None:
-    import duckdb
+    from tourray.sql import run_query
 
-    try:
-        rel = con.sql(sql, params=params or None)
-    except duckdb.Error as e:
-        raise UserError(f"SQL error: {e}") from None
+    rel = run_query(con, sql, params)
     if rel is None:
         return
     if fmt == "table":

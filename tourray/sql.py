@@ -105,10 +105,11 @@ def header(path: Path) -> dict[str, str]:
 
 
 def run_query(con, sql: str, params: dict | None = None):
-    """Execute `sql`; DuckDB errors (syntax, unknown column) become UserErrors."""
+    """Run `sql` and return a DuckDB relation (None for statements without rows); DuckDB errors
+    (syntax, unknown column, missing parameter) become UserErrors."""
     import duckdb
 
     try:
-        return con.execute(sql, params or None)
+        return con.sql(sql, params=params or None)
     except duckdb.Error as e:
         raise UserError(f"SQL error: {e}") from None

@@ -1,0 +1,627 @@
+#!/usr/bin/env python
+"""Capture benchmark: tourray's Ray + Lance capture against a plain forward and against the
+per-sample .pt files it replaces, the layer-similarity query on both, and capture peak memory.
+
+Everything runs in one invocation, so all ratios compare figures taken under the same machine
+load (other work may share the cores: compare ratios, not absolute figures, across runs).
+
+    (a) plain transformers forward (no hooks, no storage)           tokens/s
+    (b) tourray run_capture, layers=all, float16, into a fresh lake  tokens/s (3 ways, see below)
+    (c) forward hooks + one torch.save .pt per sample + metadata.jsonl
+    query: mean cosine between layers l-1 and l over all tokens: (b) SQL on the lake, (c) .pt + torch
+    memory: peak RSS of the capture actor and the driver at 1x and 4x the samples (fresh processes)
+
+(b) is reported as
+    * summary   - run_capture's tokens / capture_seconds (includes the actor's start and model load);
+    * steady    - tokens of groups 2..G / time from the 1st to the last group's commit (the driver's
+                  commit of `samples`, timed by wrapping Lake.commit in this process): excludes Ray
+                  start-up, the actor start, model load and group 1;
+    * wall      - tokens / the whole run_capture call (plan + Ray start + everything).
+
+Usage:  .venv/bin/python bench/bench_capture.py            # full size (~210 samples, ~50k tokens)
+        .venv/bin/python bench/bench_capture.py --quick    # smoke size (16 samples)
+Writes <out>/results.json and prints a table; bulk data (model, lakes, .pt files) stays under <out>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("RAY_ADDRESS", None)  # always an embedded Ray of our own, never a `ray start` cluster
+
+LAYER_PAIR_SQL = """
+WITH a AS (
+    SELECT sample_id, pos, layer, h FROM activations WHERE run = $run AND site = 'resid_post'
+)
+SELECT o.layer AS layer, count(*) AS tokens, avg(array_cosine_similarity(i.h, o.h)) AS mean_cos
+FROM a AS o
+JOIN a AS i ON i.sample_id = o.sample_id AND i.pos = o.pos AND i.layer = o.layer - 1
+GROUP BY o.layer
+ORDER BY o.layer
+"""
+
+# Profiling aids (not targets): the same scan through DuckDB without the join, and the same
+# computation straight from Lance with numpy.
+SCAN_SQL = "SELECT layer, count(*) AS n, sum(h[1]) AS s FROM activations WHERE run = $run GROUP BY layer"
+
+BULK = ("model", "samples", "samples_4x", "lake", "lake_mem_1x", "lake_mem_4x", "pt_baseline")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# -- setup -----------------------------------------------------------------------------------------
+def copy_samples(src: Path, n: int | None, dest: Path, repeat: int = 1) -> list[Path]:
+    files = sorted(src.glob("*.txt"))[: n or None]
+    dest.mkdir(parents=True)
+    out = []
+    for r in range(repeat):
+        for f in files:
+            name = f.name if repeat == 1 else f"r{r}__{f.name}"
+            shutil.copyfile(f, dest / name)
+            out.append(dest / name)
+    return out
+
+
+def build_model(out: Path, train_texts: list[str], args) -> dict:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tourray.demo_model import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(train_texts, args.vocab_size)
+    torch.manual_seed(args.seed)
+    heads = args.hidden_size // args.head_dim
+    mc = Qwen3Config(
+        vocab_size=len(tok), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        rope_theta=10000.0,
+    )
+    model = Qwen3ForCausalLM(mc)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    return dict(path=str(out), params=n_params, vocab_size=len(tok), hidden_size=args.hidden_size,
+                layers=args.layers, heads=heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                intermediate_size=args.intermediate_size, seed=args.seed, build_seconds=round(time.perf_counter() - t0, 2))
+
+
+def encode_batches(model_dir: Path, sample_dir: Path, system_prompt: Path, batch_size: int, group_size: int,
+                   max_length: int = 2048):
+    """The capture's exact inputs: same samples order, PromptFormat, groups, in-group length sort,
+    batches and right padding (zeros, attention mask 0) as tourray.capture."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tourray import corpus
+    from tourray.prompt import PromptFormat
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fmt = PromptFormat(tok, corpus.read_system_prompt(system_prompt))
+    samples, _ = corpus.load_samples(sample_dir)
+    enc = [fmt.encode(s.text, max_length).input_ids for s in samples]
+    batches = []
+    for g in range(0, len(samples), group_size):
+        members = list(range(g, min(g + group_size, len(samples))))
+        order = sorted(members, key=lambda i: -len(enc[i]))
+        for a in range(0, len(order), batch_size):
+            idx = order[a : a + batch_size]
+            n = [len(enc[i]) for i in idx]
+            ids = torch.zeros((len(idx), max(n)), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, i in enumerate(idx):
+                ids[j, : n[j]] = torch.from_numpy(enc[i])
+                mask[j, : n[j]] = 1
+            batches.append(dict(ids=ids, mask=mask, n=n, sample_ids=[samples[i].sample_id for i in idx]))
+    return batches, sum(len(e) for e in enc)
+
+
+def load_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# -- (a) plain forward -----------------------------------------------------------------------------
+def bench_plain(model, batches, tokens: int) -> dict:
+    import torch
+
+    with torch.inference_mode():
+        model(input_ids=batches[0]["ids"], attention_mask=batches[0]["mask"], use_cache=False)  # warm-up
+        t0 = time.perf_counter()
+        for b in batches:
+            model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False).logits
+        s = time.perf_counter() - t0
+    return dict(tokens=tokens, seconds=round(s, 3), tokens_per_s=round(tokens / s, 1), load1=load1())
+
+
+# -- (c) hooks + .pt per sample --------------------------------------------------------------------
+def bench_pt(model, batches, tokens: int, out: Path) -> dict:
+    import torch
+
+    out.mkdir(parents=True)
+    buf = {}
+    blocks = model.model.layers
+
+    def keeper(layer):
+        def hook(mod, args, output):
+            buf[layer] = (output[0] if isinstance(output, tuple) else output).detach().to(torch.float16)
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(keeper(-1))]
+    handles += [blk.register_forward_hook(keeper(i)) for i, blk in enumerate(blocks)]
+    try:
+        with torch.inference_mode():
+            b = batches[0]
+            model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False)  # warm-up (no files)
+            t0 = time.perf_counter()
+            with open(out / "metadata.jsonl", "w") as meta:
+                for b in batches:
+                    buf.clear()
+                    model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False)
+                    for i, (sid, n) in enumerate(zip(b["sample_ids"], b["n"])):
+                        # clone: saving a view would write the whole padded batch storage
+                        d = {layer: t[i, :n].clone() for layer, t in sorted(buf.items())}
+                        path = out / f"{sid}.pt"
+                        torch.save(d, path)
+                        meta.write(json.dumps(dict(sample_id=sid, n_tokens=n, path=str(path))) + "\n")
+            s = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    size = sum(p.stat().st_size for p in out.glob("*.pt"))
+    return dict(tokens=tokens, seconds=round(s, 3), tokens_per_s=round(tokens / s, 1), bytes_on_disk=size,
+                files=len(list(out.glob("*.pt"))), load1=load1())
+
+
+def query_pt(out: Path, num_layers: int) -> tuple[dict, float]:
+    import torch
+
+    t0 = time.perf_counter()
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+    counts = torch.zeros(num_layers, dtype=torch.long)
+    with open(out / "metadata.jsonl") as meta:
+        for line in meta:
+            m = json.loads(line)
+            d = torch.load(m["path"])
+            for layer in range(num_layers):
+                cos = torch.nn.functional.cosine_similarity(d[layer - 1].float(), d[layer].float(), dim=-1)
+                sums[layer] += cos.double().sum()
+                counts[layer] += cos.numel()
+    s = time.perf_counter() - t0
+    return {layer: dict(tokens=int(counts[layer]), mean_cos=float(sums[layer] / counts[layer])) for layer in range(num_layers)}, s
+
+
+# -- (b) tourray capture ---------------------------------------------------------------------------
+class CommitTimer:
+    """Wrap Lake.commit (driver side, this process): when each table of each group is committed."""
+
+    def __init__(self):
+        from tourray import lake as lk
+
+        self.lk, self.orig, self.events = lk, lk.Lake.commit, []
+
+    def __enter__(self):
+        orig, events = self.orig, self.events
+
+        def timed(lake, table, fragments):
+            v = orig(lake, table, fragments)
+            rows = sum(json.loads(f)["physical_rows"] for f in fragments)
+            events.append((time.perf_counter(), table, rows))
+            return v
+
+        self.lk.Lake.commit = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.lk.Lake.commit = self.orig
+
+
+def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str) -> dict:
+    from tourray.capture import CaptureConfig, run_capture
+
+    cfg = CaptureConfig(model=str(model_dir), samples=str(sample_dir), lake=str(lake), run=run,
+                        system_prompt=str(args.system_prompt), layers="all", store_dtype="float16",
+                        batch_size=args.batch_size, group_size=args.group_size)
+    with CommitTimer() as ct:
+        t0 = time.perf_counter()
+        summary = run_capture(cfg, progress=False)
+        wall = time.perf_counter() - t0
+    tok_commits = [(t, rows) for t, table, rows in ct.events if table == "tokens"]
+    done = [t for t, table, _ in ct.events if table == "samples"]
+    groups = [rows for _, rows in tok_commits]
+    assert sum(groups) == summary["tokens"], (groups, summary["tokens"])
+    # capture_seconds starts after init_ray, just before the pipeline is built (both rounded to 10 ms)
+    t_capture_start = t0 + summary["seconds"] - summary["capture_seconds"]
+    res = dict(run=run, tokens=summary["tokens"], samples=summary["captured"], groups=len(done),
+               wall_seconds=round(wall, 2), capture_seconds=summary["capture_seconds"],
+               summary_tokens_per_s=summary["tokens_per_s"], wall_tokens_per_s=round(summary["tokens"] / wall, 1),
+               bytes_vectors=summary["bytes"], group_tokens=groups,
+               group_commit_s=[round(t - t_capture_start, 2) for t in done], load1=load1())
+    if len(done) >= 2:
+        steady_s = done[-1] - done[0]
+        res["steady_seconds"] = round(steady_s, 3)
+        res["steady_tokens"] = sum(groups[1:])
+        res["steady_tokens_per_s"] = round(sum(groups[1:]) / steady_s, 1)
+        first = done[0] - t_capture_start
+        res["first_group_seconds"] = round(first, 2)
+        # time to the first commit beyond what group 1's tokens take at the steady rate
+        res["startup_overhead_seconds"] = round(first - groups[0] / res["steady_tokens_per_s"], 2)
+    return res
+
+
+def query_sql(lake: Path, run: str) -> tuple[dict, float, dict]:
+    from tourray.sql import connect, run_query
+
+    prof = {}
+    t0 = time.perf_counter()
+    con = connect(str(lake))
+    rows = run_query(con, LAYER_PAIR_SQL, dict(run=run)).fetchall()
+    s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    run_query(con, SCAN_SQL, dict(run=run)).fetchall()
+    prof["duckdb_scan_only_seconds"] = round(time.perf_counter() - t1, 3)
+    con.close()
+    return {int(r[0]): dict(tokens=int(r[1]), mean_cos=float(r[2])) for r in rows}, s, prof
+
+
+def query_lance_numpy(lake: Path, run: str, num_layers: int) -> tuple[dict, float]:
+    """Profiling aid: the same numbers straight from Lance (per-layer scans) with numpy."""
+    import numpy as np
+
+    from tourray.lake import Lake, arrow_to_numpy, sql_quote
+
+    t0 = time.perf_counter()
+    ds = Lake(str(lake)).dataset("activations")
+    prev, out = None, {}
+    for layer in range(-1, num_layers):
+        t = ds.to_table(columns=["sample_id", "pos", "h"],
+                        filter=f"run = {sql_quote(run)} AND site = 'resid_post' AND layer = {layer}")
+        key = np.char.add(np.asarray(t.column("sample_id").to_pylist(), dtype="U16"),
+                          t.column("pos").to_numpy().astype("U6"))
+        order = np.argsort(key, kind="stable")
+        h = arrow_to_numpy(t.column("h"), np.float32)[order]
+        if prev is not None:
+            assert np.array_equal(prev[0], key[order])
+            dot = np.einsum("ij,ij->i", prev[1], h)
+            cos = dot / (np.linalg.norm(prev[1], axis=1) * np.linalg.norm(h, axis=1))
+            out[layer] = dict(tokens=len(cos), mean_cos=float(cos.astype(np.float64).mean()))
+        prev = (key[order], h)
+    return out, time.perf_counter() - t0
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def _psutil():
+    """psutil ships with Ray (ray/thirdparty_files, put on sys.path by `import ray`)."""
+    import ray  # noqa: F401
+
+    import psutil
+
+    return psutil
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def capture_subprocess_memory(args, model_dir: Path, sample_dir: Path, lake: Path, run: str, log_path: Path) -> dict:
+    """`python -m tourray.cli capture ...` in a fresh process (own embedded Ray); sample the RSS and the
+    kernel's peak RSS (VmHWM) of every process of its tree every `interval` s."""
+    psutil = _psutil()
+    cmd = [sys.executable, "-m", "tourray.cli", "capture", "--model", str(model_dir), "--samples", str(sample_dir),
+           "--run", run, "--lake", str(lake), "--system-prompt", str(args.system_prompt), "--layers", "all",
+           "--store-dtype", "float16", "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
+           "--no-progress"]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as lf:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=lf, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        seen: dict[int, dict] = {}
+        tree_peak, samples_taken = 0, 0
+        while proc.poll() is None:
+            try:
+                procs = [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            total = 0
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    cmdline = " ".join(p.cmdline())[:120]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                total += rss
+                e = seen.setdefault(p.pid, dict(pid=p.pid, cmd=cmdline, rss_max=0, hwm=0))
+                if "ray::" in cmdline:
+                    e["cmd"] = cmdline  # the title changes as an actor takes tasks
+                e["rss_max"] = max(e["rss_max"], rss)
+                e["hwm"] = max(e["hwm"], _hwm(p.pid))
+            tree_peak = max(tree_peak, total)
+            samples_taken += 1
+            time.sleep(args.mem_interval)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"capture subprocess failed (rc {proc.returncode}); see {log_path}")
+    actors = [e for e in seen.values() if "MapWorker" in e["cmd"] or "CaptureStage" in e["cmd"]]
+    if not actors:  # fall back to the largest Ray worker
+        actors = sorted((e for e in seen.values() if e["cmd"].startswith("ray::")), key=lambda e: -e["hwm"])[:1]
+    actor = max(actors, key=lambda e: e["hwm"]) if actors else dict(hwm=0, rss_max=0, cmd="?")
+    driver = seen.get(proc.pid, dict(hwm=0, rss_max=0))
+    from tourray.lake import Lake, sql_quote
+
+    row = Lake(str(lake)).read("runs", ["manifest"], filter=f"run = {sql_quote(run)}").to_pylist()[0]
+    summary = json.loads(row["manifest"])["captures"][-1]
+    top = sorted(seen.values(), key=lambda e: -e["hwm"])[:6]
+    return dict(samples=summary["captured"], tokens=summary["tokens"], wall_seconds=round(wall, 2),
+                capture_seconds=summary["capture_seconds"], summary_tokens_per_s=summary["tokens_per_s"],
+                actor_peak_rss=actor["hwm"], actor_sampled_max_rss=actor["rss_max"], actor_cmd=actor["cmd"],
+                driver_peak_rss=driver["hwm"], driver_sampled_max_rss=driver["rss_max"],
+                tree_sampled_peak_rss_sum=tree_peak, rss_samples=samples_taken, processes_seen=len(seen),
+                largest_processes=[dict(cmd=e["cmd"], peak_rss=e["hwm"]) for e in top], load1=load1())
+
+
+# -- report ---------------------------------------------------------------------------------------
+def environment() -> dict:
+    from importlib.metadata import version
+
+    psutil = _psutil()
+
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "ray", "pylance", "pyarrow", "duckdb", "numpy", "tokenizers"):
+        try:
+            versions[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001
+            pass
+    return dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
+                python=platform.python_version(), cpu_model=cpu, cores=os.cpu_count(),
+                ram_gib=round(psutil.virtual_memory().total / 2**30, 1), versions=versions,
+                command=" ".join([Path(sys.executable).name] + sys.argv))
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def fmt_table(r: dict) -> str:
+    lines = []
+
+    def row(label, value, spec=",.0f"):
+        v = "-" if value is None else (value if isinstance(value, str) else format(value, spec))
+        lines.append(f"{label:<60}{v:>14}")
+
+    a, c = r["plain"], r["pt_baseline"]
+    rule = "-" * 74
+    row("measure", "value")
+    lines.append(rule)
+    row("tokens (all samples, incl. system prompt)", r["tokens"])
+    for i, ai in enumerate(r["plain_runs"]):
+        row(f"(a) plain forward, run {i + 1}: tokens/s", ai["tokens_per_s"])
+    row("(a) plain forward, mean: tokens/s", a["tokens_per_s"])
+    for b in r["capture"]:
+        name = b["run"]
+        row(f"(b) capture {name}: wall s (1st run incl. Ray start)", b["wall_seconds"], ".1f")
+        row(f"(b) capture {name}: capture_seconds", b["capture_seconds"], ".1f")
+        row(f"(b) capture {name}: tokens/s (summary)", b["summary_tokens_per_s"])
+        row(f"(b) capture {name}: tokens/s (wall)", b["wall_tokens_per_s"])
+        if "steady_tokens_per_s" in b:
+            row(f"(b) capture {name}: tokens/s (steady, groups 2..{b['groups']})", b["steady_tokens_per_s"])
+            row(f"(b) capture {name}: start-up overhead s (actor + load)", b["startup_overhead_seconds"], ".1f")
+    row("(c) hooks + .pt per sample: tokens/s", c["tokens_per_s"])
+    lines.append(rule)
+    for k, v in r["ratios"].items():
+        row(k, v, ".3f")
+    q = r["query"]
+    lines.append(rule)
+    row("query (b) SQL on lake: s", q["sql_seconds"], ".2f")
+    row("query (b) DuckDB scan only, no join (profile): s", q["duckdb_scan_only_seconds"], ".2f")
+    row("query Lance + numpy, not SQL (profile): s", q["lance_numpy_seconds"], ".2f")
+    row("query (c) torch.load + torch: s", q["pt_seconds"], ".2f")
+    row("query max |SQL - pt| of mean_cos", q["max_abs_diff_sql_pt"], ".2e")
+    m = r.get("memory")
+    if m:
+        lines.append(rule)
+        for k in ("1x", "4x"):
+            x = m[k]
+            row(f"memory {k} ({x['samples']} samples, {x['tokens']:,} tokens): actor peak MiB", x["actor_peak_rss"] / 2**20)
+            row(f"memory {k}: driver peak MiB", x["driver_peak_rss"] / 2**20)
+            row(f"memory {k}: process tree, sampled peak of summed RSS MiB", x["tree_sampled_peak_rss_sum"] / 2**20)
+            row(f"memory {k}: capture tokens/s (summary)", x["summary_tokens_per_s"])
+    lines.append(rule)
+    for t in r["targets"]:
+        row(t["target"], "MET" if t["met"] else "NOT MET")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Targets: (b) >= 0.75x (a); (b) faster than (c); query >= 10x faster on (b); "
+                                       "capture peak memory at 4x within 20%% of 1x.")
+    p.add_argument("--quick", action="store_true", help="Smoke size: 16 samples and group size 8 (unless given).")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="Output folder (default: bench/out, gitignored).")
+    p.add_argument("--samples", type=Path, default=REPO / "samples" / "train", help="Source texts (default: samples/train).")
+    p.add_argument("--system-prompt", type=Path, default=REPO / "samples" / "system_prompt.md")
+    p.add_argument("-n", "--num-samples", type=int, default=None, help="Samples to use (default: all; --quick: 16).")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=None, help="Samples per capture group (default 32; --quick: 8).")
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=1536)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mem-factor", type=int, default=4, help="Repeat factor of the large memory run (default 4).")
+    p.add_argument("--mem-interval", type=float, default=0.2, help="RSS sampling interval, s (default 0.2).")
+    p.add_argument("--skip-memory", action="store_true", help="Skip the 1x/Nx peak-memory captures.")
+    p.add_argument("--clean", action="store_true", help="Delete the bulk data (model, lakes, .pt files) at the end.")
+    args = p.parse_args(argv)
+    n = args.num_samples or (16 if args.quick else None)
+    args.group_size = args.group_size or (8 if args.quick else 32)
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in BULK:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+    res: dict = dict(environment=environment(), settings=dict(
+        samples=n or "all", batch_size=args.batch_size, group_size=args.group_size, store_dtype="float16",
+        layers="all", model_dtype="float32", torch_threads=torch.get_num_threads(), quick=args.quick,
+        mem_factor=args.mem_factor, load1_start=load1()))
+    log(f"environment: {res['environment']['cpu_model']}, {res['environment']['cores']} cores, "
+        f"load {res['settings']['load1_start']}")
+
+    # 1-2. texts, tokenizer, model
+    samples_dir = out / "samples"
+    files = copy_samples(args.samples, n, samples_dir)
+    all_train = [f.read_text(encoding="utf-8") for f in sorted(args.samples.glob("*.txt"))]
+    model_dir = out / "model"
+    res["model"] = build_model(model_dir, all_train, args)
+    log(f"model: {res['model']['params'] / 1e6:.1f} M params -> {model_dir}; {len(files)} samples -> {samples_dir}")
+    batches, tokens = encode_batches(model_dir, samples_dir, args.system_prompt, args.batch_size, args.group_size)
+    res["tokens"], res["samples"], res["batches"] = tokens, len(files), len(batches)
+    res["padded_tokens"] = sum(b["ids"].numel() for b in batches)
+    log(f"{tokens:,} tokens in {len(batches)} batches ({res['padded_tokens']:,} with padding)")
+
+    # 3a / 3c
+    model = load_model(model_dir)
+    plain_runs = []
+    log("(a) plain forward ...")
+    plain_runs.append(bench_plain(model, batches, tokens))
+    log(f"(a) {plain_runs[-1]['tokens_per_s']:,.0f} tokens/s")
+    log("(c) hooks + .pt per sample ...")
+    pt_dir = out / "pt_baseline"
+    res["pt_baseline"] = bench_pt(model, batches, tokens, pt_dir)
+    log(f"(c) {res['pt_baseline']['tokens_per_s']:,.0f} tokens/s")
+
+    # 3b: two runs into one lake; the second finds Ray already started
+    lake = out / "lake"
+    res["capture"] = []
+    for run in ("bench1", "bench2"):
+        log(f"(b) run_capture {run} ...")
+        res["capture"].append(bench_capture(args, model_dir, samples_dir, lake, run))
+        b = res["capture"][-1]
+        log(f"(b) {run}: summary {b['summary_tokens_per_s']:,.0f} tokens/s, steady "
+            f"{b.get('steady_tokens_per_s', float('nan')):,.0f} tokens/s, wall {b['wall_seconds']} s")
+    import ray
+
+    ray.shutdown()
+
+    log("(a) plain forward again (drift check) ...")
+    plain_runs.append(bench_plain(model, batches, tokens))
+    log(f"(a) {plain_runs[-1]['tokens_per_s']:,.0f} tokens/s")
+    res["plain_runs"] = plain_runs
+    a_rate = sum(x["tokens_per_s"] for x in plain_runs) / len(plain_runs)
+    res["plain"] = dict(tokens=tokens, tokens_per_s=round(a_rate, 1))
+    del model
+
+    # query
+    log("query: SQL on the lake ...")
+    sql_res, sql_s, prof = query_sql(lake, "bench1")
+    log(f"query: SQL {sql_s:.2f} s; .pt ...")
+    pt_res, pt_s = query_pt(pt_dir, args.layers)
+    log(f"query: .pt {pt_s:.2f} s; lance+numpy ...")
+    ln_res, ln_s = query_lance_numpy(lake, "bench1", args.layers)
+    diffs = [abs(sql_res[k]["mean_cos"] - pt_res[k]["mean_cos"]) for k in pt_res]
+    diffs_ln = [abs(ln_res[k]["mean_cos"] - pt_res[k]["mean_cos"]) for k in pt_res]
+    same_counts = all(sql_res[k]["tokens"] == pt_res[k]["tokens"] == tokens for k in pt_res)
+    res["query"] = dict(sql_seconds=round(sql_s, 3), pt_seconds=round(pt_s, 3), lance_numpy_seconds=round(ln_s, 3),
+                        **prof, max_abs_diff_sql_pt=max(diffs), max_abs_diff_lance_numpy_pt=max(diffs_ln),
+                        token_counts_match=same_counts, sql=sql_res, pt=pt_res, sql_text=LAYER_PAIR_SQL.strip())
+
+    # 4. memory
+    if not args.skip_memory:
+        res["memory"] = {}
+        big = out / f"samples_{args.mem_factor}x"
+        copy_samples(args.samples, n, big, repeat=args.mem_factor)
+        for label, sdir in (("1x", samples_dir), (f"{args.mem_factor}x", big)):
+            log(f"memory: capture {label} in a subprocess ...")
+            m = capture_subprocess_memory(args, model_dir, sdir, out / f"lake_mem_{label}", f"mem{label}",
+                                          out / f"capture_mem_{label}.log")
+            res["memory"]["4x" if label != "1x" else "1x"] = m
+            log(f"memory {label}: actor peak {m['actor_peak_rss'] / 2**20:,.0f} MiB, driver peak "
+                f"{m['driver_peak_rss'] / 2**20:,.0f} MiB, {m['summary_tokens_per_s']:,.0f} tokens/s")
+
+    # ratios and targets
+    b1, b2, c = res["capture"][0], res["capture"][1], res["pt_baseline"]
+    best_b = [x.get("steady_tokens_per_s") for x in (b1, b2) if x.get("steady_tokens_per_s")]
+    steady_b = sum(best_b) / len(best_b) if best_b else None
+    res["ratios"] = {
+        "(b)/(a) summary tokens/s, run 1": ratio(b1["summary_tokens_per_s"], a_rate),
+        "(b)/(a) summary tokens/s, run 2": ratio(b2["summary_tokens_per_s"], a_rate),
+        "(b)/(a) steady tokens/s (mean of runs)": ratio(steady_b, a_rate),
+        "(b)/(a) wall tokens/s, run 1": ratio(b1["wall_tokens_per_s"], a_rate),
+        "(c)/(a) tokens/s": ratio(c["tokens_per_s"], a_rate),
+        "(b)/(c) summary tokens/s, run 2": ratio(b2["summary_tokens_per_s"], c["tokens_per_s"]),
+        "(b)/(c) steady tokens/s": ratio(steady_b, c["tokens_per_s"]),
+        "query speed-up (c) time / (b) SQL time": ratio(pt_s, sql_s),
+    }
+    targets = [
+        dict(target="(b) steady >= 0.75x (a)", met=bool(steady_b and steady_b >= 0.75 * a_rate)),
+        dict(target="(b) summary tokens/s (run 2) >= 0.75x (a)", met=b2["summary_tokens_per_s"] >= 0.75 * a_rate),
+        dict(target="(b) steady faster than (c)", met=bool(steady_b and steady_b > c["tokens_per_s"])),
+        dict(target="(b) summary (run 2) faster than (c)", met=b2["summary_tokens_per_s"] > c["tokens_per_s"]),
+        dict(target="query >= 10x faster on (b) (SQL vs .pt)", met=pt_s >= 10 * sql_s),
+        dict(target="query results agree to 1e-3", met=max(diffs) <= 1e-3 and same_counts),
+    ]
+    if "memory" in res:
+        m1, m4 = res["memory"]["1x"], res["memory"]["4x"]
+        res["ratios"]["actor peak RSS 4x/1x"] = ratio(m4["actor_peak_rss"], m1["actor_peak_rss"])
+        res["ratios"]["driver peak RSS 4x/1x"] = ratio(m4["driver_peak_rss"], m1["driver_peak_rss"])
+        res["ratios"]["tree sampled peak RSS 4x/1x"] = ratio(m4["tree_sampled_peak_rss_sum"], m1["tree_sampled_peak_rss_sum"])
+        targets.append(dict(target="actor peak RSS 4x within 20% of 1x", met=res["ratios"]["actor peak RSS 4x/1x"] <= 1.2))
+        targets.append(dict(target="driver peak RSS 4x within 20% of 1x", met=res["ratios"]["driver peak RSS 4x/1x"] <= 1.2))
+    res["targets"] = targets
+    res["settings"]["load1_end"] = load1()
+
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    print()
+    print(fmt_table(res))
+    print(f"\nwritten {out / 'results.json'}")
+    if args.clean:
+        for name in BULK:
+            shutil.rmtree(out / name, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
