@@ -7,7 +7,6 @@ lake; 4. per-layer similarity and per-category perplexity through SQL, printed a
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 

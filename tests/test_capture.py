@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import lake_snapshot
-from tourray.capture import CaptureConfig, find_blocks, run_capture
+from tourray.capture import CaptureConfig, run_capture
+from tourray.engine import find_blocks
 from tourray.errors import UserError
 from tourray.lake import Lake, arrow_to_numpy
 from tourray.prompt import PromptFormat

@@ -9,7 +9,6 @@ import sys
 
 import lance
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from conftest import REPO

@@ -12,7 +12,6 @@ deletes rows of samples that never got theirs (a killed run), then captures only
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -27,7 +26,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from tourray import corpus, lake as lk
-from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, parse_layers
+from tourray.engine import Captured, HFEngine
+from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
+from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.errors import UserError
 from tourray.stage import Stage
 
@@ -77,176 +78,12 @@ class CaptureConfig(BaseConfig):
             raise ValueError("at least one site")
         return sorted(set(v), key=list(Site).index)
 
-
-# -- model identity (driver side, no weights loaded) ------------------------------------------
-@dataclass
-class ModelInfo:
-    num_layers: int
-    hidden_size: int
-    model_revision: str
-    tokenizer_sha256: str
-
-
-def load_tokenizer(cfg: CaptureConfig):
-    from transformers import AutoTokenizer
-
-    name = cfg.tokenizer or cfg.model
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=cfg.revision if not cfg.tokenizer else None)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokenizer/--model: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
-
-
-def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
-    """Read depth, width and revision from the config and files, without loading weights."""
-    from transformers import AutoConfig
-
-    try:
-        mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"--model: {cfg.model!r} is not a checkpoint folder, and no hub model of that name could be "
-            f"loaded ({str(e).splitlines()[0]})"
-        ) from None
-    tc = mc.get_text_config()
-    return ModelInfo(tc.num_hidden_layers, tc.hidden_size, model_revision(cfg.model, cfg.revision), tokenizer_sha256(tokenizer))
-
-
-def model_revision(model: str, revision: str | None) -> str:
-    """Hub commit for hub models; sha256 of config + weight files for a local folder."""
-    path = Path(model)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith("tokenizer"):
-                h.update(f.name.encode())
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 24), b""):
-                        h.update(chunk)
-        return "sha256:" + h.hexdigest()
-    from transformers.utils import cached_file
-
-    cfg_path = Path(cached_file(model, "config.json", revision=revision))
-    return cfg_path.parent.name  # .../snapshots/<commit>/config.json
-
-
-def tokenizer_sha256(tok) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)).encode())
-    h.update((getattr(tok, "chat_template", None) or "").encode())
-    h.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-# -- engine: transformers with hooks ----------------------------------------------------------
-_MID_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
-
-
-def find_blocks(model, num_layers: int):
-    """The decoder blocks of any transformers causal LM: the outermost ModuleList of that length."""
-    import torch
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers:
-            return name, mod
-    raise UserError(f"cannot find a list of {num_layers} decoder blocks in {type(model).__name__}")
-
-
-@dataclass
-class Captured:
-    """One sample's forward pass: surprisal/entropy per position and the requested vectors."""
-
-    surprisal: np.ndarray                 # float32 [n], nan at pos 0
-    entropy: np.ndarray                   # float32 [n], nan at pos 0
-    vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
-    not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
-
-
-class HFEngine:
-    """A transformers model with hooks on every decoder block, run on padded batches."""
-
-    def __init__(self, cfg: CaptureConfig, layers: list[int], num_layers: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        self.device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        dtype = cfg.model_dtype.value
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" else "float32"
-        self.model_dtype = dtype
-        self.store = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.store_dtype.value]
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=getattr(torch, dtype))
-        self.model.to(self.device).eval()
-        _, blocks = find_blocks(self.model, num_layers)
-        self._buf: dict[tuple[int, str], object] = {}
-        self.keys = []
-        for layer in layers:
-            for site in cfg.sites:
-                if layer == -1 and site != Site.resid_post:
-                    continue  # the embedding output has no mid-block site
-                self.keys.append((layer, site.value))
-                self._hook(blocks, layer, site)
-
-    def _hook(self, blocks, layer: int, site: Site) -> None:
-        key = (layer, site.value)
-
-        def keep(t):
-            self._buf[key] = t.detach().to(self.store)
-
-        if layer == -1:  # input of block 0 = embedding output
-            blocks[0].register_forward_pre_hook(
-                lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        elif site == Site.resid_post:
-            blocks[layer].register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
-        else:
-            norm = next((getattr(blocks[layer], n) for n in _MID_NORMS if hasattr(blocks[layer], n)), None)
-            if norm is None:
-                raise UserError(f"--sites resid_mid: block {layer} ({type(blocks[layer]).__name__}) has none of {_MID_NORMS}")
-            norm.register_forward_pre_hook(lambda m, args: keep(args[0]))
-
-    def capture(self, batch: list[np.ndarray]) -> list[Captured]:
-        torch = self.torch
-        n = [len(x) for x in batch]
-        ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(batch):
-            ids[i, : n[i]] = torch.from_numpy(x)
-            mask[i, : n[i]] = 1
-        self._buf.clear()
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
-            out = []
-            for i, length in enumerate(n):
-                s, e = surprisal_entropy(logits[i, :length], ids[i, :length].to(self.device))
-                vecs = {k: self._buf[k][i, :length].cpu().numpy() if self.store != torch.bfloat16
-                        else self._buf[k][i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
-                        for k in self.keys}
-                out.append(Captured(s, e, vecs))
-            for k in self.keys:
-                finite = torch.isfinite(self._buf[k]).all(-1)  # [B, T]
-                for i, length in enumerate(n):
-                    if out[i].not_finite is None and not bool(finite[i, :length].all()):
-                        out[i].not_finite = k
-        self._buf.clear()
-        return out
-
-
-def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced -log p(token_t | <t) and the entropy of the predicting distribution, in nats,
-    from a float32 log-softmax; position 0 has neither (nan). Chunked to bound memory at large vocab."""
-    import torch
-
-    n = logits.shape[0]
-    s = torch.full((n,), float("nan"))
-    e = torch.full((n,), float("nan"))
-    for a in range(0, n - 1, chunk):
-        b = min(n - 1, a + chunk)
-        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
-        s[a + 1 : b + 1] = -lp.gather(1, ids[a + 1 : b + 1, None])[:, 0].cpu()
-        e[a + 1 : b + 1] = -(lp.exp() * lp).sum(-1).cpu()
-    return s.numpy(), e.numpy()
+    @property
+    def resolved_model_dtype(self) -> str:
+        """`auto` made concrete: bfloat16 for GPU actors, float32 on CPU."""
+        if self.model_dtype != ModelDtype.auto:
+            return self.model_dtype.value
+        return "bfloat16" if self.gpus_per_actor > 0 else "float32"
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -269,7 +106,8 @@ class CaptureStage(Stage):
         self.tok = load_tokenizer(cfg)
         self.fmt = PromptFormat(self.tok, corpus.read_system_prompt(cfg.system_prompt), cfg.text_role,
                                 cfg.user_prompt, cfg.chat_template)
-        self.engine = HFEngine(cfg, layers, num_layers)
+        self.engine = HFEngine(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers,
+                               cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu")
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
         self._pieces: dict[int, str] = {}
 
@@ -418,78 +256,6 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     return Plan(cfg, lake, samples, skipped, layers, info, row)
 
 
-def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, system_prompt: str) -> dict:
-    import tourray
-
-    prompt = dict(chat_template=cfg.chat_template, text_role=cfg.text_role, user_prompt=cfg.user_prompt,
-                  max_length=cfg.max_length)
-    manifest = dict(
-        config=cfg.model_dump(mode="json"),
-        prompt=prompt,
-        samples_root=str(Path(cfg.samples).resolve()),
-        samples={s.source: s.sha256 for s in samples},
-        versions=library_versions(),
-    )
-    return dict(
-        run=cfg.run, model=cfg.model, model_revision=info.model_revision,
-        tokenizer=cfg.tokenizer or cfg.model, tokenizer_sha256=info.tokenizer_sha256,
-        engine=cfg.engine.value, model_dtype=cfg.model_dtype.value if cfg.model_dtype != ModelDtype.auto else
-        ("bfloat16" if cfg.gpus_per_actor > 0 else "float32"),
-        store_dtype=cfg.store_dtype.value, num_layers=info.num_layers, hidden_size=info.hidden_size,
-        layers=layers, sites=[s.value for s in cfg.sites],
-        system_prompt_sha256=corpus.sha256_bytes(system_prompt.encode()),
-        tourray_version=tourray.__version__, tourray_commit=git_commit(),
-        created_at=dt.datetime.now(dt.timezone.utc), manifest=json.dumps(manifest),
-    )
-
-
-#: Fields of a run that must not change when a capture resumes it.
-IDENTITY = ("model", "model_revision", "tokenizer", "tokenizer_sha256", "engine", "model_dtype", "store_dtype",
-            "num_layers", "hidden_size", "layers", "sites", "system_prompt_sha256")
-
-
-def run_changes(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between a stored run and the one asked for."""
-    out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY if old[k] != new[k]]
-    om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
-    if om["prompt"] != nm["prompt"]:
-        out.append(f"prompt format: {om['prompt']} in the lake, {nm['prompt']} now")
-    a, b = om["samples"], nm["samples"]
-    for label, names in (("added", sorted(b.keys() - a.keys())), ("removed", sorted(a.keys() - b.keys())),
-                         ("changed", sorted(k for k in a.keys() & b.keys() if a[k] != b[k]))):
-        if names:
-            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-            out.append(f"texts {label}: {len(names)} ({', '.join(names[:5])}{more})")
-    return out
-
-
-def git_commit() -> str | None:
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if sha.returncode:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "ray", "pylance", "pyarrow", "duckdb"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def prepare_lake(plan: Plan) -> set[str]:
     """Create missing tables and the run row, delete rows of half-committed samples (a killed
     run), and return the ids of samples already complete."""
@@ -534,7 +300,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
     """Plan, then capture what is missing, committing each group as its result arrives."""
     from tqdm import tqdm
 
-    from tourray.runtime import init_ray
+    from tourray.runtime import init_ray, user_error_in
 
     t0 = time.perf_counter()
     plan = plan_capture(cfg)
@@ -576,39 +342,3 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
     return summary
 
 
-def record_summary(lake: lk.Lake, run: str, summary: dict) -> None:
-    """Append this invocation's summary to the run's manifest (kept with the run in the lake)."""
-    q = lk.sql_quote(run)
-    row = lake.read("runs", ["manifest"], filter=f"run = {q}").to_pylist()[0]
-    manifest = json.loads(row["manifest"])
-    manifest.setdefault("captures", []).append(dict(summary, finished_at=dt.datetime.now(dt.timezone.utc).isoformat()))
-    lake.dataset("runs").update({"manifest": lk.sql_quote(json.dumps(manifest))}, where=f"run = {q}")
-
-
-def user_error_in(e: BaseException) -> UserError | None:
-    """Find a UserError raised inside a Ray actor under Ray's wrappers (RayTaskError,
-    UserCodeException); Ray may only keep it as text in the remote traceback."""
-    import re
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return UserError(str(e))
-        if m := re.search(r"tourray\.errors\.UserError: (.*?)(?:\n\s*\n|$)", str(e), re.S):
-            return UserError(m[1].strip())
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
-
-
-def compact_layers(layers: list[int]) -> str:
-    """[-1, 0, 1, 2, 5] -> 'embed,0-2,5'."""
-    out, blocks = ["embed"] if -1 in layers else [], [x for x in layers if x >= 0]
-    i = 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        out.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
-        i = j + 1
-    return ",".join(out) or "none"

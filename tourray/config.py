@@ -112,3 +112,16 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
                 )
             out.update(range(a, b + 1))
     return sorted(out)
+
+
+def compact_layers(layers: list[int]) -> str:
+    """[-1, 0, 1, 2, 5] -> 'embed,0-2,5'."""
+    out, blocks = ["embed"] if -1 in layers else [], [x for x in layers if x >= 0]
+    i = 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        out.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
+        i = j + 1
+    return ",".join(out) or "none"

@@ -176,10 +176,11 @@ class Lake:
         return [json.dumps(f.to_json()) for f in frags]
 
     # -- driver ----------------------------------------------------------------------------
-    def commit(self, table: str, fragments: list[str]) -> int:
-        """Append written fragments to `table` in one atomic Lance commit; return the new version."""
+    def commit(self, table: str, fragments: list[str]) -> int | None:
+        """Append written fragments to `table` in one atomic Lance commit; return the new version
+        (None when there was nothing to commit)."""
         if not fragments:
-            return self.dataset(table).version
+            return None
         metas = [lance.fragment.FragmentMetadata.from_json(f) for f in fragments]
         ds = lance.LanceDataset.commit(
             self.uri(table),

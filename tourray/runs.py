@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tourray.capture import compact_layers
+from tourray.config import compact_layers
 from tourray.errors import UserError
 from tourray.lake import Lake, sql_quote
 

@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from tourray.errors import UserError
+
 log = logging.getLogger("tourray")
 
 
@@ -46,3 +48,19 @@ def in_ray_job() -> bool:
     """True inside a driver started by `ray job submit` (it runs in a temporary copy of the
     working dir, so relative output paths would vanish with it)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def user_error_in(e: BaseException) -> UserError | None:
+    """Find a UserError raised inside a Ray actor under Ray's wrappers (RayTaskError,
+    UserCodeException); Ray may only keep it as text in the remote traceback."""
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        if m := re.search(r"tourray\.errors\.UserError: (.*?)(?:\n\s*\n|$)", str(e), re.S):
+            return UserError(m[1].strip())
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None

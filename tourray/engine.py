@@ -1,0 +1,118 @@
+"""Engines run a model on token ids and hand back, per sample, surprisal, entropy and the hooked
+residual-stream vectors (`Captured`). The capture stage writes whatever an engine returns, so every
+engine fills the very same tables. `HFEngine` runs transformers with hooks on every decoder block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tourray.config import Site
+from tourray.errors import UserError
+
+_MID_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
+
+
+def find_blocks(model, num_layers: int):
+    """The decoder blocks of any transformers causal LM: the outermost ModuleList of that length."""
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers:
+            return name, mod
+    raise UserError(f"cannot find a list of {num_layers} decoder blocks in {type(model).__name__}")
+
+
+@dataclass
+class Captured:
+    """One sample's forward pass: surprisal/entropy per position and the requested vectors."""
+
+    surprisal: np.ndarray                 # float32 [n], nan at pos 0
+    entropy: np.ndarray                   # float32 [n], nan at pos 0
+    vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
+    not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
+
+
+class HFEngine:
+    """A transformers model with hooks on every decoder block, run on padded batches."""
+
+    def __init__(self, model: str, revision: str | None, model_dtype: str, store_dtype: str,
+                 layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+        self.store = getattr(torch, store_dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=getattr(torch, model_dtype))
+        self.model.to(self.device).eval()
+        _, blocks = find_blocks(self.model, num_layers)
+        self._buf: dict[tuple[int, str], object] = {}
+        self.keys = []
+        for layer in layers:
+            for site in sites:
+                if layer == -1 and site != Site.resid_post:
+                    continue  # the embedding output has no mid-block site
+                self.keys.append((layer, site.value))
+                self._hook(blocks, layer, site)
+
+    def _hook(self, blocks, layer: int, site: Site) -> None:
+        key = (layer, site.value)
+
+        def keep(t):
+            self._buf[key] = t.detach().to(self.store)
+
+        if layer == -1:  # input of block 0 = embedding output
+            blocks[0].register_forward_pre_hook(
+                lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        elif site == Site.resid_post:
+            blocks[layer].register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
+        else:
+            norm = next((getattr(blocks[layer], n) for n in _MID_NORMS if hasattr(blocks[layer], n)), None)
+            if norm is None:
+                raise UserError(f"--sites resid_mid: block {layer} ({type(blocks[layer]).__name__}) has none of {_MID_NORMS}")
+            norm.register_forward_pre_hook(lambda m, args: keep(args[0]))
+
+    def capture(self, batch: list[np.ndarray]) -> list[Captured]:
+        torch = self.torch
+        n = [len(x) for x in batch]
+        ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(batch):
+            ids[i, : n[i]] = torch.from_numpy(x)
+            mask[i, : n[i]] = 1
+        self._buf.clear()
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
+            out = []
+            for i, length in enumerate(n):
+                s, e = surprisal_entropy(logits[i, :length], ids[i, :length].to(self.device))
+                vecs = {k: self._buf[k][i, :length].cpu().numpy() if self.store != torch.bfloat16
+                        else self._buf[k][i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
+                        for k in self.keys}
+                out.append(Captured(s, e, vecs))
+            for k in self.keys:
+                finite = torch.isfinite(self._buf[k]).all(-1)  # [B, T]
+                for i, length in enumerate(n):
+                    if out[i].not_finite is None and not bool(finite[i, :length].all()):
+                        out[i].not_finite = k
+        self._buf.clear()
+        return out
+
+
+def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced -log p(token_t | <t) and the entropy of the predicting distribution, in nats,
+    from a float32 log-softmax; position 0 has neither (nan). Chunked to bound memory at large vocab."""
+    import torch
+
+    n = logits.shape[0]
+    s = torch.full((n,), float("nan"))
+    e = torch.full((n,), float("nan"))
+    for a in range(0, n - 1, chunk):
+        b = min(n - 1, a + chunk)
+        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
+        s[a + 1 : b + 1] = -lp.gather(1, ids[a + 1 : b + 1, None])[:, 0].cpu()
+        e[a + 1 : b + 1] = -(lp.exp() * lp).sum(-1).cpu()
+    return s.numpy(), e.numpy()

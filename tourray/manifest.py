@@ -1,0 +1,159 @@
+"""What a run is: the model's identity (revision, tokenizer hash, depth, width), the exact texts
+and prompt it saw, the code that ran, and each capture's summary. Stored as the run's row in the
+`runs` table; a capture into an existing run must match it field for field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tourray import corpus, lake as lk
+from tourray.errors import UserError
+
+if TYPE_CHECKING:
+    from tourray.capture import CaptureConfig
+
+
+@dataclass
+class ModelInfo:
+    num_layers: int
+    hidden_size: int
+    model_revision: str
+    tokenizer_sha256: str
+
+
+def load_tokenizer(cfg: CaptureConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.model
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=cfg.revision if not cfg.tokenizer else None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer/--model: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
+    """Read depth, width and revision from the config and files, without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--model: {cfg.model!r} is not a checkpoint folder, and no hub model of that name could be "
+            f"loaded ({str(e).splitlines()[0]})"
+        ) from None
+    tc = mc.get_text_config()
+    return ModelInfo(tc.num_hidden_layers, tc.hidden_size, model_revision(cfg.model, cfg.revision), tokenizer_sha256(tokenizer))
+
+
+def model_revision(model: str, revision: str | None) -> str:
+    """Hub commit for hub models; sha256 of config + weight files for a local folder."""
+    path = Path(model)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith("tokenizer"):
+                h.update(f.name.encode())
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 24), b""):
+                        h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    from transformers.utils import cached_file
+
+    cfg_path = Path(cached_file(model, "config.json", revision=revision))
+    return cfg_path.parent.name  # .../snapshots/<commit>/config.json
+
+
+def tokenizer_sha256(tok) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)).encode())
+    h.update((getattr(tok, "chat_template", None) or "").encode())
+    h.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, system_prompt: str) -> dict:
+    import tourray
+
+    prompt = dict(chat_template=cfg.chat_template, text_role=cfg.text_role, user_prompt=cfg.user_prompt,
+                  max_length=cfg.max_length)
+    manifest = dict(
+        config=cfg.model_dump(mode="json"),
+        prompt=prompt,
+        samples_root=str(Path(cfg.samples).resolve()),
+        samples={s.source: s.sha256 for s in samples},
+        versions=library_versions(),
+    )
+    return dict(
+        run=cfg.run, model=cfg.model, model_revision=info.model_revision,
+        tokenizer=cfg.tokenizer or cfg.model, tokenizer_sha256=info.tokenizer_sha256,
+        engine=cfg.engine.value, model_dtype=cfg.resolved_model_dtype,
+        store_dtype=cfg.store_dtype.value, num_layers=info.num_layers, hidden_size=info.hidden_size,
+        layers=layers, sites=[s.value for s in cfg.sites],
+        system_prompt_sha256=corpus.sha256_bytes(system_prompt.encode()),
+        tourray_version=tourray.__version__, tourray_commit=git_commit(),
+        created_at=dt.datetime.now(dt.timezone.utc), manifest=json.dumps(manifest),
+    )
+
+
+#: Fields of a run that must not change when a capture resumes it.
+IDENTITY = ("model", "model_revision", "tokenizer", "tokenizer_sha256", "engine", "model_dtype", "store_dtype",
+            "num_layers", "hidden_size", "layers", "sites", "system_prompt_sha256")
+
+
+def run_changes(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between a stored run and the one asked for."""
+    out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY if old[k] != new[k]]
+    om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
+    if om["prompt"] != nm["prompt"]:
+        out.append(f"prompt format: {om['prompt']} in the lake, {nm['prompt']} now")
+    a, b = om["samples"], nm["samples"]
+    for label, names in (("added", sorted(b.keys() - a.keys())), ("removed", sorted(a.keys() - b.keys())),
+                         ("changed", sorted(k for k in a.keys() & b.keys() if a[k] != b[k]))):
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            out.append(f"texts {label}: {len(names)} ({', '.join(names[:5])}{more})")
+    return out
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "ray", "pylance", "pyarrow", "duckdb"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def record_summary(lake: lk.Lake, run: str, summary: dict) -> None:
+    """Append this invocation's summary to the run's manifest (kept with the run in the lake)."""
+    q = lk.sql_quote(run)
+    row = lake.read("runs", ["manifest"], filter=f"run = {q}").to_pylist()[0]
+    manifest = json.loads(row["manifest"])
+    manifest.setdefault("captures", []).append(dict(summary, finished_at=dt.datetime.now(dt.timezone.utc).isoformat()))
+    lake.dataset("runs").update({"manifest": lk.sql_quote(json.dumps(manifest))}, where=f"run = {q}")
