@@ -61,7 +61,7 @@ def _declaration(table: str) -> dict:
 
 
 def schema(table: str, **params) -> pa.Schema:
-    """The declared Arrow schema of `table`; `params` fill placeholders such as {hidden_size}."""
+    """The declared Arrow schema of `table`; `params` fill parameters such as {hidden_size}."""
     decl = _declaration(table)
     fields = []
     for col in decl["columns"]:

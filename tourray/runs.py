@@ -42,7 +42,10 @@ def describe_run(root, run: str) -> str:
         raise UserError(f"--run: no run {run!r} in {lake.root}")
     r = rows[0]
     m = json.loads(r.pop("manifest"))
-    out = [f"{k:<22}{compact_layers(v) if k == 'layers' else v}" for k, v in r.items()]
+    def show(k, v):
+        return compact_layers(v) if k == "layers" else ",".join(v) if isinstance(v, list) else v
+
+    out = [f"{k:<22}{show(k, v)}" for k, v in r.items()]
     out.append(f"{'prompt':<22}{json.dumps(m['prompt'])}")
     out.append(f"{'samples':<22}{len(m['samples'])} texts under {m['samples_root']} "
                f"(snapshot sha256 {snapshot_hash(m['samples'])[:16]})")
