@@ -111,7 +111,8 @@ def test_write_fragments_then_commit_is_one_atomic_append(tmp_path):
     assert lake.dataset("activations").count_rows() == 0  # written, not yet visible
     v1 = lake.commit("activations", frags)
     assert v1 == v0 + 1 and lake.dataset("activations").count_rows() == 7
-    assert lake.commit("activations", []) == v1  # nothing to commit: no new version
+    assert lake.commit("activations", []) is None  # nothing to commit: no new version
+    assert lake.dataset("activations").version == v1
     with pytest.raises(UserError, match="'h'"):
         lake.write_fragments("activations", acts(2, d=16), s)
     assert lake.dataset("activations").count_rows() == 7

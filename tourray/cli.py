@@ -21,7 +21,7 @@ log = logging.getLogger("tourray")
 EXAMPLES = {
     "capture": """examples:
   tourray capture --model Qwen/Qwen3-0.6B --samples samples/ --run q06 --system-prompt samples/system_prompt.md
-  tourray capture --config jobs/configs/demo.yaml --layers embed,0-3 --store-dtype float32
+  tourray capture --config jobs/configs/capture.yaml --layers embed,0-3 --store-dtype float32
   tourray capture --model /ckpt/Qwen3-32B --samples s3://b/texts --lake s3://b/lake --run t32 \\
       --gpus-per-actor 1 --actors 8 --address auto""",
     "sql": """examples:
@@ -46,7 +46,7 @@ def add_config_flags(p: argparse.ArgumentParser, model) -> None:
         if isinstance(default, list):
             default = ",".join(getattr(x, "value", str(x)) for x in default)
         helptext = f"{field.description} (default: {default})" if not field.is_required() else f"{field.description} (required)"
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=helptext)
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=helptext.replace("%", "%%"))  # argparse %-formats help
         if bool in ann:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue

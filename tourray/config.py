@@ -7,6 +7,7 @@ command-line flags are one thing (flags override the file).
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ class BaseConfig(BaseModel):
             lines = []
             for err in e.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "(config)"
-                lines.append(f"  {field.replace('_', '-')}: {err['msg']}")
+                if source == "flags":
+                    field = "--" + field.replace("_", "-")
+                lines.append(f"  {field}: {err['msg']}")
             raise UserError(f"invalid {cls.__name__} from {source}:\n" + "\n".join(lines)) from None
 
 
@@ -98,13 +101,12 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         elif item == "embed":
             out.add(EMBED_LAYER)
         else:
-            try:
-                lo, _, hi = item.partition("-") if not item.startswith("-") else (item, "", "")
-                a, b = int(lo), int(hi) if hi else int(lo)
-            except ValueError:
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+            if not m:
                 raise UserError(
                     f"--layers: cannot parse {item!r}; use e.g. 'all', 'embed,0,5,10-20' or 'none'"
-                ) from None
+                )
+            a, b = int(m[1]), int(m[2] or m[1])
             if a > b or a < 0 or b >= num_layers:
                 raise UserError(
                     f"--layers: {item!r} is out of range; the model has {num_layers} decoder blocks "

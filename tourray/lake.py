@@ -74,6 +74,15 @@ def schema(table: str, **params) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+def same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """`DataType.equals` that also compares fixed-size-list widths (pyarrow ignores them when the
+    item is an extension type such as bfloat16)."""
+    if pa.types.is_fixed_size_list(a) or pa.types.is_fixed_size_list(b):
+        return (pa.types.is_fixed_size_list(a) and pa.types.is_fixed_size_list(b)
+                and a.list_size == b.list_size and same_type(a.value_type, b.value_type))
+    return a.equals(b)
+
+
 def check(table: str, data: pa.Table | pa.RecordBatch, expected: pa.Schema) -> None:
     """Refuse data that does not match the declared schema, naming table and column."""
     got = {f.name: f for f in data.schema}
@@ -82,7 +91,7 @@ def check(table: str, data: pa.Table | pa.RecordBatch, expected: pa.Schema) -> N
         g = got.pop(f.name, None)
         if g is None:
             problems.append(f"missing column {f.name!r}")
-        elif not g.type.equals(f.type):
+        elif not same_type(g.type, f.type):
             problems.append(f"column {f.name!r} is {g.type}, schema says {f.type}")
         elif not f.nullable and data.column(f.name).null_count:
             problems.append(f"column {f.name!r} has nulls but is not nullable")
@@ -135,7 +144,7 @@ class Lake:
             f"{f.name}: lake has {have.field(f.name).type if f.name in have.names else 'nothing'}, "
             f"this capture writes {f.type}"
             for f in expected
-            if f.name not in have.names or not have.field(f.name).type.equals(f.type)
+            if f.name not in have.names or not same_type(have.field(f.name).type, f.type)
         ]
         if diffs:
             raise UserError(
@@ -233,9 +242,9 @@ def sql_quote(value: str) -> str:
 
 # -- vectors ---------------------------------------------------------------------------------
 def vectors_to_arrow(h, store_dtype: str) -> pa.FixedSizeListArray:
-    """[n, d] array (numpy or torch, already in `store_dtype`) -> FixedSizeList column for `h`.
+    """[n, d] numpy array, already in `store_dtype` -> FixedSizeList column for `h`.
 
-    bfloat16 arrives as its raw 16-bit patterns (Lance's BFloat16 extension type)."""
+    numpy has no bfloat16: pass its raw bit patterns as uint16 (stored as Lance's BFloat16 type)."""
     import numpy as np
 
     n, d = h.shape

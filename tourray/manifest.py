@@ -27,10 +27,18 @@ class ModelInfo:
     tokenizer_sha256: str
 
 
+def require_folder(flag: str, name: str) -> None:
+    """A name that is clearly a path (not a hub id) must be an existing folder."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not Path(name).expanduser().is_dir():
+            raise UserError(f"{flag}: no such checkpoint folder {name!r}")
+
+
 def load_tokenizer(cfg: CaptureConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.model
+    require_folder("--tokenizer" if cfg.tokenizer else "--model", name)
     try:
         return AutoTokenizer.from_pretrained(name, revision=cfg.revision if not cfg.tokenizer else None)
     except (OSError, ValueError) as e:
@@ -41,6 +49,7 @@ def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
     """Read depth, width and revision from the config and files, without loading weights."""
     from transformers import AutoConfig
 
+    require_folder("--model", cfg.model)
     try:
         mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
     except (OSError, ValueError) as e:

@@ -71,9 +71,10 @@ def verify(lake: str | Lake, run: str | None = None, progress: bool = False) -> 
                         problems.append(f"{name(k)}: rows are not contiguous (block appears twice)")
                     seen.add(k)
                     state.update(key=k, hasher=hashlib.sha256(), start=int(pos[a]), next=int(pos[a]))
-                p = pos[a:z]
-                if not np.array_equal(p, np.arange(state["next"], state["next"] + (z - a))):
-                    problems.append(f"{name(k)}: positions out of order or missing near pos {int(p[0])}")
+                p, want = pos[a:z], np.arange(state["next"], state["next"] + (z - a))
+                if not np.array_equal(p, want):
+                    i = int(np.flatnonzero(p != want)[0])
+                    problems.append(f"{name(k)}: positions out of order or missing at pos {int(want[i])} (found {int(p[i])})")
                 state["next"] += z - a
                 state["hasher"].update(np.ascontiguousarray(h[a:z]).tobytes())
             bar.update(len(b))
