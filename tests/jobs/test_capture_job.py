@@ -136,13 +136,16 @@ def test_ray_job_submit_to_a_local_head(qwen3_model, reference, tmp_path):
 
     samples, want = reference
     lake = tmp_path / "lake"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, client_port, metrics = (_free_port() for _ in range(6))
     bin_dir = Path(sys.executable).parent
     env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}")
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (`ray stop` would also kill the embedded Ray of this test session).
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+                             # free ports: the job agent's default (52365) may belong to another Ray here
+                             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+                             "--ray-client-server-port", str(client_port), "--metrics-export-port", str(metrics)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = None
