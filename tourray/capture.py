@@ -12,10 +12,13 @@ deletes rows of samples that never got theirs (a killed run), then captures only
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +29,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from tourray import corpus, lake as lk
+from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.engine import Captured, HFEngine
 from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
-from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.errors import UserError
 from tourray.stage import Stage
 
@@ -148,12 +151,12 @@ class CaptureStage(Stage):
                 yield self._activations_batch(pending)
 
         frags = {}
-        acts = activation_batches()
-        if self.layers:
-            frags["activations"] = self.lake.write_fragments("activations", acts, self.schemas["activations"])
-        else:
-            for _ in acts:
-                pass
+        with overlapped(activation_batches()) as acts:  # forward passes run while Lance writes
+            if self.layers:
+                frags["activations"] = self.lake.write_fragments("activations", acts, self.schemas["activations"])
+            else:
+                for _ in acts:
+                    pass
         frags["tokens"] = self.lake.write_fragments("tokens", pa.concat_tables(tokens), self.schemas["tokens"])
         frags["blocks"] = self.lake.write_fragments("blocks", pa.table({
             "run": [run] * len(blocks),
@@ -215,6 +218,46 @@ class CaptureStage(Stage):
             pa.array(np.repeat([p[2] for p in pending], n).tolist()),
             lk.vectors_to_arrow(h, self.cfg.store_dtype.value),
         ], schema=self.schemas["activations"])
+
+@contextlib.contextmanager
+def overlapped(items: Iterator, depth: int = 2):
+    """Run a generator in a thread, `depth` items ahead of its consumer, so that producing (model
+    forward passes) overlaps consuming (Lance encoding and writing). Errors reach the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for x in items:
+                if not put(x):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+        put(done)
+
+    def consume():
+        while (x := q.get()) is not done:
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+    t = threading.Thread(target=produce, name="capture-forward", daemon=True)
+    t.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        t.join()
+
 
 # -- the driver ------------------------------------------------------------------------------
 @dataclass
@@ -316,7 +359,10 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
         t1 = time.perf_counter()
         try:
-            for row in build_capture(plan, pending).iter_rows():
+            # prefetch_batches=0: commit each group as soon as it arrives (a prefetching iterator
+            # holds a result back until the next one, so a kill would lose two groups, not one)
+            results = build_capture(plan, pending).iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow")
+            for row in (r for b in results for r in b.to_pylist()):
                 frags = json.loads(row["fragments"])
                 for table in COMMIT_ORDER:
                     plan.lake.commit(table, frags.get(table, []))
