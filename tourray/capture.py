@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -113,6 +114,7 @@ class CaptureStage(Stage):
                                cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu")
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
         self._pieces: dict[int, str] = {}
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-forward")
 
     def _token_text(self, ids: np.ndarray) -> list[str]:
         missing = [int(i) for i in set(ids.tolist()) if i not in self._pieces]
@@ -151,7 +153,7 @@ class CaptureStage(Stage):
                 yield self._activations_batch(pending)
 
         frags = {}
-        with overlapped(activation_batches()) as acts:  # forward passes run while Lance writes
+        with overlapped(activation_batches(), self._forward_thread) as acts:  # forward passes run while Lance writes
             if self.layers:
                 frags["activations"] = self.lake.write_fragments("activations", acts, self.schemas["activations"])
             else:
@@ -220,9 +222,11 @@ class CaptureStage(Stage):
         ], schema=self.schemas["activations"])
 
 @contextlib.contextmanager
-def overlapped(items: Iterator, depth: int = 2):
-    """Run a generator in a thread, `depth` items ahead of its consumer, so that producing (model
-    forward passes) overlaps consuming (Lance encoding and writing). Errors reach the consumer."""
+def overlapped(items: Iterator, pool, depth: int = 2):
+    """Run a generator on `pool` (a one-thread executor kept for the actor's life: a fresh thread
+    per group would get a fresh malloc arena, and memory would grow with the corpus), `depth` items
+    ahead of its consumer, so that producing (forward passes) overlaps consuming (Lance writes).
+    Errors reach the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop, done = threading.Event(), object()
 
@@ -250,13 +254,12 @@ def overlapped(items: Iterator, depth: int = 2):
                 raise x
             yield x
 
-    t = threading.Thread(target=produce, name="capture-forward", daemon=True)
-    t.start()
+    future = pool.submit(produce)
     try:
         yield consume()
     finally:
         stop.set()
-        t.join()
+        future.result()
 
 
 # -- the driver ------------------------------------------------------------------------------
