@@ -99,10 +99,6 @@ class CaptureStage(Stage):
 
     def __init__(self, cfg: CaptureConfig, lake_root: str, layers: list[int], hidden_size: int, num_layers: int):
         super().__init__()
-        if cfg.gpus_per_actor == 0:
-            import torch
-
-            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors))
         from tourray.prompt import PromptFormat
 
         self.cfg, self.layers = cfg, layers
@@ -115,6 +111,12 @@ class CaptureStage(Stage):
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
         self._pieces: dict[int, str] = {}
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-forward")
+        if cfg.gpus_per_actor == 0:  # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors: undo it
+            import torch
+
+            threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
+            for set_threads in (torch.set_num_threads, lambda n: self._forward_thread.submit(torch.set_num_threads, n).result()):
+                set_threads(threads)
 
     def _token_text(self, ids: np.ndarray) -> list[str]:
         missing = [int(i) for i in set(ids.tolist()) if i not in self._pieces]
