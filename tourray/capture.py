@@ -33,6 +33,7 @@ from tourray import corpus, lake as lk
 from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.engine import Captured, HFEngine
 from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
+from tourray.prompt import SEGMENTS, PromptFormat
 from tourray.errors import UserError
 from tourray.stage import Stage
 
@@ -99,8 +100,6 @@ class CaptureStage(Stage):
 
     def __init__(self, cfg: CaptureConfig, lake_root: str, layers: list[int], hidden_size: int, num_layers: int):
         super().__init__()
-        from tourray.prompt import PromptFormat
-
         self.cfg, self.layers = cfg, layers
         self.lake = lk.Lake(lake_root)
         self.tok = load_tokenizer(cfg)
@@ -115,8 +114,8 @@ class CaptureStage(Stage):
             import torch
 
             threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
-            for set_threads in (torch.set_num_threads, lambda n: self._forward_thread.submit(torch.set_num_threads, n).result()):
-                set_threads(threads)
+            torch.set_num_threads(threads)
+            self._forward_thread.submit(torch.set_num_threads, threads).result()  # where forwards run
 
     def _token_text(self, ids: np.ndarray) -> list[str]:
         missing = [int(i) for i in set(ids.tolist()) if i not in self._pieces]
@@ -129,7 +128,7 @@ class CaptureStage(Stage):
         rows = batch.to_pylist()
         enc = [self.fmt.encode(r["text"], cfg.max_length) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(enc[i].input_ids))
-        tokens, blocks = [], []
+        tokens, blocks, nbytes = [], [], [0]
 
         def activation_batches() -> Iterator[pa.RecordBatch]:
             pending, size = [], 0
@@ -148,6 +147,7 @@ class CaptureStage(Stage):
                         blocks.append((sid, layer, site, 0, n, hashlib.sha256(np.ascontiguousarray(h)).hexdigest()))
                         pending.append((sid, layer, site, h))
                         size += h.nbytes
+                        nbytes[0] += h.nbytes
                         if size >= self._ROWS_PER_BATCH_BYTES:
                             yield self._activations_batch(pending)
                             pending, size = [], 0
@@ -186,15 +186,10 @@ class CaptureStage(Stage):
             "n_samples": [len(rows)],
             "n_tokens": [n_tokens],
             "truncated": [[r["source"] for r, e in zip(rows, enc) if e.truncated]],
-            "bytes": [sum(b[4] - b[3] for b in blocks) * self._row_bytes()],
+            "bytes": [nbytes[0]],
         })
 
-    def _row_bytes(self) -> int:
-        return self.schemas["activations"].field("h").type.list_size * (4 if self.cfg.store_dtype == StoreDtype.float32 else 2)
-
     def _tokens_table(self, sid: str, e, cap: Captured) -> pa.Table:
-        from tourray.prompt import SEGMENTS
-
         n = len(e.input_ids)
         in_text = e.char_start >= 0
         return pa.table({
@@ -276,6 +271,8 @@ class Plan:
     layers: list[int]
     info: ModelInfo
     run_row: dict
+    run_exists: bool
+    schemas: dict[str, pa.Schema]
 
 
 def plan_capture(cfg: CaptureConfig) -> Plan:
@@ -298,21 +295,21 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
         if changes:
             raise UserError(f"run {cfg.run!r} already exists in {lake.root} with other inputs; use a new --run.\n  "
                             + "\n  ".join(changes))
-    for table in ("activations",) if layers else ():
-        if lake.exists(table):
-            lake.ensure(table, lk.schema(table, store_dtype=cfg.store_dtype.value, hidden_size=info.hidden_size))
-    return Plan(cfg, lake, samples, skipped, layers, info, row)
+    schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=info.hidden_size) for t in lk.TABLES}
+    if layers and lake.exists("activations"):
+        lake.ensure("activations", schemas["activations"])  # refuse another width/dtype before writing
+    return Plan(cfg, lake, samples, skipped, layers, info, row, bool(existing), schemas)
 
 
 def prepare_lake(plan: Plan) -> set[str]:
     """Create missing tables and the run row, delete rows of half-committed samples (a killed
     run), and return the ids of samples already complete."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
-    params = dict(store_dtype=cfg.store_dtype.value, hidden_size=plan.info.hidden_size)
     for table in ("activations",) * bool(plan.layers) + ("runs", "samples", "tokens", "blocks"):
-        lake.ensure(table, lk.schema(table, **params))
-    if not lake.read("runs", ["run"], filter=f"run = {q}").num_rows:
-        lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=lk.schema("runs")), lk.schema("runs"))
+        lake.ensure(table, plan.schemas[table])
+    if not plan.run_exists:
+        runs = plan.schemas["runs"]
+        lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=runs), runs)
     done = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
     started = set()
     for table in ("blocks", "tokens"):
@@ -386,9 +383,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
         finally:
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
+        summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    if summary["seconds"] > 0:
-        summary["tokens_per_s"] = round(summary["tokens"] / summary.get("capture_seconds", summary["seconds"]) if summary["tokens"] else 0, 1)
     record_summary(plan.lake, cfg.run, summary)
     return summary
 

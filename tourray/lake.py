@@ -118,11 +118,14 @@ class Lake:
         return f"{self.root}/{table}.lance"
 
     def exists(self, table: str) -> bool:
+        return self._open(table) is not None
+
+    def _open(self, table: str) -> lance.LanceDataset | None:
+        """The table's dataset, or None when it has not been created yet."""
         try:
-            self.dataset(table)
-            return True
+            return self.dataset(table)
         except (FileNotFoundError, ValueError, OSError):
-            return False
+            return None
 
     def dataset(self, table: str, version: int | None = None) -> lance.LanceDataset:
         return lance.dataset(self.uri(table), version=version, storage_options=self.storage_options)
@@ -204,13 +207,13 @@ class Lake:
         return self.commit(table, self.write_fragments(table, data, expected))
 
     def delete(self, table: str, predicate: str) -> None:
-        if self.exists(table):
-            self.dataset(table).delete(predicate)
+        if (ds := self._open(table)) is not None:
+            ds.delete(predicate)
 
     def read(self, table: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        if not self.exists(table):
+        if (ds := self._open(table)) is None:
             return schema_or_empty(table, columns)
-        return self.dataset(table).to_table(columns=columns, filter=filter)
+        return ds.to_table(columns=columns, filter=filter)
 
 
 def schema_or_empty(table: str, columns: list[str] | None) -> pa.Table:
