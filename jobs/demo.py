@@ -2,19 +2,25 @@
 
     python jobs/demo.py --config jobs/configs/demo.yaml [--run NAME]
 
-1. train (or reuse) the demo model; 2. capture samples/ into the lake through Ray; 3. verify the
-lake; 4. per-layer similarity and per-category perplexity through SQL, printed and plotted.
+1. train (or reuse) the demo model; 2. capture samples/ into the lake through Ray, with inline
+statistics; 3. verify the lake; 4. per-layer similarity and per-category perplexity through SQL,
+printed and plotted; 5. layer statistics: effective rank per layer, all-pairs CKA heatmap and the
+angular-distance curve.
 """
 
 import argparse
 import sys
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 from pathlib import Path
 
 from tourray.capture import run_capture
 from tourray.cli import guarded, print_result
 from tourray.demo_model import DemoConfig, build_demo_model
-from tourray.report import layer_similarity_plot, perplexity_plot
+from tourray.report import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
 from tourray.sql import connect, query_file, run_query
+from tourray.stats.tasks import run_stats
 from tourray.verify import verify
 
 
@@ -25,7 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = DemoConfig.from_yaml(args.config)
     if args.run:
-        cfg.capture.run = args.run
+        cfg.capture.run = cfg.stats.run = args.run
     run, lake = cfg.capture.run, cfg.capture.lake
 
     print("== 1. demo model")
@@ -47,6 +53,22 @@ def main(argv=None) -> int:
         print_result(con, sql, {"run": run}, "table")
         png = plot(run_query(con, sql, {"run": run}).to_arrow_table(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
         print(f"plot: {png}")
+
+    print(f"== 5. layer statistics (tourray stats --run {run} --pairs all)")
+    st = run_stats(cfg.stats, progress=False)["sites"]["resid_post"]
+    print(f"{len(st['layers'])} layers, {st['pairs']} pairs: {st['reused_layers']} layers and {st['reused_pairs']} pairs "
+          f"reused from the capture's inline statistics, {st['tiles']} Ray task(s)")
+    latest = "QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY created_at DESC) = 1"
+    sel = "run = $run AND site = 'resid_post' AND selection = $sel"
+    params = {"run": run, "sel": cfg.stats.selection.key()}
+    print_result(con, f"SELECT layer, n_tokens, round(effective_rank, 2) AS effective_rank, round(rms, 4) AS rms, "
+                      f"round(explained[16], 3) AS explained_by_16 FROM layer_stats WHERE {sel} "
+                      f"{latest.format(k='layer')} ORDER BY layer", params, "table")
+    pairs = run_query(con, f"SELECT layer_a, layer_b, cka, mean_angular FROM pair_stats WHERE {sel} "
+                           f"{latest.format(k='layer_a, layer_b')} ORDER BY layer_a, layer_b", params).to_arrow_table()
+    print(f"plot: {cka_heatmap(pairs, reports / f'{run}_cka.png', f'linear CKA, all layer pairs: run {run}')}")
+    consecutive = pairs.filter(pa.compute.equal(pairs["layer_b"], pa.compute.add(pairs["layer_a"], 1)))
+    print(f"plot: {angular_distance_plot(consecutive, reports / f'{run}_angular.png', f'consecutive layers: run {run}')}")
 
     print(f"\nOutputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "
           f"plots in {reports.resolve()}.\nExplore: tourray runs --lake {lake} --run {run}; tourray sql --lake {lake} \"SELECT ...\"")

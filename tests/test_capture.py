@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
 from conftest import lake_snapshot
-from tourray.capture import CaptureConfig, run_capture
+from tourray.capture import CaptureConfig, CaptureStage, run_capture
 from tourray.engine import find_blocks
 from tourray.errors import UserError
 from tourray.lake import Lake, arrow_to_numpy
-from tourray.prompt import PromptFormat
+from tourray.prompt import SEGMENTS, PromptFormat
 
 
 def capture(model, samples, lake, run="r", **kw):
@@ -49,6 +50,45 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def assert_text_spans_match_segments(lake, run="r"):
+    """samples.text_start/text_end are exactly the positions whose tokens.segment is 'text'."""
+    lk = Lake(str(lake))
+    tokens = lk.read("tokens", ["sample_id", "pos", "segment"], filter=f"run = '{run}'")
+    samples = lk.read("samples", filter=f"run = '{run}'").to_pylist()
+    assert samples
+    for s in samples:
+        t = tokens.filter(pc.field("sample_id") == s["sample_id"]).sort_by("pos")
+        text = np.flatnonzero(np.array(t.column("segment").to_pylist()) == "text")
+        assert len(text) > 0 and text.tolist() == list(range(s["text_start"], s["text_end"])), s["source"]
+
+
+def assert_token_layers_equal_numpy(lake, run="r"):
+    """token_layers equals numpy on the stored vectors (widened to float32): norm to 1e-5 relative,
+    cos_prev to 1e-5 absolute, null exactly where layer l-1's resid_post was not stored; one row per
+    stored vector, written in (sample, layer, site) runs in pos order."""
+    lk = Lake(str(lake))
+    tl = lk.read("token_layers", filter=f"run = '{run}'")
+    assert tl.num_rows == lk.dataset("activations").count_rows(filter=f"run = '{run}'") > 0
+    key = list(zip(*(tl.column(c).to_pylist() for c in ("sample_id", "layer", "site"))))
+    pos = tl.column("pos").to_pylist()
+    for i in range(1, len(key)):  # physical order: runs of one block, pos 0, 1, ... n-1
+        assert pos[i] == (pos[i - 1] + 1 if key[i] == key[i - 1] else 0), i
+    blocks = set(key)
+    for sid, layer, site in sorted(blocks):
+        t = tl.filter((pc.field("sample_id") == sid) & (pc.field("layer") == layer) & (pc.field("site") == site))
+        h = stored(lake, run, sid, layer, site)
+        assert t.column("pos").to_pylist() == list(range(len(h)))
+        np.testing.assert_allclose(t.column("norm").to_numpy(), np.linalg.norm(h, axis=1), rtol=1e-5, atol=0)
+        cos = t.column("cos_prev")
+        if (sid, layer - 1, "resid_post") in blocks:
+            p = stored(lake, run, sid, layer - 1)
+            want = np.sum(h * p, axis=1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(p, axis=1))
+            assert cos.null_count == 0
+            np.testing.assert_allclose(cos.to_numpy(), want, rtol=0, atol=1e-5)
+        else:  # the embedding, or layer l-1 not stored
+            assert cos.null_count == len(h), (layer, site)
+
+
 def test_float32_store_equals_independent_recompute(qwen3_model, corpus_dir, tmp_path, ray_session):
     lake = tmp_path / "lake"
     summary, _ = capture(qwen3_model, corpus_dir, lake, store_dtype="float32")
@@ -76,6 +116,8 @@ def test_float32_store_equals_independent_recompute(qwen3_model, corpus_dir, tmp
         assert covered.all() and spans == sorted(spans)
         if s["text"].isascii():
             assert "".join(s["text"][a:b] for a, b in spans) == s["text"]
+    assert_text_spans_match_segments(lake)
+    assert_token_layers_equal_numpy(lake)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
@@ -90,6 +132,7 @@ def test_store_dtypes_round_trip_within_precision(qwen3_model, corpus_dir, tmp_p
         # relative to each value's magnitude: float16 has 11 significant bits, bfloat16 8
         assert np.all(np.abs(got - want) <= tol * np.abs(want) + 1e-6), (dtype, layer)
     assert Lake(lake).dataset("activations").schema.field("h").type.list_size == 128
+    assert_token_layers_equal_numpy(lake)  # layer 2 without layer 1: cos_prev null
 
 
 def test_resid_mid_and_llama_chat_template(llama_model, corpus_dir, tmp_path, ray_session):
@@ -112,6 +155,8 @@ def test_resid_mid_and_llama_chat_template(llama_model, corpus_dir, tmp_path, ra
         assert rel_err(stored(lake, "r", s["sample_id"], layer, "resid_mid"), mids[layer]) < 1e-5
     segs = Lake(lake).read("tokens", filter=f"sample_id = '{s['sample_id']}'").column("segment").to_pylist()
     assert {"system", "template", "text"} <= set(segs)
+    assert_text_spans_match_segments(lake)  # template tokens on both sides of the text
+    assert_token_layers_equal_numpy(lake)  # resid_mid of layer l against resid_post of l-1
 
 
 def test_rerun_is_idempotent_and_identity_is_guarded(qwen3_model, llama_model, fresh_corpus, tmp_path, ray_session):
@@ -130,6 +175,24 @@ def test_rerun_is_idempotent_and_identity_is_guarded(qwen3_model, llama_model, f
     with pytest.raises(UserError, match="--layers"):
         capture(qwen3_model, fresh_corpus, lake, run="other", layers="0-7")
     assert lake_snapshot(lake) == before
+
+
+def test_text_span_is_the_text_segment_also_when_truncated(llama_model):
+    """The span CaptureStage records equals the text-segment positions, for a whole prompt (template
+    tokens after the text), a text cut short, and a text cut away (then text_start = text_end = n)."""
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(llama_model), "You are a tour guide.")
+    text = "The Sydney Opera House opened in 1973."
+    start, end = CaptureStage._text_span(fmt.encode(text))
+    n = len(fmt.encode(text).input_ids)
+    assert 0 < start < end < n
+    want = {None: (start, end), end: (start, end), (start + end) // 2: (start, (start + end) // 2),
+            start: (start, start), start - 1: (start - 1, start - 1)}
+    for max_length, span in want.items():
+        enc = fmt.encode(text, max_length)
+        assert CaptureStage._text_span(enc) == span, max_length
+        assert list(range(*span)) == np.flatnonzero(enc.segment == SEGMENTS.index("text")).tolist()
 
 
 def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_path, ray_session):
@@ -158,7 +221,7 @@ def test_token_only_capture_writes_no_vectors(qwen3_model, corpus_dir, tmp_path,
     summary, _ = capture(qwen3_model, corpus_dir, lake, layers="none")
     lk = Lake(str(lake))
     assert summary["captured"] == 6 and summary["bytes"] == 0
-    assert not lk.exists("activations") and lk.read("blocks").num_rows == 0
+    assert not lk.exists("activations") and not lk.exists("token_layers") and lk.read("blocks").num_rows == 0
     tokens = lk.read("tokens")
     assert tokens.num_rows == sum(lk.read("samples").column("n_tokens").to_pylist())
     assert tokens.column("surprisal").null_count == 6  # only pos 0 of each sample

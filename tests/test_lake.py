@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 from lance.arrow import BFloat16Type
 
 from tourray import lake as lk
@@ -15,11 +16,16 @@ from tourray.lake import Lake, arrow_to_numpy, check, empty_table, schema, vecto
 PARAMS = dict(store_dtype="float16", hidden_size=8)
 
 
+VERSIONS = {"samples": 2}  # 2: text_start, text_end; every other table is at 1
+
+
 @pytest.mark.parametrize("table", lk.TABLES)
 def test_every_declared_schema_parses(table):
     s = schema(table, **PARAMS)
-    assert s.metadata[b"tourray.table"] == table.encode() and s.metadata[b"tourray.schema_version"] == b"1"
-    assert len(s) >= 5 and s.names[0] == "run"
+    assert s.metadata[b"tourray.table"] == table.encode()
+    assert s.metadata[b"tourray.schema_version"] == str(VERSIONS.get(table, 1)).encode()
+    key = yaml.safe_load((lk.SCHEMA_DIR / f"{table}.yaml").read_text())["key"]
+    assert len(s) >= 5 and s.names[0] == key[0] and set(key) <= set(s.names)  # run, for per-run tables
 
 
 def test_schema_types():

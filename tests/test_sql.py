@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -34,12 +36,14 @@ def types(con, view):
 def test_view_types(lakes, dtype):
     con = connect(str(lakes[dtype]))
     assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
-        ["activations", "blocks", "runs", "samples", "tokens"])
+        ["activations", "blocks", "runs", "samples", "token_layers", "tokens"])
     a = types(con, "activations")
     assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
     t = types(con, "tokens")
     assert t["surprisal"] == "FLOAT" and t["entropy"] == "FLOAT" and t["char_start"] == "INTEGER"
-    assert types(con, "samples")["truncated"] == "BOOLEAN"
+    assert types(con, "samples")["truncated"] == "BOOLEAN" and types(con, "samples")["text_start"] == "INTEGER"
+    tl = types(con, "token_layers")
+    assert tl["norm"] == "FLOAT" and tl["cos_prev"] == "FLOAT" and tl["layer"] == "SMALLINT"
     assert types(con, "runs")["created_at"] == "TIMESTAMP WITH TIME ZONE"
 
 
@@ -96,18 +100,53 @@ def test_layer_filter_is_pushed_into_lance(lakes, monkeypatch):
     assert all(c["columns"] is not None and set(c["columns"]) <= {"h", "layer"} for c in scans), scans
 
 
-def test_layer_similarity_query(lakes):
-    con = connect(str(lakes["float32"]))
+def numpy_layer_similarity(lake, run: str = "r") -> dict[int, dict]:
+    """Reference: for each block l with layer l-1 stored, cosines of the stored resid_post vectors
+    (widened to float32, computed in float64) of layers l-1 and l at the positions whose
+    tokens.segment is 'text' (independent of token_layers and of the samples text span)."""
+    lk = Lake(str(lake))
+    t = lk.read("activations", filter=f"run = '{run}' AND site = 'resid_post'").sort_by(
+        [("sample_id", "ascending"), ("layer", "ascending"), ("pos", "ascending")])
+    h = arrow_to_numpy(t.column("h"), np.float32).astype(np.float64)
+    keys = list(zip(t.column("sample_id").to_pylist(), t.column("layer").to_pylist()))
+    vectors, start = {}, 0
+    for key, rows in itertools.groupby(keys):
+        n = len(list(rows))
+        vectors[key], start = h[start : start + n], start + n
+    tokens = lk.read("tokens", ["sample_id", "pos", "segment"], filter=f"run = '{run}'").sort_by(
+        [("sample_id", "ascending"), ("pos", "ascending")]).to_pydict()
+    text = {sid: np.array([seg == "text" for _, seg in rows]) for sid, rows in itertools.groupby(
+        zip(tokens["sample_id"], tokens["segment"]), key=lambda r: r[0])}
+    cos: dict[int, list[np.ndarray]] = {}
+    for (sid, layer), b in vectors.items():
+        if (sid, layer - 1) in vectors:
+            a = vectors[sid, layer - 1]
+            c = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cos.setdefault(layer, []).append(c[text[sid]])
+    out = {}
+    for layer, parts in sorted(cos.items()):
+        c = np.concatenate(parts)
+        out[layer] = dict(tokens=len(c), mean_cos=c.mean(), angular_distance=(np.arccos(np.clip(c, -1, 1)) / np.pi).mean())
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_similarity_query_equals_numpy_on_stored_vectors(lakes, dtype):
+    con = connect(str(lakes[dtype]))
     rows = run_query(con, query_file("layer_similarity").read_text(), {"run": "r"}).fetchall()
     cols = ["layer", "tokens", "mean_cos", "block_influence", "angular_distance"]
-    rows = [dict(zip(cols, r)) for r in rows]
-    assert [r["layer"] for r in rows] == [0, 1, 2]  # one row per block (layer -1 has no input)
-    text_tokens = con.execute("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchone()[0]
-    for r in rows:
-        assert r["tokens"] == text_tokens
-        assert -1 <= r["mean_cos"] <= 1
-        assert r["block_influence"] == pytest.approx(1 - r["mean_cos"], abs=1e-9)  # same float64 avg
-        assert 0 <= r["angular_distance"] <= 1
+    got = {r[0]: dict(zip(cols, r)) for r in rows}
+    want = numpy_layer_similarity(lakes[dtype])
+    assert list(got) == list(want) == ([0, 1, 2] if dtype == "float32" else [0])  # layer -1 has no input
+    [(text_tokens,)] = con.sql("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchall()
+    for layer, w in want.items():
+        g = got[layer]
+        assert g["tokens"] == w["tokens"] == text_tokens
+        # stated tolerance: 1e-5 absolute (token_layers holds float32 cosines of the stored vectors)
+        assert g["mean_cos"] == pytest.approx(w["mean_cos"], abs=1e-5)
+        assert g["angular_distance"] == pytest.approx(w["angular_distance"], abs=1e-5)
+        assert g["block_influence"] == pytest.approx(1 - g["mean_cos"], abs=1e-12)  # the same float64 avg
+    assert run_query(con, query_file("layer_similarity").read_text(), {"run": "other"}).fetchall() == []
 
 
 def test_perplexity_by_category_query(lakes):

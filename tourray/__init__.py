@@ -2,15 +2,17 @@
 
 Public API (cheap to import: torch, transformers and ray load only when used)::
 
-    from tourray import CaptureConfig, run_capture, connect
+    from tourray import CaptureConfig, StatsConfig, run_capture, run_stats, connect
     summary = run_capture(CaptureConfig(model="Qwen/Qwen3-0.6B", samples="samples/", run="q06"))
+    run_stats(StatsConfig(lake="lake", run="q06", pairs="all"))   # layer_stats, pair_stats, moments
     con = connect("lake")          # DuckDB connection with a view per table
-    con.sql("SELECT layer, count(*) FROM activations GROUP BY layer").show()
+    con.sql("SELECT layer_a, layer_b, cka FROM pair_stats WHERE run = 'q06'").show()
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureConfig", "Lake", "UserError", "build_capture", "connect", "run_capture", "verify"]
+__all__ = ["CaptureConfig", "CrossMoments", "Lake", "Moments", "Selection", "StatsConfig", "UserError", "build_capture",
+           "connect", "run_capture", "run_stats", "verify"]
 
 
 def __getattr__(name):  # lazy re-exports keep `import tourray` light
@@ -18,6 +20,18 @@ def __getattr__(name):  # lazy re-exports keep `import tourray` light
         from tourray import capture
 
         return getattr(capture, name)
+    if name in ("StatsConfig", "run_stats"):
+        from tourray.stats import tasks
+
+        return getattr(tasks, name)
+    if name in ("Moments", "CrossMoments"):
+        from tourray.stats import moments
+
+        return getattr(moments, name)
+    if name == "Selection":
+        from tourray.stats.stream import Selection
+
+        return Selection
     if name == "Lake":
         from tourray.lake import Lake
 

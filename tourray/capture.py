@@ -5,8 +5,8 @@
                                                   └─► Lance fragments (written by the actor)  └─► commit
 
 Bulk vectors never enter Ray's object store: each actor writes Lance fragments itself and returns
-only their metadata. The driver commits a group's tables in a fixed order (blocks, tokens,
-activations, then samples); a `samples` row therefore marks a complete sample, and a re-run first
+only their metadata. The driver commits a group's tables in a fixed order (`COMMIT_ORDER`,
+samples last); a `samples` row therefore marks a complete sample, and a re-run first
 deletes rows of samples that never got theirs (a killed run), then captures only what is missing.
 """
 
@@ -31,16 +31,18 @@ from pydantic import Field, field_validator
 
 from tourray import corpus, lake as lk
 from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
-from tourray.engine import Captured, HFEngine
+from tourray.engine import INNER_SITES, Captured, HFEngine
 from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
-from tourray.prompt import SEGMENTS, PromptFormat
+from tourray.prompt import SEGMENTS, Encoded, PromptFormat
 from tourray.errors import UserError
 from tourray.stage import Stage
+from tourray.stats.inline import InlineStats, finalize, incomplete_parts
+from tourray.stats.tasks import moments_table
 
 log = logging.getLogger("tourray")
 
 #: Order in which a group's tables are committed; `samples` last marks the group complete.
-COMMIT_ORDER = ("blocks", "tokens", "activations", "samples")
+COMMIT_ORDER = ("blocks", "tokens", "activations", "token_layers", "moments", "samples")
 
 
 class CaptureConfig(BaseConfig):
@@ -55,7 +57,9 @@ class CaptureConfig(BaseConfig):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of stored vectors: float16 halves the bytes of float32; bfloat16 keeps float32's range.")
     model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
-    layers: str = Field("all", description="Layers to store: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
+    layers: str = Field("all", description="Layers to hook: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
+    store: str = Field("all", description="Hooked layers whose vectors are stored: 'all', 'none', or a subset ('embed,0-3'); the rest feed inline --stats only.")
+    stats: list[Literal["moments", "pairs"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA); comma-separated.")
     sites: list[Site] = Field([Site.resid_post], description="resid_post (block output) and/or resid_mid (after attention, before the MLP); comma-separated.")
     max_length: int = Field(2048, gt=1, description="Prompts longer than this many tokens are truncated (and flagged).")
     system_prompt: str | None = Field(None, description="File holding the system prompt; none by default.")
@@ -71,7 +75,7 @@ class CaptureConfig(BaseConfig):
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
 
-    @field_validator("sites", mode="before")
+    @field_validator("sites", "stats", mode="before")
     @classmethod
     def _split_sites(cls, v):
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
@@ -97,8 +101,10 @@ class CaptureStage(Stage):
 
     inputs = ("sample_id", "source", "category", "text", "sha256")
     _ROWS_PER_BATCH_BYTES = 8 << 20  # ~8 MB record batches: Lance's fast path (see FIELD_GUIDE)
+    _TEXT = SEGMENTS.index("text")
 
-    def __init__(self, cfg: CaptureConfig, lake_root: str, layers: list[int], hidden_size: int, num_layers: int):
+    def __init__(self, cfg: CaptureConfig, lake_root: str, layers: list[int], hidden_size: int, num_layers: int,
+                 stored: list[int] | None = None):
         super().__init__()
         self.cfg, self.layers = cfg, layers
         self.lake = lk.Lake(lake_root)
@@ -106,7 +112,10 @@ class CaptureStage(Stage):
         self.fmt = PromptFormat(self.tok, corpus.read_system_prompt(cfg.system_prompt), cfg.text_role,
                                 cfg.user_prompt, cfg.chat_template)
         self.engine = HFEngine(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers,
-                               cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu")
+                               cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
+                               inner_sites=tuple(INNER_SITES) if "moments" in cfg.stats else ())
+        self.inline = InlineStats(self.engine.keys, "pairs" in cfg.stats, self.engine.inner_keys,
+                                  self.engine.num_heads) if cfg.stats else None
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
         self._pieces: dict[int, str] = {}
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-forward")
@@ -128,13 +137,15 @@ class CaptureStage(Stage):
         rows = batch.to_pylist()
         enc = [self.fmt.encode(r["text"], cfg.max_length) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(enc[i].input_ids))
-        tokens, blocks, nbytes = [], [], [0]
+        tokens, layer_rows, blocks, nbytes = [], [], [], [0]
 
         def activation_batches() -> Iterator[pa.RecordBatch]:
             pending, size = [], 0
             for a in range(0, len(order), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
-                for i, cap in zip(idx, self.engine.capture([enc[i].input_ids for i in idx])):
+                sink = None if self.inline is None else \
+                    (lambda t, n, idx=idx: self.inline(t, n, [self._text_span(enc[i]) for i in idx]))
+                for i, cap in zip(idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink)):
                     sid, e = rows[i]["sample_id"], enc[i]
                     if cap.not_finite:
                         layer, site = cap.not_finite
@@ -142,6 +153,8 @@ class CaptureStage(Stage):
                             f"sample {rows[i]['source']} (id {sid}), layer {layer}, site {site}: values are not "
                             f"finite in {cfg.store_dtype.value}; use --store-dtype bfloat16 or float32")
                     tokens.append(self._tokens_table(sid, e, cap))
+                    if cap.vectors:
+                        layer_rows.append(self._token_layers_table(sid, cap))
                     for (layer, site), h in cap.vectors.items():
                         n = len(h)
                         blocks.append((sid, layer, site, 0, n, hashlib.sha256(np.ascontiguousarray(h)).hexdigest()))
@@ -156,12 +169,15 @@ class CaptureStage(Stage):
 
         frags = {}
         with overlapped(activation_batches(), self._forward_thread) as acts:  # forward passes run while Lance writes
-            if self.layers:
+            if self.engine.stored_keys:
                 frags["activations"] = self.lake.write_fragments("activations", acts, self.schemas["activations"])
             else:
                 for _ in acts:
                     pass
         frags["tokens"] = self.lake.write_fragments("tokens", pa.concat_tables(tokens), self.schemas["tokens"])
+        if layer_rows:
+            frags["token_layers"] = self.lake.write_fragments("token_layers", pa.concat_tables(layer_rows),
+                                                              self.schemas["token_layers"])
         frags["blocks"] = self.lake.write_fragments("blocks", pa.table({
             "run": [run] * len(blocks),
             "sample_id": [b[0] for b in blocks],
@@ -171,12 +187,18 @@ class CaptureStage(Stage):
             "pos_end": pa.array([b[4] for b in blocks], pa.int32()),
             "sha256": [b[5] for b in blocks],
         }, schema=self.schemas["blocks"]), self.schemas["blocks"]) if blocks else []
+        spans = np.array([self._text_span(e) for e in enc], np.int32).reshape(-1, 2)
         samples = pa.table({
             "run": [run] * len(rows),
             **{c: [r[c] for r in rows] for c in ("sample_id", "source", "category", "text", "sha256")},
             "n_tokens": pa.array([len(e.input_ids) for e in enc], pa.int32()),
             "truncated": [e.truncated for e in enc],
+            "text_start": pa.array(spans[:, 0]),
+            "text_end": pa.array(spans[:, 1]),
         }, schema=self.schemas["samples"])
+        if self.inline is not None:  # this group's partial statistics, committed with it
+            parts = self.inline.part_rows(run, [r["sample_id"] for r in rows])
+            frags["moments"] = self.lake.write_fragments("moments", moments_table(parts), self.schemas["moments"])
         frags["samples"] = self.lake.write_fragments("samples", samples, self.schemas["samples"])
         n_tokens = sum(len(e.input_ids) for e in enc)
         self.stats["samples"] += len(rows)
@@ -205,6 +227,58 @@ class CaptureStage(Stage):
             "entropy": pa.array(cap.entropy, mask=np.isnan(cap.entropy)),
         }, schema=self.schemas["tokens"])
 
+    @classmethod
+    def _text_span(cls, e: Encoded) -> tuple[int, int]:
+        """[first, last + 1) of the text tokens, so readers select them by position with no join
+        against `tokens` (they are contiguous); (n, n) when truncation cut them all."""
+        text = np.flatnonzero(e.segment == cls._TEXT)
+        n = len(e.segment)
+        return (int(text[0]), int(text[-1]) + 1) if len(text) else (n, n)
+
+    def _token_layers_table(self, sid: str, cap: Captured) -> pa.Table:
+        """One sample's `token_layers` rows: each stored vector's norm and its cosine with layer l-1's
+        resid_post (the block input), in float32 from the stored values, so that layer-similarity
+        queries read scalars instead of joining vectors. Keeps at most two layers in float32."""
+        keys = sorted(cap.vectors, key=lambda k: k[0])  # layer order (stable): l needs l-1's resid_post
+        post: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (float32 vectors, norms)
+        norms, coss, missing = [], [], []
+        for layer, site in keys:
+            h = self._stored_float32(cap.vectors[layer, site])
+            norm = np.sqrt(np.einsum("ij,ij->i", h, h))
+            prev = post.get(layer - 1)  # none for the embedding (-1)
+            if prev is None:
+                cos = np.full(len(h), np.nan, np.float32)
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):  # a zero vector: nan, as numpy says
+                    cos = np.einsum("ij,ij->i", h, prev[0]) / (norm * prev[1])
+            if site == "resid_post":
+                post[layer] = (h, norm)
+                post.pop(layer - 2, None)
+            norms.append(norm)
+            coss.append(cos)
+            missing.append(np.full(len(h), prev is None))
+        n, k = len(norms[0]), len(keys)
+        return pa.table({
+            "run": pa.repeat(self.cfg.run, n * k),
+            "sample_id": pa.repeat(sid, n * k),
+            "pos": pa.array(np.tile(np.arange(n, dtype=np.int32), k)),
+            "layer": pa.array(np.repeat(np.array([key[0] for key in keys], np.int16), n)),
+            "site": pa.array([key[1] for key in keys]).take(pa.array(np.repeat(np.arange(k), n))),
+            "norm": pa.array(np.concatenate(norms)),
+            "cos_prev": pa.array(np.concatenate(coss), mask=np.concatenate(missing)),
+        }, schema=self.schemas["token_layers"])
+
+    @staticmethod
+    def _stored_float32(h: np.ndarray) -> np.ndarray:
+        """Stored vectors widened (exactly) to float32; bfloat16 arrives as its uint16 bit patterns.
+        torch widens half floats ~8x faster than numpy's astype, which would dominate the cost."""
+        import torch
+
+        if h.dtype == np.float32:
+            return h
+        t = torch.from_numpy(h.view(np.int16)).view(torch.bfloat16) if h.dtype == np.uint16 else torch.from_numpy(h)
+        return t.float().numpy()
+
     def _activations_batch(self, pending) -> pa.RecordBatch:
         n = [len(h) for *_, h in pending]
         total = sum(n)
@@ -217,6 +291,7 @@ class CaptureStage(Stage):
             pa.array(np.repeat([p[2] for p in pending], n).tolist()),
             lk.vectors_to_arrow(h, self.cfg.store_dtype.value),
         ], schema=self.schemas["activations"])
+
 
 @contextlib.contextmanager
 def overlapped(items: Iterator, pool, depth: int = 2):
@@ -268,7 +343,8 @@ class Plan:
     lake: lk.Lake
     samples: list[corpus.Sample]
     skipped: list[str]
-    layers: list[int]
+    layers: list[int]          # hooked
+    stored: list[int]          # of those, stored as vectors
     info: ModelInfo
     run_row: dict
     run_exists: bool
@@ -287,6 +363,13 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     tok = load_tokenizer(cfg)
     info = inspect_model(cfg, tok)
     layers = parse_layers(cfg.layers, info.num_layers)
+    stored = layers if cfg.store.strip().lower() == "all" else parse_layers(cfg.store, info.num_layers)
+    if extra := [l for l in stored if l not in layers]:
+        raise UserError(f"--store: layer(s) {compact_layers(extra)} are not hooked (--layers {cfg.layers})")
+    if set(stored) != set(layers) and not cfg.stats:
+        unused = compact_layers([l for l in layers if l not in stored])
+        raise UserError(f"--layers hooks {unused} but --store does not keep them and no --stats use them; "
+                        "add --stats moments or store them")
     lake = lk.Lake(cfg.lake)
     row = run_row(cfg, info, layers, samples, system_prompt)
     existing = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist()
@@ -296,16 +379,17 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
             raise UserError(f"run {cfg.run!r} already exists in {lake.root} with other inputs; use a new --run.\n  "
                             + "\n  ".join(changes))
     schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=info.hidden_size) for t in lk.TABLES}
-    if layers and lake.exists("activations"):
+    if stored and lake.exists("activations"):
         lake.ensure("activations", schemas["activations"])  # refuse another width/dtype before writing
-    return Plan(cfg, lake, samples, skipped, layers, info, row, bool(existing), schemas)
+    return Plan(cfg, lake, samples, skipped, layers, stored, info, row, bool(existing), schemas)
 
 
 def prepare_lake(plan: Plan) -> set[str]:
     """Create missing tables and the run row, delete rows of half-committed samples (a killed
     run), and return the ids of samples already complete."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
-    for table in ("activations",) * bool(plan.layers) + ("runs", "samples", "tokens", "blocks"):
+    for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
+                  + ("runs", "samples", "tokens", "blocks")):
         lake.ensure(table, plan.schemas[table])
     if not plan.run_exists:
         runs = plan.schemas["runs"]
@@ -318,8 +402,11 @@ def prepare_lake(plan: Plan) -> set[str]:
     if orphans:
         log.warning("run %s: removing rows of %d sample(s) whose capture was interrupted", cfg.run, len(orphans))
         ids = ", ".join(lk.sql_quote(s) for s in orphans)
-        for table in ("activations", "tokens", "blocks"):
+        for table in ("activations", "token_layers", "tokens", "blocks"):
             lake.delete(table, f"run = {q} AND sample_id IN ({ids})")
+    if parts := incomplete_parts(lake, cfg.run, done):  # inline statistics of groups that never completed
+        log.warning("run %s: removing partial statistics of %d interrupted group(s)", cfg.run, len(parts))
+        lake.delete("moments", f"run = {q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
     return done
 
 
@@ -332,7 +419,8 @@ def build_capture(plan: Plan, pending: list[corpus.Sample]):
     return ray.data.from_arrow(groups).map_batches(
         CaptureStage,
         fn_constructor_kwargs=dict(cfg=cfg, lake_root=plan.lake.root, layers=plan.layers,
-                                   hidden_size=plan.info.hidden_size, num_layers=plan.info.num_layers),
+                                   hidden_size=plan.info.hidden_size, num_layers=plan.info.num_layers,
+                                   stored=plan.stored),
         batch_size=cfg.group_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
@@ -384,6 +472,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
+    if cfg.stats and (pending or not plan.lake.exists("layer_stats")):
+        summary["inline_stats"] = finalize(plan.lake, cfg.run)  # merge the groups' parts into layer/pair stats
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     record_summary(plan.lake, cfg.run, summary)
     return summary

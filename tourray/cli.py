@@ -27,6 +27,14 @@ EXAMPLES = {
     "sql": """examples:
   tourray sql --lake lake "SELECT run, count(*) FROM samples GROUP BY run"
   tourray sql --lake lake --query layer_similarity --param run=demo --format csv""",
+    "stats": """examples:
+  tourray stats --lake lake --run demo                          # every stored layer + consecutive pairs
+  tourray stats --lake lake --run demo --pairs all --workers 2  # all-pairs CKA, two Ray tasks at once
+  tourray stats --lake lake --run demo --where "category = 'seen_cities'" --weight entropy""",
+    "solve": """examples:
+  tourray solve pca --lake lake --from demo:3 --k 16 --out pca3.npy
+  tourray solve procrustes --lake lake --from demo:2 --to demo:3 --whiten --ridge 1e-3
+  tourray solve lstsq --lake lake --from demo:2 --to demo:4 --ridge 1e-2 --heldout 0.2   # linear patch for blocks 3-4""",
     "verify": "example:\n  tourray verify --lake lake --run demo",
     "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
     "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
@@ -122,6 +130,39 @@ def print_result(con, sql: str, params: dict, fmt: str) -> None:
         print(json.dumps(rel.to_arrow_table().to_pylist(), default=str, indent=1))
 
 
+def cmd_stats(args) -> int:
+    from tourray.sql import connect
+    from tourray.stats.tasks import StatsConfig, run_stats
+
+    cfg = config_from_args(StatsConfig, args)
+    s = run_stats(cfg, progress=not args.no_progress)
+    for site, info in s["sites"].items():
+        print(f"run {cfg.run} {site}: {len(info['layers'])} layers, {info['pairs']} pairs "
+              f"({info['reused_layers']} layers and {info['reused_pairs']} pairs reused from the lake, "
+              f"{info['tiles']} task(s))")
+    con, params = connect(s["lake"]), {"run": cfg.run, "sel": cfg.selection.key()}
+    latest = "WHERE run = $run AND selection = $sel QUALIFY row_number() OVER (PARTITION BY {k}, site ORDER BY created_at DESC) = 1"
+    print("layer_stats:")
+    print_result(con, "SELECT layer, site, n_tokens, round(mean_norm, 3) AS mean_norm, round(rms, 4) AS rms, "
+                      "round(effective_rank, 2) AS effective_rank FROM layer_stats " + latest.format(k="layer")
+                 + " ORDER BY site, layer", params, "table")
+    if any(info["pairs"] for info in s["sites"].values()):
+        print("pair_stats:")
+        print_result(con, "SELECT layer_a, layer_b, site, n_tokens, round(mean_cos, 4) AS mean_cos, round(mean_angular, 4) "
+                          "AS angular, round(cka, 4) AS cka, round(rel_rms_diff, 4) AS rel_rms_diff FROM pair_stats "
+                     + latest.format(k="layer_a, layer_b") + " ORDER BY site, layer_a, layer_b", params, "table")
+    print(f"in {s['seconds']:.1f} s; tables layer_stats, pair_stats, moments in {s['lake']}")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    from tourray.stats.solves import SolveConfig, report, run_solve
+
+    cfg = config_from_args(SolveConfig, args)
+    print(report(run_solve(args.kind, cfg, progress=not args.no_progress)))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from tourray.lake import Lake
     from tourray.verify import verify
@@ -191,6 +232,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="Run queries/NAME.sql (or a .sql path) instead of a SQL string.")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Named parameter ($KEY), repeatable.")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="Output format (default: table).")
+
+    from tourray.stats.tasks import StatsConfig
+
+    p = command("stats", cmd_stats, "Layer and layer-pair statistics of a run (moments, PCA spectrum, cosine, angular distance, CKA), one Ray task per tile of layers.")
+    add_config_flags(p, StatsConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    from tourray.stats.solves import DESCRIPTION as SOLVE_DESCRIPTION, KINDS as SOLVE_KINDS, SolveConfig
+
+    p = command("solve", cmd_solve, "PCA of a layer, or an orthogonal Procrustes / least-squares map between two layers "
+                                    "(row vectors: y ~ x @ W + b), from merged moments, judged on held-out tokens.")
+    p.description = SOLVE_DESCRIPTION
+    p.add_argument("kind", choices=SOLVE_KINDS, help="pca | procrustes | lstsq.")
+    add_config_flags(p, SolveConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")

@@ -21,6 +21,7 @@ from pydantic import Field
 from tourray import corpus
 from tourray.capture import CaptureConfig
 from tourray.config import BaseConfig
+from tourray.stats.tasks import StatsConfig
 
 log = logging.getLogger("tourray")
 
@@ -183,5 +184,6 @@ class DemoConfig(BaseConfig):
 
     demo_model: DemoModelConfig = Field(default_factory=DemoModelConfig, description="The offline demo model.")
     capture: CaptureConfig = Field(description="The capture of the corpus (model: the demo model's folder).")
+    stats: StatsConfig = Field(description="Layer statistics of the capture (`tourray stats`): all-pairs CKA.")
     reports: str = Field("reports", description="Folder for the demo's plots.")
 

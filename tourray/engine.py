@@ -35,11 +35,34 @@ class Captured:
     not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
 
 
+#: Hooked inputs of sub-modules, accumulated inline for width pruning but never stored as vectors:
+#: site -> (module path in a block, how its input is read).
+INNER_SITES = {
+    "mlp_act": ("mlp.down_proj", "the MLP activation (input of the down projection), d_ff channels"),
+    "head_out": ("self_attn.o_proj", "per-head attention output (input of the output projection), by head"),
+}
+
+
+def _submodule(block, path: str):
+    mod = block
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
 class HFEngine:
-    """A transformers model with hooks on every decoder block, run on padded batches."""
+    """A transformers model with hooks on every decoder block, run on padded batches.
+
+    `layers` x `sites` are hooked; only `store` of them are converted to the store dtype and handed
+    back as vectors. A `sink` passed to `capture` sees every hooked tensor first, in the model's
+    dtype and on its device, before any cast (inline statistics accumulate there).
+    """
 
     def __init__(self, model: str, revision: str | None, model_dtype: str, store_dtype: str,
-                 layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu"):
+                 layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu",
+                 store: list[int] | None = None, inner_sites: tuple[str, ...] = ()):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -51,18 +74,35 @@ class HFEngine:
         _, blocks = find_blocks(self.model, num_layers)
         self._buf: dict[tuple[int, str], object] = {}
         self.keys = []
+        stored = set(layers if store is None else store)
         for layer in layers:
             for site in sites:
                 if layer == -1 and site != Site.resid_post:
                     continue  # the embedding output has no mid-block site
                 self.keys.append((layer, site.value))
                 self._hook(blocks, layer, site)
+        self.stored_keys = [k for k in self.keys if k[0] in stored]
+        self.inner_keys = []
+        for site in inner_sites:
+            path = INNER_SITES[site][0]
+            for layer in range(num_layers):
+                mod = _submodule(blocks[layer], path)
+                if mod is None:
+                    raise UserError(f"inline statistics of {site}: block {layer} ({type(blocks[layer]).__name__}) "
+                                    f"has no {path}")
+                key = (layer, site)
+                self.inner_keys.append(key)
+                mod.register_forward_pre_hook(lambda m, args, key=key: self._keep(key, args[0]))
+        tc = self.model.config.get_text_config()
+        self.num_heads = tc.num_attention_heads
+
+    def _keep(self, key, t) -> None:
+        # a copy, never a view: later in-place kernels must not change what was captured
+        self._buf[key] = t.detach().clone()
 
     def _hook(self, blocks, layer: int, site: Site) -> None:
         key = (layer, site.value)
-
-        def keep(t):
-            self._buf[key] = t.detach().to(self.store)
+        keep = lambda t: self._keep(key, t)  # noqa: E731
 
         if layer == -1:  # input of block 0 = embedding output
             blocks[0].register_forward_pre_hook(
@@ -75,7 +115,9 @@ class HFEngine:
                 raise UserError(f"--sites resid_mid: block {layer} ({type(blocks[layer]).__name__}) has none of {_MID_NORMS}")
             norm.register_forward_pre_hook(lambda m, args: keep(args[0]))
 
-    def capture(self, batch: list[np.ndarray]) -> list[Captured]:
+    def capture(self, batch: list[np.ndarray], sink=None) -> list[Captured]:
+        """Forward one padded batch; `sink(tensors, lengths)` (optional) sees the hooked tensors
+        [B, T, ...] in the model dtype before they are cast and copied to the host."""
         torch = self.torch
         n = [len(x) for x in batch]
         ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
@@ -86,15 +128,18 @@ class HFEngine:
         self._buf.clear()
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
+            if sink is not None:
+                sink(self._buf, n)
+            store = {k: self._buf[k].to(self.store) for k in self.stored_keys}
             out = []
             for i, length in enumerate(n):
                 s, e = surprisal_entropy(logits[i, :length], ids[i, :length].to(self.device))
-                vecs = {k: self._buf[k][i, :length].cpu().numpy() if self.store != torch.bfloat16
-                        else self._buf[k][i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
-                        for k in self.keys}
+                vecs = {k: v[i, :length].cpu().numpy() if self.store != torch.bfloat16
+                        else v[i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
+                        for k, v in store.items()}
                 out.append(Captured(s, e, vecs))
-            for k in self.keys:
-                finite = torch.isfinite(self._buf[k]).all(-1)  # [B, T]
+            for k, v in store.items():
+                finite = torch.isfinite(v).all(-1)  # [B, T]
                 for i, length in enumerate(n):
                     if out[i].not_finite is None and not bool(finite[i, :length].all()):
                         out[i].not_finite = k

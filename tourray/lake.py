@@ -25,7 +25,7 @@ from tourray.runtime import resolve_uri
 log = logging.getLogger("tourray")
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-TABLES = ("runs", "samples", "tokens", "activations", "blocks")
+TABLES = ("runs", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats", "moments", "solves")
 
 _SCALARS = {
     "string": pa.string(),
@@ -35,6 +35,7 @@ _SCALARS = {
     "int64": pa.int64(),
     "float16": pa.float16(),
     "float32": pa.float32(),
+    "float64": pa.float64(),
     "bfloat16": BFloat16Type(),
     "timestamp[us, UTC]": pa.timestamp("us", tz="UTC"),
 }
@@ -47,6 +48,8 @@ def arrow_type(spec: str) -> pa.DataType:
         return _SCALARS[spec]
     if m := re.fullmatch(r"list<(.+)>", spec):
         return pa.list_(arrow_type(m[1]))
+    if m := re.fullmatch(r"large_list<(.+)>", spec):  # > 2^31 values per column chunk (d x d matrices)
+        return pa.large_list(arrow_type(m[1]))
     if m := re.fullmatch(r"fixed_size_list<(.+)>\[(\d+)\]", spec):
         return pa.list_(arrow_type(m[1]), int(m[2]))
     raise ValueError(f"unknown type {spec!r} in a schema declaration")
@@ -214,6 +217,17 @@ class Lake:
         if (ds := self._open(table)) is None:
             return schema_or_empty(table, columns)
         return ds.to_table(columns=columns, filter=filter)
+
+    def scan(self, table: str, columns: list[str] | None = None, filter: str | None = None,
+             batch_rows: int = 4096, dataset: lance.LanceDataset | None = None) -> Iterable[pa.RecordBatch]:
+        """Stream `table` in physical order, `batch_rows` rows at a time (memory: one batch).
+
+        Filters and projections run inside Lance, so a scan of one layer reads only its bytes.
+        Pass `dataset` to read a pinned version (what a statistic records as its source)."""
+        ds = dataset if dataset is not None else self._open(table)
+        if ds is None:
+            return iter(())
+        return ds.scanner(columns=columns, filter=filter, batch_size=batch_rows, scan_in_order=True).to_batches()
 
 
 def schema_or_empty(table: str, columns: list[str] | None) -> pa.Table:

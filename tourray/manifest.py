@@ -121,6 +121,10 @@ def run_changes(old: dict, new: dict) -> list[str]:
     """Human-readable differences between a stored run and the one asked for."""
     out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY if old[k] != new[k]]
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
+    for k, default in (("store", "all"), ("stats", [])):  # what is stored and accumulated must not change mid-run
+        a, b = om["config"].get(k, default), nm["config"].get(k, default)
+        if a != b:
+            out.append(f"{k}: {a!r} in the lake, {b!r} now")
     if om["prompt"] != nm["prompt"]:
         out.append(f"prompt format: {om['prompt']} in the lake, {nm['prompt']} now")
     a, b = om["samples"], nm["samples"]

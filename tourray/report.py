@@ -47,6 +47,45 @@ def perplexity_plot(table: pa.Table, path: str | Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def cka_heatmap(table: pa.Table, path: str | Path, title: str) -> Path:
+    """Linear CKA of every pair of layers (rows of pair_stats: layer_a, layer_b, cka); diagonal = 1."""
+    import numpy as np
+
+    plt = _plt()
+    d = table.to_pydict()
+    layers = sorted(set(d["layer_a"]) | set(d["layer_b"]))
+    idx = {l: i for i, l in enumerate(layers)}
+    m = np.eye(len(layers))
+    for a, b, v in zip(d["layer_a"], d["layer_b"], d["cka"]):
+        m[idx[a], idx[b]] = m[idx[b], idx[a]] = v
+    fig, ax = plt.subplots(figsize=(5.4, 4.6), dpi=120)
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="lower")
+    names = ["emb" if l == -1 else str(l) for l in layers]
+    ax.set_xticks(range(len(layers)), names)
+    ax.set_yticks(range(len(layers)), names)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def angular_distance_plot(table: pa.Table, path: str | Path, title: str) -> Path:
+    """Gromov et al.'s angular distance between consecutive layers (rows: layer_b, mean_angular),
+    beside 1 - CKA: where a block changes the stream least."""
+    plt = _plt()
+    d = table.to_pydict()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    ax.plot(d["layer_b"], d["mean_angular"], marker="o", label="angular distance arccos(cos)/pi")
+    ax.plot(d["layer_b"], [1 - c for c in d["cka"]], marker="s", label="1 - CKA")
+    ax.set_xlabel("decoder block (input = previous layer)")
+    ax.set_xticks(d["layer_b"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

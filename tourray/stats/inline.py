@@ -1,0 +1,152 @@
+"""Statistics accumulated inside the capture actor, from the hooked tensors themselves.
+
+`InlineStats` is a capture sink: the engine hands it every hooked tensor of a batch in the model's
+dtype, on the model's device, before the store-dtype cast; it selects text tokens (the same rule as
+`tourray stats`' default selection) and updates float64 `Moments` / `CrossMoments` there. A group's
+accumulators are written as `moments` rows of kind `*_part` and committed with the group, before
+its `samples` rows, so a killed capture keeps exactly the parts of committed groups and resumes
+without counting a group twice. `finalize` merges the parts of a run into the same `layer_stats`,
+`pair_stats` and `moments` rows that `tourray stats` writes (origin `capture`).
+
+Besides the residual stream it accumulates what width pruning needs and is never stored as vectors:
+per-channel moments of the MLP activation (input of down_proj, d_ff wide) and of per-head output
+norms (input of o_proj, one norm per head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from tourray import lake as lk
+from tourray.stats.moments import CrossMoments, Moments
+from tourray.stats.stream import Selection, complete_samples, source_digest
+
+log = logging.getLogger("tourray")
+
+#: Token selection of inline statistics: text tokens, unit weights (= `tourray stats` defaults).
+INLINE_SELECTION = Selection()
+
+
+def group_key(sample_ids: list[str]) -> str:
+    """Identity of a capture group's partial statistics."""
+    return "group:" + hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:24]
+
+
+class InlineStats:
+    """Per-group accumulators for the hooked keys, fed by the engine."""
+
+    def __init__(self, keys: list[tuple[int, str]], pairs: bool, inner_keys: list[tuple[int, str]],
+                 num_heads: int, near_zero: float = 1e-3):
+        self.keys, self.inner_keys, self.num_heads, self.near_zero = keys, inner_keys, num_heads, near_zero
+        by_site: dict[str, list[int]] = {}
+        for layer, site in keys:
+            by_site.setdefault(site, []).append(layer)
+        # consecutive pairs per site, as `tourray stats --pairs consecutive` forms them
+        self.pairs = [((a, site), (b, site)) for site, ls in by_site.items() for a, b in zip(sorted(ls), sorted(ls)[1:])] \
+            if pairs else []
+        self.reset()
+
+    def reset(self) -> None:
+        self.moments: dict[tuple[int, str], Moments] = {}
+        self.cross: dict[tuple, CrossMoments] = {}
+
+    def __call__(self, tensors: dict, lengths: list[int], spans: list[tuple[int, int]]) -> None:
+        """Update from one padded batch; `spans[i]` is sample i's [text_start, text_end)."""
+        import torch
+
+        any_t = next(iter(tensors.values()))
+        T = any_t.shape[1]
+        pos = torch.arange(T, device=any_t.device)[None, :]
+        start = torch.tensor([s for s, _ in spans], device=any_t.device)[:, None]
+        end = torch.tensor([min(e, n) for (_, e), n in zip(spans, lengths)], device=any_t.device)[:, None]
+        text = (pos >= start) & (pos < end)  # [B, T]
+        if not bool(text.any()):
+            return
+        rows = {k: tensors[k][text].to(torch.float64) for k in self.keys}
+        for k in self.keys:
+            self.moments.setdefault(k, Moments(rows[k].shape[1], near_zero=self.near_zero)).update(rows[k])
+        for a, b in self.pairs:
+            x = self.cross.setdefault((a, b), CrossMoments(rows[a].shape[1], rows[b].shape[1]))
+            x.update(rows[a], rows[b])
+        for k in self.inner_keys:
+            t = tensors[k][text].to(torch.float64)
+            if k[1] == "head_out":  # [n, H * head_dim] -> per-head norms [n, H]
+                t = t.reshape(t.shape[0], self.num_heads, -1).norm(dim=-1)
+            self.moments.setdefault(k, Moments(t.shape[1], full=False, near_zero=self.near_zero)).update(t)
+
+    def part_rows(self, run: str, sample_ids: list[str]) -> list[dict]:
+        """This group's accumulators as `moments` rows (kind *_part), then reset."""
+        from tourray.stats.tasks import _provenance, moments_row
+
+        key = dict(run=run, selection=INLINE_SELECTION.key(), source=group_key(sample_ids))
+        prov = _provenance({"group": sorted(sample_ids)})
+        rows = []
+        for (layer, site), m in self.moments.items():
+            kind = "layer_part" if site in ("resid_post", "resid_mid") else f"{'mlp' if site == 'mlp_act' else 'head'}_part"
+            rows.append(moments_row(dict(key, site=site), kind, layer, layer, m.to_numpy(), prov))
+        for ((a, site), (b, _)), x in self.cross.items():
+            rows.append(moments_row(dict(key, site=site), "pair_part", a, b, x.to_numpy(), prov))
+        self.reset()
+        return rows
+
+
+def incomplete_parts(lake: lk.Lake, run: str, done: set[str]) -> list[str]:
+    """Group keys of partial rows whose group has a sample without its `samples` row (killed)."""
+    if not lake.exists("moments"):
+        return []
+    rows = lake.read("moments", ["source", "sources"],
+                     filter=f"run = {lk.sql_quote(run)} AND kind LIKE '%_part'").to_pylist()
+    return sorted({r["source"] for r in rows if not set(json.loads(r["sources"])["group"]) <= done})
+
+
+def finalize(lake: lk.Lake, run: str) -> dict:
+    """Merge a run's committed parts into `layer_stats`, `pair_stats` and `moments` (kinds layer,
+    pair, mlp, head), keyed like `tourray stats` output so that it reuses them. Streams the parts one
+    row at a time: memory is one accumulator per key."""
+    from tourray.solve import cka
+    from tourray.stats.tasks import _provenance, layer_row, moments_from_row, moments_row, moments_table
+
+    q = lk.sql_quote(run)
+    samples = complete_samples(lake, run)
+    digest = source_digest(samples)
+    sel = INLINE_SELECTION.key()
+    merged: dict[tuple, object] = {}
+    groups = set()
+    for batch in lake.scan("moments", filter=f"run = {q} AND kind LIKE '%_part'", batch_rows=1):
+        for r in batch.to_pylist():
+            k = (r["kind"], r["layer_a"], r["layer_b"], r["site"])
+            m = moments_from_row(r)
+            merged[k] = merged[k].merge(m) if k in merged else m
+            groups.add(r["source"])
+    if not merged:
+        return {}
+    prov = _provenance({"capture_groups": len(groups), "samples_version": lake.dataset("samples").version})
+    key = dict(run=run, selection=sel, source=digest)
+    w = f"run = {q} AND selection = {lk.sql_quote(sel)} AND source = {lk.sql_quote(digest)} AND kind NOT LIKE '%_part'"
+    lake.delete("moments", w)  # a re-finalised run (resumed capture) replaces its merged rows
+    lake.delete("layer_stats", f"run = {q} AND origin = 'capture'")
+    lake.delete("pair_stats", f"run = {q} AND origin = 'capture'")
+    mrows, lrows, prows = [], [], []
+    for (kind, a, b, site), m in sorted(merged.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][1])):
+        final = kind.removesuffix("_part")
+        mrows.append(moments_row(dict(key, site=site), final, a, b, m, prov))
+        if kind == "layer_part":
+            lrows.append(layer_row(dict(key, layer=a, site=site), m, "capture", prov))
+        elif kind == "pair_part":
+            ma, mb = merged[("layer_part", a, a, site)], merged[("layer_part", b, b, site)]
+            prows.append(dict(key, layer_a=a, layer_b=b, site=site, origin="capture", n_tokens=m.n, weight_sum=m.w,
+                              mean_cos=m.mean_cos, mean_angular=m.mean_angular, cka=cka(ma, mb, m),
+                              rel_rms_diff=m.rel_rms_diff, **prov))
+    for t in ("moments", "layer_stats", "pair_stats"):
+        lake.ensure(t, lk.schema(t))
+    lake.append("moments", moments_table(mrows), lk.schema("moments"))
+    for table, rows in (("layer_stats", lrows), ("pair_stats", prows)):
+        if rows:
+            s = lk.schema(table)
+            lake.append(table, pa.Table.from_pylist(rows, schema=s), s)
+    return dict(groups=len(groups), layers=len(lrows), pairs=len(prows), inner=len(mrows) - len(lrows) - len(prows))

@@ -1,0 +1,247 @@
+"""Streams of aligned per-layer token vectors: the one reader statistics and solves use.
+
+`Selection` says which tokens count (text tokens by default, any SQL predicate on `samples` /
+`tokens` columns, optional per-token weights) and is resolved once into a `TokenMask`: per-sample
+text spans (no join against `tokens`) or, when a predicate or weights are asked for, per-sample
+position weights read from the narrow `tokens` table.
+
+`layer_stream` reads several layers of one run side by side: one Lance scan per layer (a layer
+filter reads only that layer's bytes), re-chunked to common row counts, keys checked (sample_id and
+pos must agree across layers, row for row; they are not assumed from physical order), masked and
+weighted. Memory is one batch per layer, flat in corpus size; reading and conversion run on a
+background thread so that they overlap the caller's compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tourray.errors import UserError
+from tourray.lake import Lake, arrow_to_numpy, sql_quote
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tokens of a run a statistic covers.
+
+    where: SQL predicate over `samples` and `tokens` columns (e.g. "category = 'seen_cities'",
+      "surprisal > 2", "source LIKE 'train/%'"); evaluated by DuckDB.
+    weight: 'entropy' weighs each token by its next-token entropy (high-entropy tokens weigh more).
+    text_only: only tokens of the text segment (not system prompt or chat template).
+    split: 'fit' or 'heldout' keeps one side of a deterministic split of samples by id hash, with
+      a `heldout` fraction of them held out (solves fit on one side and are judged on the other).
+    """
+
+    where: str | None = None
+    weight: Literal["none", "entropy"] = "none"
+    text_only: bool = True
+    split: Literal["all", "fit", "heldout"] = "all"
+    heldout: float = 0.1
+
+    def key(self) -> str:
+        """Canonical text: two statistics with the same key covered the same tokens, weighted alike."""
+        d = {"where": self.where, "weight": self.weight, "text_only": self.text_only}
+        if self.split != "all":
+            d |= {"split": self.split, "heldout": self.heldout}
+        return json.dumps(d, sort_keys=True)
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.where is not None or self.weight != "none"
+
+    def keeps(self, sample_ids: list[str]) -> np.ndarray:
+        """Which samples this selection's split keeps (sample ids are hex hashes: stable buckets)."""
+        if self.split == "all":
+            return np.ones(len(sample_ids), bool)
+        held = np.array([int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) / 2**32 < self.heldout for s in sample_ids],
+                        bool).reshape(-1)
+        return held if self.split == "heldout" else ~held
+
+
+@dataclass
+class TokenMask:
+    """Resolved selection of one run: per selected sample either a [start, end) span (unit weights)
+    or a dense weight per position (0 = not selected)."""
+
+    ids: pa.Array                          # selected sample ids, in lookup order
+    start: np.ndarray                      # [k] span start (span mode)
+    end: np.ndarray                        # [k]
+    offsets: np.ndarray | None = None      # [k + 1] into `weights` (weight mode)
+    weights: np.ndarray | None = None      # [sum n_tokens] float64
+    source: dict = field(default_factory=dict)   # Lance versions and digest of what was read
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.ids)
+
+    def apply(self, sample_id: pa.Array, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Row indices selected in a chunk, and their weights (None = unit weights)."""
+        idx = pc.index_in(sample_id, value_set=self.ids)
+        valid = ~np.asarray(idx.is_null().to_numpy(zero_copy_only=False))
+        k = np.asarray(idx.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if self.weights is None:
+            keep = valid & (pos >= self.start[k]) & (pos < self.end[k])
+            return np.flatnonzero(keep), None
+        flat = self.offsets[k] + pos
+        inside = valid & (pos < self.offsets[k + 1] - self.offsets[k])
+        w = np.where(inside, self.weights[np.where(inside, flat, 0)], 0.0)
+        rows = np.flatnonzero(w > 0)
+        return rows, w[rows]
+
+
+def complete_samples(lake: Lake, run: str) -> pa.Table:
+    """The run's complete samples (those with a `samples` row), sorted by id."""
+    t = lake.read("samples", ["sample_id", "n_tokens", "text_start", "text_end"], filter=f"run = {sql_quote(run)}")
+    return t.sort_by("sample_id")
+
+
+def source_digest(samples: pa.Table) -> str:
+    """Identity of a run's complete content: its sample ids and token counts (a run's committed
+    samples never change, so equal digests mean equal vectors)."""
+    h = hashlib.sha256()
+    for sid, n in zip(samples.column("sample_id").to_pylist(), samples.column("n_tokens").to_pylist()):
+        h.update(f"{sid}:{n}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def resolve(lake: Lake, run: str, sel: Selection) -> TokenMask:
+    """Turn a Selection into a TokenMask; refuse one that selects no tokens."""
+    samples = complete_samples(lake, run)
+    if sel.split != "all":
+        samples = samples.filter(pa.array(sel.keeps(samples.column("sample_id").to_pylist())))
+    source = {"samples_version": lake.dataset("samples").version, "digest": source_digest(samples)}
+    if not sel.needs_tokens:
+        start = samples.column("text_start").to_numpy() if sel.text_only else np.zeros(len(samples), np.int32)
+        end = samples.column("text_end").to_numpy() if sel.text_only else samples.column("n_tokens").to_numpy()
+        mask = TokenMask(samples.column("sample_id").combine_chunks(), start.astype(np.int64), end.astype(np.int64),
+                         source=source)
+        if int((mask.end - mask.start).clip(0).sum()) == 0:
+            raise UserError(f"run {run}: the selection {sel.key()} selects no tokens")
+        return mask
+    return _resolve_with_tokens(lake, run, sel, samples, source)
+
+
+def _resolve_with_tokens(lake: Lake, run: str, sel: Selection, samples: pa.Table, source: dict) -> TokenMask:
+    import duckdb
+
+    from tourray.sql import connect
+
+    con = connect(lake)
+    con.register("selected_samples", samples.select(["sample_id"]))
+    weight = "coalesce(t.entropy, 0)" if sel.weight == "entropy" else "1.0"
+    conds = ["t.run = $run"] + (["t.segment = 'text'"] if sel.text_only else []) + ([f"({sel.where})"] if sel.where else [])
+    sql = f"""
+        SELECT t.sample_id, t.pos, CAST({weight} AS DOUBLE) AS w
+        FROM tokens AS t JOIN samples AS s USING (run, sample_id)
+        SEMI JOIN selected_samples AS k ON k.sample_id = t.sample_id
+        WHERE {' AND '.join(conds)}"""
+    try:
+        chosen = con.sql(sql, params={"run": run}).to_arrow_table()
+    except duckdb.Error as e:
+        raise UserError(f"--where {sel.where!r}: {str(e).splitlines()[0]}") from None
+    source["tokens_version"] = lake.dataset("tokens").version
+    ids = samples.column("sample_id").combine_chunks()
+    n = samples.column("n_tokens").to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    weights = np.zeros(int(offsets[-1]))
+    k = np.asarray(pc.index_in(chosen.column("sample_id"), value_set=ids).to_numpy(zero_copy_only=False), np.int64)
+    weights[offsets[k] + chosen.column("pos").to_numpy()] = chosen.column("w").to_numpy()
+    if not (weights > 0).any():
+        raise UserError(f"run {run}: --where {sel.where!r} (weight {sel.weight}) selects no tokens")
+    return TokenMask(ids, np.zeros(len(ids), np.int64), n, offsets, weights, source)
+
+
+@dataclass
+class Chunk:
+    """Aligned rows of several layers: h[layer] is [n, d] for the same (sample_id, pos) rows."""
+
+    sample_id: pa.Array
+    pos: np.ndarray
+    weights: np.ndarray | None
+    h: dict[int, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+class _Rechunker:
+    """Buffers one layer's record batches so that several layers can be cut at the same row counts."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]):
+        self.batches, self.buf, self.size, self.done = batches, [], 0, False
+
+    def fill(self, rows: int) -> None:
+        while self.size < rows and not self.done:
+            try:
+                b = next(self.batches)
+            except StopIteration:
+                self.done = True
+                return
+            if b.num_rows:
+                self.buf.append(b)
+                self.size += b.num_rows
+
+    def take(self, rows: int) -> pa.Table:
+        t = pa.Table.from_batches(self.buf) if self.buf else None
+        if t is None:
+            return None
+        head, rest = t.slice(0, rows), t.slice(rows)
+        self.buf = rest.to_batches() if rest.num_rows else []
+        self.size -= head.num_rows
+        return head
+
+
+def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: TokenMask, batch_rows: int = 4096,
+                 dtype=np.float64, prefetch: int = 2) -> Iterator[Chunk]:
+    """Selected rows of `layers` (one run, one site), aligned row for row, as `dtype` arrays."""
+    from tourray.capture import overlapped  # the capture's producer-thread helper, reused
+
+    ds = lake.dataset("activations", version=mask.source.get("activations_version"))  # pinned: what the plan saw
+    mask.source.setdefault("activations_version", ds.version)
+
+    def chunks() -> Iterator[Chunk]:
+        q = f"run = {sql_quote(run)} AND site = {sql_quote(site)}"
+        streams = {l: _Rechunker(iter(lake.scan("activations", ["sample_id", "pos", "h"], f"{q} AND layer = {l}",
+                                                batch_rows, dataset=ds))) for l in layers}
+        while True:
+            for s in streams.values():
+                s.fill(batch_rows)
+            rows = min(s.size for s in streams.values())
+            if rows == 0:
+                left = {l: s.size for l, s in streams.items() if s.size}
+                if left:
+                    raise UserError(f"run {run} site {site}: layers differ in row count (rows left over: {left}); "
+                                    "run `tourray verify` on this lake")
+                return
+            parts = {l: s.take(min(rows, batch_rows)) for l, s in streams.items()}
+            first = parts[layers[0]]
+            sid, pos = first.column("sample_id").combine_chunks(), first.column("pos").to_numpy()
+            for l, t in parts.items():
+                if not (t.column("pos").to_numpy() == pos).all() or not t.column("sample_id").combine_chunks().equals(sid):
+                    raise UserError(f"run {run} site {site}: rows of layer {l} are not aligned with layer {layers[0]} "
+                                    "(same sample and position expected row for row); run `tourray verify`")
+            rows_sel, w = mask.apply(sid, pos)
+            if len(rows_sel) == 0:
+                continue
+            take = rows_sel if len(rows_sel) < len(pos) else None
+            h = {}
+            for l, t in parts.items():
+                x = arrow_to_numpy(t.column("h"), dtype)
+                h[l] = x[take] if take is not None else x
+            yield Chunk(sid.take(pa.array(rows_sel)) if take is not None else sid, pos[rows_sel], w, h)
+
+    if prefetch <= 0:
+        yield from chunks()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-read") as pool, \
+            overlapped(chunks(), pool, depth=prefetch) as it:
+        yield from it
