@@ -1,4 +1,5 @@
-"""`tourray solve`: PCA, orthogonal Procrustes and least-squares maps between layers of one lake.
+"""`tourray solve`: PCA, orthogonal Procrustes and least-squares maps between layers of a run, or
+between two runs / two lakes over the same texts (a student and a teacher).
 
     check streams, flags and --out (nothing written yet)
       └─► solve_id = sha256(kind, streams, params, selection, run digest); a stored row is reused
@@ -7,6 +8,10 @@
       └─► held-out side: one `layer_stream` pass -> cosine before / after, held-out moments ->
             map_diagnostics (relative residual)
       └─► one row of table `solves`; --out FILE.npy saves the matrix
+
+Across runs or lakes (--to LAKE:RUN:LAYER) the streams are paired token by token with
+`paired_stream` (same positions for one tokenizer, character-span averages otherwise) and the
+moments are accumulated in that pass instead of being stored in `moments`.
 
 Row-vector convention throughout (tourray.solve): a map takes x [d] to ``x @ W + b``.
 """
@@ -30,7 +35,7 @@ from tourray import lake as lk
 from tourray.config import EMBED_LAYER, BaseConfig, Site, compact_layers
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
-from tourray.stats.stream import Selection, complete_samples, layer_stream, resolve, source_digest
+from tourray.stats.stream import Selection, complete_samples, layer_stream, paired_stream, resolve, source_digest
 
 KINDS = ("pca", "procrustes", "lstsq")
 
@@ -68,8 +73,9 @@ _Streams = create_model(
     "_Streams", __base__=BaseConfig,
     **{"from": (str, Field(description="Stream x: RUN:LAYER[:SITE]; LAYER a block index or 'embed', SITE resid_post "
                                        "(default) or resid_mid.")),
-       "to": (str | None, Field(None, description="Stream y for procrustes / lstsq: RUN:LAYER[:SITE] of the same run "
-                                                  "and site as --from; not for pca."))})
+       "to": (str | None, Field(None, description="Stream y for procrustes / lstsq: [LAKE:]RUN:LAYER[:SITE]; another "
+                                                  "run or lake must hold the same texts (tokens are paired by position, "
+                                                  "or by character span when the tokenizers differ); not for pca."))})
 
 
 class SolveConfig(_Streams):
@@ -108,32 +114,34 @@ class Stream:
     run: str
     layer: int
     site: str
+    lake: str | None = None   # another lake's root (None: --lake)
 
     @property
     def layer_name(self) -> str:
         return "embed" if self.layer == EMBED_LAYER else str(self.layer)
 
     def __str__(self) -> str:
-        return f"{self.run}:{self.layer_name}:{self.site}"
+        return (f"{self.lake}:" if self.lake else "") + f"{self.run}:{self.layer_name}:{self.site}"
 
 
 def parse_stream(spec: str, flag: str) -> Stream:
-    """RUN:LAYER[:SITE] -> Stream (layer range and storage are checked against the run later)."""
-    parts = spec.strip().split(":")
+    """[LAKE:]RUN:LAYER[:SITE] -> Stream, read from the right (a LAKE URI may hold ':'); layer range and
+    storage are checked against the run later."""
     sites = [s.value for s in Site]
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UserError(f"{flag} {spec!r}: use RUN:LAYER[:SITE], e.g. demo:3, demo:embed or demo:3:resid_mid "
-                        "(streams of another lake are not supported yet)")
-    run, layer = parts[0], parts[1].strip().lower()
-    site = parts[2].strip() if len(parts) == 3 else Site.resid_post.value
-    if site not in sites:
-        raise UserError(f"{flag} {spec!r}: unknown site {site!r} (sites: {', '.join(sites)}; "
-                        "streams of another lake are not supported yet)")
+    parts = spec.strip().split(":")
+    site = parts.pop() if len(parts) >= 3 and parts[-1] in sites else Site.resid_post.value
+    if len(parts) < 2 or not all(parts[-2:]):
+        raise UserError(f"{flag} {spec!r}: use [LAKE:]RUN:LAYER[:SITE], e.g. demo:3, demo:embed, demo:3:resid_mid "
+                        "or /lakes/teacher:t32:40")
+    run, layer, lake = parts[-2], parts[-1].strip().lower(), ":".join(parts[:-2]) or None
     if layer == "embed":
-        return Stream(run, EMBED_LAYER, site)
+        return Stream(run, EMBED_LAYER, site, lake)
     if not re.fullmatch(r"\d+", layer):
-        raise UserError(f"{flag} {spec!r}: LAYER must be one block index or 'embed', not {parts[1]!r}")
-    return Stream(run, int(layer), site)
+        if len(parts) > 2:  # RUN:LAYER:X read as LAKE:RUN:LAYER
+            raise UserError(f"{flag} {spec!r}: {parts[-1]!r} is neither a layer (a block index or 'embed') nor a "
+                            f"site ({', '.join(sites)})")
+        raise UserError(f"{flag} {spec!r}: LAYER must be one block index or 'embed', not {parts[-1]!r}")
+    return Stream(run, int(layer), site, lake)
 
 
 @dataclass
@@ -144,6 +152,8 @@ class SolvePlan:
     a: Stream
     b: Stream | None
     d: int
+    d_b: int | None
+    lake_b: lk.Lake | None   # the lake of b when b is paired by tokens (another run or lake); else None
     fit: Selection
     held: Selection
     fit_source: dict
@@ -204,26 +214,36 @@ def plan_solve(kind: str, cfg: SolveConfig) -> SolvePlan:
     if not lake.exists("runs"):
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     row = _check_stream(a, "--from", lake)
+    d, d_b, lake_b = int(row["hidden_size"]), None, None
     if b is not None:
-        _check_stream(b, "--to", lake)
-        if b.run != a.run:
-            raise UserError(f"--to: run {b.run} is not --from's run {a.run}; maps between two runs need their "
-                            "tokens aligned pair by pair, not supported yet")
-        if b.site != a.site:
-            raise UserError(f"--to: site {b.site} differs from --from's {a.site}; both streams must be of one site")
-        if b.layer == a.layer:
+        other = lk.Lake(b.lake) if b.lake else lake
+        if b.lake and not other.exists("runs"):
+            raise UserError(f"--to: no tourray tables under {other.root}")
+        d_b = int(_check_stream(b, "--to", other)["hidden_size"])
+        if other.root != lake.root or b.run != a.run:
+            lake_b = other  # paired token by token
+        elif b.site != a.site:
+            raise UserError(f"--to: site {b.site} differs from --from's {a.site}; within one run both streams "
+                            "must be of one site")
+        elif b.layer == a.layer:
             raise UserError(f"--to: {b} is --from itself")
-    d = int(row["hidden_size"])
-    if cfg.k is not None and cfg.k > d:
-        raise UserError(f"--k {cfg.k} is larger than the width d={d} of {a}")
+        if kind == "procrustes" and d_b != d and cfg.k is None:
+            raise UserError(f"--k: {a} has width {d} and {b} width {d_b}; an orthogonal map needs one width: "
+                            f"pass --k K <= {min(d, d_b)} to solve in both streams' top-K PCA spaces")
+    if cfg.k is not None and cfg.k > min(d, d_b or d):
+        raise UserError(f"--k {cfg.k} is larger than the width of {a if cfg.k > d else b} "
+                        f"(d={d if cfg.k > d else d_b})")
     fit, held = cfg.selection("fit"), cfg.selection("heldout")
     mask = resolve(lake, a.run, fit)  # refuses a selection with no fit-side tokens
     run_digest = source_digest(complete_samples(lake, a.run))
     params = dict(k=cfg.k, whiten=cfg.whiten, ridge=float(cfg.ridge), center=cfg.center,
                   selection=json.loads(fit.key()), heldout=cfg.heldout)
+    if lake_b is not None:  # the pair's identity includes the other run's content
+        run_digest += ":" + source_digest(complete_samples(lake_b, b.run))
     ident = json.dumps(dict(kind=kind, from_stream=str(a), to_stream=str(b) if b else None, params=params,
-                            selection=fit.key(), source=run_digest), sort_keys=True)
-    plan = SolvePlan(kind, cfg, lake, a, b, d, fit, held, mask.source, run_digest, params,
+                            selection=fit.key(), source=run_digest,
+                            lake_b=lake_b.root if lake_b is not None else None), sort_keys=True)
+    plan = SolvePlan(kind, cfg, lake, a, b, d, d_b, lake_b, fit, held, mask.source, run_digest, params,
                      hashlib.sha256(ident.encode()).hexdigest()[:16])
     if lake.exists("solves") and not cfg.recompute:
         plan.existing = read_solve(lake, plan.solve_id)
@@ -267,6 +287,11 @@ def fit_moments(plan: SolvePlan, progress: bool = True):
     from tourray.stats.tasks import read_moments, run_stats
 
     a, b = plan.a, plan.b
+    if plan.lake_b is not None:
+        m_a, m_b, x = paired_moments(plan, resolve(plan.lake, a.run, plan.fit))
+        if m_a.w == 0:
+            raise UserError(f"no token of {a} could be paired with {b} (no overlapping text spans)")
+        return m_a, m_b, x
     key = dict(run=a.run, site=a.site, selection=plan.fit.key(), source=plan.fit_source["digest"])
 
     def read():
@@ -302,6 +327,21 @@ def _solve(plan: SolvePlan, m_a, m_b, x):
         raise UserError(f"{plan.kind} {plan.a}{' -> ' + str(plan.b) if plan.b else ''}: {e}") from None
 
 
+def paired_moments(plan: SolvePlan, mask, after=None):
+    """Moments of a, b and (a, b) over a's selected tokens paired with b's (another run or lake);
+    `after` (a solved map) also accumulates the pair (x @ W + b, y) for held-out cosines."""
+    a, b = plan.a, plan.b
+    m_a, m_b, x = Moments(plan.d), Moments(plan.d_b), CrossMoments(plan.d, plan.d_b)
+    y = CrossMoments(plan.d_b, plan.d_b, keep_matrix=False) if after is not None else None
+    for xa, xb, w in paired_stream((plan.lake, a.run, a.layer, a.site), (plan.lake_b, b.run, b.layer, b.site), mask):
+        m_a.update(xa, w)
+        m_b.update(xb, w)
+        x.update(xa, xb, w)
+        if y is not None:
+            y.update(after.apply(xa), xb, w)
+    return (m_a, m_b, x) if y is None else (m_a, m_b, x, y)
+
+
 # -- held-out diagnostics ----------------------------------------------------------------------
 def heldout_diagnostics(plan: SolvePlan, result, fit_mean: np.ndarray) -> dict:
     """One streaming pass over the held-out tokens: cosines, held-out moments, relative residual.
@@ -328,18 +368,23 @@ def heldout_diagnostics(plan: SolvePlan, result, fit_mean: np.ndarray) -> dict:
             res = max(float(np.trace(s) - np.sum(p * (s @ p))), 0.0)
             out["rel_residual"] = res / base if base > 0 else None
         return out
-    m_b, x, after = Moments(d), CrossMoments(d, d), CrossMoments(d, d, keep_matrix=False)
-    for chunk in layer_stream(plan.lake, plan.a.run, plan.a.site, sorted({a, b}), mask, plan.cfg.batch_rows):
-        xa, xb, w = chunk.h[a], chunk.h[b], chunk.weights
-        m_a.update(xa, w)
-        m_b.update(xb, w)
-        x.update(xa, xb, w)
-        after.update(result.apply(xa), xb, w)
+    if plan.lake_b is not None:
+        m_a, m_b, x, after = paired_moments(plan, mask, after=result)
+    else:
+        m_b, x, after = Moments(d), CrossMoments(d, d), CrossMoments(d, d, keep_matrix=False)
+        for chunk in layer_stream(plan.lake, plan.a.run, plan.a.site, sorted({a, b}), mask, plan.cfg.batch_rows):
+            xa, xb, w = chunk.h[a], chunk.h[b], chunk.weights
+            m_a.update(xa, w)
+            m_b.update(xb, w)
+            x.update(xa, xb, w)
+            after.update(result.apply(xa), xb, w)
     out.update(n_heldout=m_a.n, heldout_source=mask.source)
     if m_a.w > 0:
         diag = map_diagnostics(result, m_a, m_b, x)
         rr = diag["rel_residual"]
-        out.update(cos_before=x.mean_cos, cos_after=after.mean_cos, rel_residual=None if np.isnan(rr) else rr)
+        same_width = plan.d == (plan.d_b or plan.d)  # a cosine of x and y needs one space
+        out.update(cos_before=x.mean_cos if same_width else None, cos_after=after.mean_cos,
+                   rel_residual=None if np.isnan(rr) else rr)
     return out
 
 
@@ -377,7 +422,8 @@ def run_solve(kind: str, cfg: SolveConfig, progress: bool = True) -> dict:
         else:
             matrix, bias, sv, orth = result.matrix, result.bias.tolist(), result.singular_values, result.orth_error
         sources = dict(fit=plan.fit_source, heldout=diag["heldout_source"],
-                       moments_version=plan.lake.dataset("moments").version, run_digest=plan.run_digest)
+                       moments_version=plan.lake.dataset("moments").version if plan.lake.exists("moments") else None,
+                       run_digest=plan.run_digest, lake_b=plan.lake_b.root if plan.lake_b is not None else None)
         row = dict(solve_id=plan.solve_id, kind=kind, from_stream=str(plan.a),
                    to_stream=str(plan.b) if plan.b else None, params=json.dumps(plan.params, sort_keys=True),
                    rows=int(matrix.shape[0]), cols=int(matrix.shape[1]), matrix=matrix, bias=bias,

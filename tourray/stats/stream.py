@@ -245,3 +245,85 @@ def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: Token
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-read") as pool, \
             overlapped(chunks(), pool, depth=prefetch) as it:
         yield from it
+
+
+def paired_stream(a: tuple[Lake, str, int, str], b: tuple[Lake, str, int, str], mask: TokenMask,
+                  group_samples: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Aligned float64 rows of two streams of the same texts in two runs (or two lakes): for each
+    selected token of stream a (selection: `mask`, resolved on a's run), b's vector at the same
+    position when both runs used one tokenizer, else the mean of b's text-token vectors whose
+    character spans overlap the a-token's span (the rotation recipe's span alignment).
+
+    `a` and `b` are (lake, run, layer, site). Samples are matched by sample_id (a hash of path and
+    text) and processed `group_samples` at a time (memory: one group of both streams); each group
+    is read with a `sample_id IN (...)` filter, so the cost grows with groups x rows of one layer
+    (fine to millions of tokens; a scalar index on sample_id removes it at larger scale)."""
+    (lake_a, run_a, layer_a, site_a), (lake_b, run_b, layer_b, site_b) = a, b
+    same_tok = _run_field(lake_a, run_a, "tokenizer_sha256") == _run_field(lake_b, run_b, "tokenizer_sha256")
+    spans_b = {r["sample_id"]: r for r in lake_b.read("samples", ["sample_id", "sha256", "n_tokens"],
+                                                       filter=f"run = {sql_quote(run_b)}").to_pylist()}
+    texts_a = {r["sample_id"]: r for r in lake_a.read("samples", ["sample_id", "source", "sha256", "n_tokens"],
+                                                       filter=f"run = {sql_quote(run_a)}").to_pylist()}
+    ids = mask.ids.to_pylist()
+    missing = [texts_a[s]["source"] for s in ids if s not in spans_b or spans_b[s]["sha256"] != texts_a[s]["sha256"]]
+    if missing:
+        raise UserError(f"runs {run_a} and {run_b} are not over the same texts: {len(missing)} selected text(s) of "
+                        f"{run_a} are missing or different in {run_b} (e.g. {', '.join(missing[:3])})")
+    if same_tok and (bad := [texts_a[s]["source"] for s in ids if spans_b[s]["n_tokens"] != texts_a[s]["n_tokens"]]):
+        raise UserError(f"runs {run_a} and {run_b} share a tokenizer but tokenised {bad[0]} differently "
+                        "(another prompt format or system prompt?)")
+
+    def rows(lake, run, layer, site, group, table="activations", columns=("sample_id", "pos", "h"), extra=""):
+        inn = ", ".join(sql_quote(s) for s in group)
+        t = lake.read(table, list(columns), filter=f"run = {sql_quote(run)} AND sample_id IN ({inn})"
+                      + (f" AND layer = {layer} AND site = {sql_quote(site)}" if layer is not None else "") + extra)
+        return t.sort_by([("sample_id", "ascending"), ("pos", "ascending")])
+
+    for g in range(0, len(ids), group_samples):
+        group = ids[g:g + group_samples]
+        ta, tb = rows(lake_a, run_a, layer_a, site_a, group), rows(lake_b, run_b, layer_b, site_b, group)
+        sel, w = mask.apply(ta.column("sample_id").combine_chunks(), ta.column("pos").to_numpy())
+        if len(sel) == 0:
+            continue
+        ta = ta.take(pa.array(sel))
+        xa = arrow_to_numpy(ta.column("h"), np.float64)
+        hb = arrow_to_numpy(tb.column("h"), np.float64)
+        if same_tok:
+            key_b = {(s, p): i for i, (s, p) in enumerate(zip(tb.column("sample_id").to_pylist(), tb.column("pos").to_pylist()))}
+            xb = hb[[key_b[k] for k in zip(ta.column("sample_id").to_pylist(), ta.column("pos").to_pylist())]]
+            yield xa, xb, w
+            continue
+        # span alignment: a-token [s, e) <- mean of b's text tokens overlapping it
+        cols = ("sample_id", "pos", "char_start", "char_end")
+        ka = rows(lake_a, run_a, None, None, group, "tokens", cols, " AND segment = 'text'")
+        kb = rows(lake_b, run_b, None, None, group, "tokens", cols, " AND segment = 'text'")
+        sid_a, pos_a = np.asarray(ta.column("sample_id").to_pylist(), object), ta.column("pos").to_numpy()
+        sid_b, pos_b = np.asarray(tb.column("sample_id").to_pylist(), object), tb.column("pos").to_numpy()
+        sid_ka, sid_kb = (np.asarray(k.column("sample_id").to_pylist(), object) for k in (ka, kb))
+        keep, means = [], []
+        for sid in dict.fromkeys(sid_a.tolist()):
+            here, in_b = np.flatnonzero(sid_a == sid), np.flatnonzero(sid_b == sid)
+            kas, kbs = np.flatnonzero(sid_ka == sid), np.flatnonzero(sid_kb == sid)
+            if not len(kas) or not len(kbs):
+                continue
+            tpos_a, c0, c1 = (ka.column(c).to_numpy(zero_copy_only=False)[kas] for c in cols[1:])
+            tpos_b, start_b, end_b = (kb.column(c).to_numpy(zero_copy_only=False)[kbs] for c in cols[1:])
+            rows_b = in_b[np.searchsorted(pos_b[in_b], tpos_b)]        # b's text-token rows, in text order
+            csum = np.vstack([np.zeros((1, hb.shape[1])), np.cumsum(hb[rows_b], 0)])
+            j = np.minimum(np.searchsorted(tpos_a, pos_a[here]), len(tpos_a) - 1)
+            is_text = tpos_a[j] == pos_a[here]
+            s0, s1 = c0[j], c1[j]
+            lo, hi = np.searchsorted(end_b, s0, "right"), np.searchsorted(start_b, s1, "left")
+            ok = is_text & (s1 > s0) & (hi > lo)                        # a text token overlapping some b token
+            keep.append(here[ok])
+            means.append((csum[hi[ok]] - csum[lo[ok]]) / (hi[ok] - lo[ok])[:, None])
+        keep = np.concatenate(keep)
+        if len(keep):
+            yield xa[keep], np.concatenate(means), None if w is None else w[keep]
+
+
+def _run_field(lake: Lake, run: str, name: str):
+    rows = lake.read("runs", [name], filter=f"run = {sql_quote(run)}").to_pylist()
+    if not rows:
+        raise UserError(f"no run {run!r} in {lake.root}")
+    return rows[0][name]
