@@ -161,7 +161,7 @@ def test_pca_without_heldout_tokens_out_file_and_reuse(lake, none_heldout, tmp_p
     (["pca", "--from", "r:x"], "LAYER must be"),
     (["pca", "--from", "r:0-1"], "LAYER must be"),
     (["pca", "--from", "r:0:bogus"], "neither a layer"),
-    (["pca", "--from", "r:0", "--k", "129"], "larger than the width d=128"),
+    (["pca", "--from", "r:0", "--k", "129"], "larger than the width of r:0:resid_post (d=128)"),
     (["procrustes", "--from", "r:0", "--to", "r:1", "--k", "500"], "larger than the width"),
     (["procrustes", "--from", "r:0", "--to", "r:1", "--ridge", "0.1"], "--whiten"),
     (["lstsq", "--from", "r:0", "--to", "r:0"], "--from itself"),
