@@ -498,40 +498,53 @@ def capture_section(args, out: Path) -> dict:
     return res
 
 
-def profile_inline_sink(out: Path, args, model_dir: Path | None = None) -> dict:
-    """Where the inline statistics cost goes: one forward per batch of the first group with and
-    without the InlineStats sink in this process (2 torch threads), on the capture's model."""
+def profile_inline_sink(out: Path, args) -> dict:
+    """Where the inline statistics cost goes, in this process (2 torch threads), on the capture's
+    model and the batches of its first third: a plain forward (bench_capture's), the engine's
+    forward with hooks on every layer and nothing stored (clones + surprisal/entropy), the same with
+    the InlineStats sink on the residual stream (moments + consecutive pairs), and with the MLP and
+    per-head sites too (what `--stats moments,pairs` runs). Best of two each; sink time measured."""
     import torch
 
-    from tourray.engine import INNER_SITES, HFEngine
     from tourray.config import Site
+    from tourray.engine import INNER_SITES, HFEngine
     from tourray.stats.inline import InlineStats
 
-    model_dir = model_dir or out / "model"
-    batches, tokens = bc.encode_batches(model_dir, out / "capture_samples", args.system_prompt, args.batch_size,
-                                        args.group_size)
+    model_dir = out / "model"
+    batches, _ = bc.encode_batches(model_dir, out / "capture_samples", args.system_prompt, args.batch_size,
+                                   args.group_size)
     batches = batches[: max(2, len(batches) // 3)]
-    eng = HFEngine(str(model_dir), None, "float32", "float16", [-1] + list(range(8)), [Site.resid_post], 8,
-                   store=[], inner_sites=tuple(INNER_SITES))
-    res = {}
-    for name, inner in (("no_sink", None), ("resid_moments_pairs", False), ("all_inline", True)):
-        keys_inner = eng.inner_keys if inner else []
-        sink_obj = InlineStats(eng.keys, True, keys_inner, eng.num_heads) if inner is not None else None
+    tokens = sum(sum(b["n"]) for b in batches)
+    layers = [-1] + list(range(8))
+    res = dict(tokens=tokens, batches=len(batches), torch_threads=torch.get_num_threads())
+    res["plain"] = bc.bench_plain(bc.load_model(model_dir), batches, tokens)
+    engines = {False: HFEngine(str(model_dir), None, "float32", "float16", layers, [Site.resid_post], 8, store=[]),
+               True: HFEngine(str(model_dir), None, "float32", "float16", layers, [Site.resid_post], 8, store=[],
+                              inner_sites=tuple(INNER_SITES))}
+    for name, inner, stats in (("hooks_no_stats", False, False), ("resid_moments_pairs", False, True),
+                               ("all_inline", True, True)):
+        eng = engines[inner]
+        acc = InlineStats(eng.keys, True, eng.inner_keys, eng.num_heads) if stats else None
+        eng.capture([batches[0]["ids"][0, : batches[0]["n"][0]].numpy()])  # warm-up
         best = None
         for _ in range(2):
-            t0, c0 = time.perf_counter(), time.process_time()
-            n = 0
+            sink_s = [0.0]
+
+            def sink(t, ln, spans):
+                t0 = time.perf_counter()
+                acc(t, ln, spans)
+                sink_s[0] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
             for b in batches:
                 seqs = [b["ids"][i, :k].numpy() for i, k in enumerate(b["n"])]
-                sink = None if sink_obj is None else (lambda t, ln, sp=b["text_spans"]: sink_obj(t, ln, sp))
-                eng.capture(seqs, sink=sink)
-                n += sum(b["n"])
-            s, c = time.perf_counter() - t0, time.process_time() - c0
-            best = s if best is None else min(best, s)
-            if sink_obj is not None:
-                sink_obj.reset()
-        res[name] = dict(seconds=round(best, 3), tokens=n, tokens_per_s=round(n / best, 1))
-    res["torch_threads"] = torch.get_num_threads()
+                eng.capture(seqs, sink=None if acc is None else (lambda t, ln, sp=b["text_spans"]: sink(t, ln, sp)))
+            s = time.perf_counter() - t0
+            if best is None or s < best["seconds"]:
+                best = dict(seconds=round(s, 3), tokens_per_s=round(tokens / s, 1), sink_seconds=round(sink_s[0], 3))
+            if acc is not None:
+                acc.reset()
+        res[name] = best
     return res
 
 
@@ -547,8 +560,9 @@ def fmt_table(r: dict) -> str:
     for w, x in r["widths"].items():
         lk = x["lake"]
         row(f"[d={w}] lake: {lk['samples']} samples, {len(lk['layers'])} layers, text tokens", lk["text_tokens"], ",.0f")
-        row(f"[d={w}] read path alone (layer_stream, prefetch 0): s", x["preload"]["seconds"])
-        for t in ("1", "2"):
+        if "preload" in x:
+            row(f"[d={w}] read path alone (layer_stream, prefetch 0): s", x["preload"]["seconds"])
+        for t in (("1", "2") if "baseline" in x else ()):
             b, s = x["baseline"][t], x["stats"][t]
             row(f"[d={w}] threads={t}: baseline in memory: s", b["seconds"])
             row(f"[d={w}] threads={t}: stats wall s (task s)", f"{s['wall_seconds']:.2f} ({s['task_seconds']:.2f})")
@@ -558,7 +572,7 @@ def fmt_table(r: dict) -> str:
                 f"{s['finish_seconds']:.2f} ({s['layer_row_seconds']:.2f}/{s['write_seconds']:.2f})")
             for k, v in x["ratios"][t].items():
                 row(f"[d={w}] threads={t}: {k}", v, ".3f")
-        for k, v in x["scaling"].items():
+        for k, v in x.get("scaling", {}).items():
             if not isinstance(v, (dict, list)):
                 row(f"[d={w}] workers: {k}", v, ".3f" if isinstance(v, float) else ",")
         lines.append(RULE)

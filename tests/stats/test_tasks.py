@@ -141,3 +141,25 @@ def test_tiles_read_each_layer_few_times_and_own_each_layer_once():
     assert max(reads) == 8 and max(len(t.pairs) for t in tiles) <= 64  # not 64 reads per layer
     few = make_tiles(layers, parse_pairs("consecutive", layers, 63), all_pairs=False, tile_layers=8, own=layers[:3])
     assert sorted(l for t in few for l in t.own) == layers[:3]
+
+
+def test_cli_bad_input_is_one_error_line(lake, capsys):
+    from tourray.cli import main
+
+    before = lake_snapshot(lake)
+    for args, message in ((["--run", "nope"], "no run 'nope'"), (["--run", "r", "--where", "surprisal > 1e9"], "selects no tokens"),
+                          (["--run", "r", "--pairs", "embed:9"], "out of range")):
+        assert main(["-q", "stats", "--lake", str(lake), *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err and "Traceback" not in err
+    assert lake_snapshot(lake) == before
+
+
+def test_bfloat16_vectors(qwen3_model, corpus_dir, tmp_path, ray_session):
+    root = tmp_path / "lake"
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root), run="b",
+                              store_dtype="bfloat16", layers="0,1", batch_size=3, group_size=3), progress=False)
+    run_stats(StatsConfig(lake=str(root), run="b"), progress=False)
+    ref = stored_text_vectors(root, run="b")       # bfloat16 bits -> float32 -> float64
+    row = Lake(root).read("pair_stats").to_pylist()[0]
+    assert row["cka"] == pytest.approx(gram_cka(ref[0], ref[1]), rel=1e-9)
