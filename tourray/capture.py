@@ -12,13 +12,10 @@ deletes rows of samples that never got theirs (a killed run), then captures only
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from tourray.engine import INNER_SITES, Captured, HFEngine
 from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
 from tourray.prompt import SEGMENTS, Encoded, PromptFormat
 from tourray.errors import UserError
+from tourray.runtime import overlapped
 from tourray.stage import Stage
 from tourray.stats.inline import InlineStats, finalize, incomplete_parts
 from tourray.stats.tasks import moments_table
@@ -291,47 +289,6 @@ class CaptureStage(Stage):
             pa.array(np.repeat([p[2] for p in pending], n).tolist()),
             lk.vectors_to_arrow(h, self.cfg.store_dtype.value),
         ], schema=self.schemas["activations"])
-
-
-@contextlib.contextmanager
-def overlapped(items: Iterator, pool, depth: int = 2):
-    """Run a generator on `pool` (a one-thread executor kept for the actor's life: a fresh thread
-    per group would get a fresh malloc arena, and memory would grow with the corpus), `depth` items
-    ahead of its consumer, so that producing (forward passes) overlaps consuming (Lance writes).
-    Errors reach the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for x in items:
-                if not put(x):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-        put(done)
-
-    def consume():
-        while (x := q.get()) is not done:
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-
-    future = pool.submit(produce)
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        future.result()
 
 
 # -- the driver ------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ Only the driver calls these; stages never start Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import threading
 from pathlib import Path
+from typing import Iterator
 
 from tourray.errors import UserError
 
@@ -64,3 +68,44 @@ def user_error_in(e: BaseException) -> UserError | None:
             return UserError(m[1].strip())
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
+
+
+@contextlib.contextmanager
+def overlapped(items: Iterator, pool, depth: int = 2):
+    """Run a generator on `pool` (a one-thread executor kept for the actor's life: a fresh thread
+    per group would get a fresh malloc arena, and memory would grow with the corpus), `depth` items
+    ahead of its consumer, so that producing (forward passes) overlaps consuming (Lance writes).
+    Errors reach the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for x in items:
+                if not put(x):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+        put(done)
+
+    def consume():
+        while (x := q.get()) is not done:
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+    future = pool.submit(produce)
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        future.result()

@@ -201,7 +201,7 @@ class _Rechunker:
 def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: TokenMask, batch_rows: int = 4096,
                  dtype=np.float64, prefetch: int = 2) -> Iterator[Chunk]:
     """Selected rows of `layers` (one run, one site), aligned row for row, as `dtype` arrays."""
-    from tourray.capture import overlapped  # the capture's producer-thread helper, reused
+    from tourray.runtime import overlapped
 
     ds = lake.dataset("activations", version=mask.source.get("activations_version"))  # pinned: what the plan saw
     mask.source.setdefault("activations_version", ds.version)
