@@ -117,15 +117,16 @@ def synth_lake(root: Path, d: int, n_layers: int, n_samples: int, seed: int = 0,
             out[j] = h
         return out
 
-    order = [(rep, i) for rep in range(repeat) for i in range(n_samples)]
+    order = [(rep, i) for i in range(n_samples) for rep in range(repeat)]  # each base sample generated once
     tokens = rows = 0
     for g0 in range(0, len(order), group_size):
         members = order[g0:g0 + group_size]
 
         def batches():
-            pend, size = [], 0
+            pend, size, last = [], 0, (None, None)
             for rep, i in members:
-                v = vectors(i)
+                v = last[1] if last[0] == i else vectors(i)
+                last = (i, v)
                 for j, layer in enumerate(layers):
                     pend.append((sample_id(i, rep), layer, v[j]))
                     size += len(v[j])
@@ -356,7 +357,12 @@ def stats_pass(lake_root: str, threads: int, workers: int, tile_layers: int, bat
             layer_row_seconds=r(sum(p["layer_row_s"] for p in profs)), write_seconds=r(sum(p["write_s"] for p in profs)),
             stream_cpu_util=r(sum(p["stream_cpu_s"] for p in profs) / max(1e-9, sum(p["stream_s"] for p in profs))),
             tasks_span_seconds=r(last - first), outside_tasks_seconds=r(wall - (last - first)),
+            task_cpu_seconds=r(sum(p["cpu_s"] for p in profs)), cores_used=r(sum(p["cpu_s"] for p in profs) / (last - first)),
             blas=profs[0]["blas"])
+        pids = {}
+        for p in profs:
+            pids.setdefault(p["pid"], p["start"])
+        out["worker_start_offsets_s"] = sorted(r(t - first) for t in pids.values())
     return out
 
 
@@ -368,6 +374,59 @@ def list_schedule(durations: list[float], workers: int) -> float:
         i = free.index(min(free))
         free[i] += d
     return max(free)
+
+
+CEILING_KERNELS = {
+    # compute-bound: one-thread float64 GEMMs of width 2048 (the d=2048 pass's kind of work)
+    "dgemm_2048": """
+import time, numpy as np
+from threadpoolctl import threadpool_limits
+a = np.random.default_rng(0).standard_normal((2048, 2048))
+with threadpool_limits(1):
+    a @ a
+    t = time.perf_counter()
+    for _ in range({reps}):
+        a @ a
+print(time.perf_counter() - t)
+""",
+    # the d=256 pass's kind of work: Moments/CrossMoments updates of 9 layers + 8 pairs on float64 chunks
+    "updates_d256": """
+import time, numpy as np
+from threadpoolctl import threadpool_limits
+from tourray.stats.moments import CrossMoments, Moments
+g = np.random.default_rng(0)
+h = [g.standard_normal((4096, 256)) for _ in range(9)]
+with threadpool_limits(1):
+    ms, xs = [Moments(256) for _ in h], [CrossMoments(256, 256) for _ in h[1:]]
+    t = time.perf_counter()
+    for _ in range({reps}):
+        for m, x in zip(ms, h):
+            m.update(x)
+        for c, a, b in zip(xs, h, h[1:]):
+            c.update(a, b)
+print(time.perf_counter() - t)
+""",
+}
+
+
+def machine_ceiling(reps: dict[str, int]) -> dict:
+    """What two processes get from this machine's two cores, without Ray or Lance: a fixed amount of
+    one-thread work in one process alone, then in two processes at once. speedup = 2 * alone /
+    together (2.0 = two independent cores)."""
+    out = {}
+    for name, code in CEILING_KERNELS.items():
+        src = code.format(reps=reps[name])
+
+        def launch(n):
+            procs = [subprocess.Popen([sys.executable, "-c", src], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                     for _ in range(n)]
+            return [float(p.communicate()[0].split()[-1]) for p in procs]
+
+        alone = min(launch(1)[0] for _ in range(2))
+        together = max(launch(2))
+        out[name] = dict(alone_s=round(alone, 3), two_at_once_s=round(together, 3),
+                         speedup=round(2 * alone / together, 3), reps=reps[name])
+    return out
 
 
 # -- 3. memory -----------------------------------------------------------------------------------
@@ -455,17 +514,23 @@ def capture_section(args, out: Path) -> dict:
     shutil.rmtree(lakes, ignore_errors=True)
 
     def run_plain():
-        plain.append(bc.bench_plain(model, batches, tokens))
+        plain.append(watched(bc.bench_plain, model, batches, tokens))
         log(f"plain forward: {plain[-1]['tokens_per_s']:,.0f} tokens/s (cpu util {plain[-1]['cpu_util']})")
+
+    attempt = [0]
+
+    def fresh(kind: str, i: int, **fields):  # every attempt into a fresh lake and run
+        attempt[0] += 1
+        return capture_steady(margs, model_dir, samples_dir, lakes / f"{kind}{i}_{attempt[0]}", f"{kind}{i}", **fields)
 
     def run_cap(kind: str, i: int):
         if kind == "inline":
-            r = capture_steady(margs, model_dir, samples_dir, lakes / f"inline{i}", f"inline{i}",
-                               store="none", stats=["moments", "pairs"])
+            r = watched(fresh, kind, i, store="none", stats=["moments", "pairs"])
             inline.append(r)
         else:
-            r = capture_steady(margs, model_dir, samples_dir, lakes / f"stored{i}", f"stored{i}")
+            r = watched(fresh, kind, i)
             stored.append(r)
+        r["lake"] = str(lakes / f"{kind}{i}_{attempt[0]}")
         log(f"capture {kind}{i}: steady {r.get('steady_tokens_per_s', float('nan')):,.0f} tokens/s (actor cpu util "
             f"{r.get('steady_actor_cpu_util')}), summary {r['summary_tokens_per_s']:,.0f} tokens/s")
 
@@ -481,17 +546,23 @@ def capture_section(args, out: Path) -> dict:
         xs = [x for x in xs if x is not None]
         return round(sum(xs) / len(xs), 1) if xs else None
 
+    def top(xs):
+        xs = [x for x in xs if x is not None]
+        return max(xs) if xs else None
+
     res["plain_runs"], res["inline_runs"], res["stored_runs"] = plain, inline, stored
     res["plain_tokens_per_s"] = mean(x["tokens_per_s"] for x in plain)
+    res["plain_best_tokens_per_s"] = top(x["tokens_per_s"] for x in plain)
     res["plain_tokens_per_cpu_s"] = mean(x["tokens_per_cpu_s"] for x in plain)
     for kind, runs in (("inline", inline), ("stored", stored)):
         res[f"{kind}_steady_tokens_per_s"] = mean(x.get("steady_tokens_per_s") for x in runs)
+        res[f"{kind}_best_steady_tokens_per_s"] = top(x.get("steady_tokens_per_s") for x in runs)
         res[f"{kind}_summary_tokens_per_s"] = mean(x["summary_tokens_per_s"] for x in runs)
         res[f"{kind}_steady_tokens_per_actor_cpu_s"] = mean(x.get("steady_tokens_per_actor_cpu_s") for x in runs)
     # inline statistics landed: layer_stats / pair_stats rows of the inline runs
     from tourray.lake import Lake
 
-    lk = Lake(str(lakes / "inline2"))
+    lk = Lake(inline[-1]["lake"])
     res["inline_layer_stats_rows"] = lk.read("layer_stats", ["layer"], filter="run = 'inline2'").num_rows
     res["inline_pair_stats_rows"] = lk.read("pair_stats", ["layer_a"], filter="run = 'inline2'").num_rows
     res["inline_stored_activations"] = lk.exists("activations")
@@ -515,19 +586,21 @@ def profile_inline_sink(out: Path, args) -> dict:
                                    args.group_size)
     batches = batches[: max(2, len(batches) // 3)]
     tokens = sum(sum(b["n"]) for b in batches)
+    text = sum(min(e, n) - a for b in batches for (a, e), n in zip(b["text_spans"], b["n"]))
     layers = [-1] + list(range(8))
-    res = dict(tokens=tokens, batches=len(batches), torch_threads=torch.get_num_threads())
+    res = dict(tokens=tokens, text_tokens=text, padded_tokens=sum(b["ids"].numel() for b in batches),
+               batches=len(batches), torch_threads=torch.get_num_threads())
     res["plain"] = bc.bench_plain(bc.load_model(model_dir), batches, tokens)
     engines = {False: HFEngine(str(model_dir), None, "float32", "float16", layers, [Site.resid_post], 8, store=[]),
                True: HFEngine(str(model_dir), None, "float32", "float16", layers, [Site.resid_post], 8, store=[],
                               inner_sites=tuple(INNER_SITES))}
-    for name, inner, stats in (("hooks_no_stats", False, False), ("resid_moments_pairs", False, True),
-                               ("all_inline", True, True)):
+    for name, inner, stats, pairs in (("hooks_no_stats", False, False, False), ("resid_moments", False, True, False),
+                                      ("resid_moments_pairs", False, True, True), ("all_inline", True, True, True)):
         eng = engines[inner]
-        acc = InlineStats(eng.keys, True, eng.inner_keys, eng.num_heads) if stats else None
+        acc = InlineStats(eng.keys, pairs, eng.inner_keys, eng.num_heads) if stats else None
         eng.capture([batches[0]["ids"][0, : batches[0]["n"][0]].numpy()])  # warm-up
         best = None
-        for _ in range(2):
+        for rep in range(2):
             sink_s = [0.0]
 
             def sink(t, ln, spans):
@@ -541,10 +614,38 @@ def profile_inline_sink(out: Path, args) -> dict:
                 eng.capture(seqs, sink=None if acc is None else (lambda t, ln, sp=b["text_spans"]: sink(t, ln, sp)))
             s = time.perf_counter() - t0
             if best is None or s < best["seconds"]:
-                best = dict(seconds=round(s, 3), tokens_per_s=round(tokens / s, 1), sink_seconds=round(sink_s[0], 3))
-            if acc is not None:
+                best = dict(seconds=round(s, 3), tokens_per_s=round(tokens / s, 1), sink_seconds=round(sink_s[0], 3),
+                            sink_us_per_text_token=round(sink_s[0] / text * 1e6, 1))
+            if acc is not None and (rep == 0 or name != "all_inline"):
                 acc.reset()
         res[name] = best
+    res["plain"]["us_per_token"] = round(res["plain"]["seconds"] / tokens * 1e6, 1)
+    res["plain"]["us_per_text_token"] = round(res["plain"]["seconds"] / text * 1e6, 1)
+    # the float64 GEMM floor of the residual statistics: per batch, 9 co-moments + 8 cross-moments
+    # [n_text, 256]^T [n_text, 256] (torch, as InlineStats computes them)
+    xs = [torch.randn(sum(min(e, n) - a for (a, e), n in zip(b["text_spans"], b["n"])), 256, dtype=torch.float64)
+          for b in batches]
+    for x in xs[:2]:
+        x.T @ x
+    t0 = time.perf_counter()
+    for x in xs:
+        for _ in range(17):
+            x.T @ x
+    g = time.perf_counter() - t0
+    res["gemm_floor"] = dict(seconds=round(g, 3), us_per_text_token=round(g / text * 1e6, 1),
+                             gflops=round(17 * 2 * text * 256 * 256 / g / 1e9, 1))
+    # what the actor does with a group's accumulators before committing them (serial with the
+    # forwards: the next group starts after it): part_rows, then moments_table
+    from tourray.stats.tasks import moments_table
+
+    t0 = time.perf_counter()
+    rows = acc.part_rows("profile", [f"s{i}" for i in range(args.group_size)])
+    res["group_part_rows_seconds"] = round(time.perf_counter() - t0, 3)
+    res["group_part_rows"] = len(rows)
+    res["group_matrix_values"] = sum(len(r["matrix"]) for r in rows)
+    t0 = time.perf_counter()
+    moments_table(rows)
+    res["group_moments_table_seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
 
@@ -562,20 +663,22 @@ def fmt_table(r: dict) -> str:
         row(f"[d={w}] lake: {lk['samples']} samples, {len(lk['layers'])} layers, text tokens", lk["text_tokens"], ",.0f")
         if "preload" in x:
             row(f"[d={w}] read path alone (layer_stream, prefetch 0): s", x["preload"]["seconds"])
-        for t in (("1", "2") if "baseline" in x else ()):
-            b, s = x["baseline"][t], x["stats"][t]
-            row(f"[d={w}] threads={t}: baseline in memory: s", b["seconds"])
-            row(f"[d={w}] threads={t}: stats wall s (task s)", f"{s['wall_seconds']:.2f} ({s['task_seconds']:.2f})")
-            row(f"[d={w}] threads={t}: stats streaming phase s (waited for reader)",
-                f"{s['stream_seconds']:.2f} ({s['wait_seconds']:.2f})")
+        for t, sm in x.get("summary", {}).items():
+            row(f"[d={w}] threads={t}: baseline in memory, best: s", sm["baseline_seconds"])
+            row(f"[d={w}] threads={t}: stats streaming phase, best (waited): s",
+                f"{sm['stream_seconds']:.2f} ({sm['wait_seconds']:.2f})")
+            row(f"[d={w}] threads={t}: stats wall (task) s", f"{sm['wall_seconds']:.2f} ({sm['task_seconds']:.2f})")
             row(f"[d={w}] threads={t}: stats finishing s (layer_row / writes)",
-                f"{s['finish_seconds']:.2f} ({s['layer_row_seconds']:.2f}/{s['write_seconds']:.2f})")
+                f"{sm['finish_seconds']:.2f} ({sm['layer_row_seconds']:.2f}/{sm['write_seconds']:.2f})")
             for k, v in x["ratios"][t].items():
                 row(f"[d={w}] threads={t}: {k}", v, ".3f")
         for k, v in x.get("scaling", {}).items():
             if not isinstance(v, (dict, list)):
                 row(f"[d={w}] workers: {k}", v, ".3f" if isinstance(v, float) else ",")
         lines.append(RULE)
+    for k, v in r.get("machine_ceiling", {}).items():
+        if isinstance(v, dict) and "speedup" in v:
+            row(f"machine: 2 processes vs 1, {k} (alone / both, s)", f"{v['speedup']:.2f}x ({v['alone_s']:.1f}/{v['two_at_once_s']:.1f})")
     m = r.get("memory")
     if m:
         for k in ("1x", "4x"):
@@ -585,26 +688,164 @@ def fmt_table(r: dict) -> str:
         lines.append(RULE)
     c = r.get("capture")
     if c:
-        row("capture: plain forward tokens/s (mean)", c["plain_tokens_per_s"], ",.0f")
-        row("capture: inline stats, store none: steady tokens/s (mean)", c["inline_steady_tokens_per_s"], ",.0f")
-        row("capture: stored vectors, no stats: steady tokens/s (mean)", c["stored_steady_tokens_per_s"], ",.0f")
-        row("capture: inline / plain (steady)", c["ratio_inline_plain"], ".3f")
-        row("capture: stored / plain (steady)", c["ratio_stored_plain"], ".3f")
+        row("capture: plain forward tokens/s (mean; best)", f"{c['plain_tokens_per_s']:,.0f}; {c['plain_best_tokens_per_s']:,.0f}")
+        row("capture: inline stats, store none: steady tokens/s (mean; best)",
+            f"{c['inline_steady_tokens_per_s']:,.0f}; {c['inline_best_steady_tokens_per_s']:,.0f}")
+        row("capture: stored vectors, no stats: steady tokens/s (mean; best)",
+            f"{c['stored_steady_tokens_per_s']:,.0f}; {c['stored_best_steady_tokens_per_s']:,.0f}")
+        row("capture: inline / plain (means; best runs)", f"{c['ratio_inline_plain']:.3f}; {c['ratio_inline_plain_best']:.3f}")
+        row("capture: stored / plain (means; best runs)", f"{c['ratio_stored_plain']:.3f}; {c['ratio_stored_plain_best']:.3f}")
+        sp = c.get("sink_profile")
+        if sp:
+            row("profile: plain forward, us per text token", sp["plain"]["us_per_text_token"], ".1f")
+            for k in ("hooks_no_stats", "resid_moments", "resid_moments_pairs", "all_inline"):
+                row(f"profile: {k}: s (sink us per text token)", f"{sp[k]['seconds']:.2f} ({sp[k]['sink_us_per_text_token']:.1f})")
+            row("profile: float64 GEMM floor (17 per batch), us per text token", sp["gemm_floor"]["us_per_text_token"], ".1f")
+            row("profile: part_rows + moments_table per group, s",
+                f"{sp['group_part_rows_seconds']:.3f} + {sp['group_moments_table_seconds']:.3f}")
         lines.append(RULE)
     for t in r["targets"]:
         row(t["target"], "MET" if t["met"] else "NOT MET")
     return "\n".join(lines)
 
 
+class LoadMonitor:
+    """Samples, every `interval` s on a thread, the CPU use of processes outside this one's tree (other
+    engineers' work on the shared VM), so that every timing records how much it had to share."""
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.psutil, self.interval, self.samples = bc._psutil(), interval, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="load-monitor")
+        self.thread.start()
+
+    def _run(self):
+        ps = self.psutil
+        me = ps.Process(os.getpid())
+        while not self.stop.is_set():
+            try:
+                mine = {me.pid} | {c.pid for c in me.children(recursive=True)}
+            except ps.Error:
+                mine = {me.pid}
+            total, top = 0.0, (0.0, "")
+            for p in ps.process_iter(["cmdline"]):
+                if p.pid in mine:
+                    continue
+                try:
+                    c = p.cpu_percent(None)  # since the last sample (process_iter caches the objects)
+                except ps.Error:
+                    continue
+                total += c
+                if c > top[0]:
+                    top = (c, " ".join(p.info["cmdline"] or [])[:80])
+            self.samples.append((time.time(), total, top[1] if top[0] > 30 else ""))
+            self.stop.wait(self.interval)
+
+    def window(self, t0: float, t1: float) -> dict:
+        xs = [x for x in self.samples if t0 < x[0] <= t1 + self.interval]
+        if not xs:
+            return dict(other_cpu_mean=None, other_cpu_max=None)
+        busy = sorted({x[2] for x in xs if x[2]})
+        return dict(other_cpu_mean=round(sum(x[1] for x in xs) / len(xs) / 100, 2),
+                    other_cpu_max=round(max(x[1] for x in xs) / 100, 2), other_busy=busy[:3])
+
+
+MON: LoadMonitor | None = None
+WAIT_BUDGET = [0.0]      # seconds left for waiting on other processes (set from --wait)
+MAX_OTHER = 0.15         # cores other processes may use during a timing before it is repeated
+RETRIES = 3
+
+
+def await_quiet(quiet_s: float = 5.0) -> float:
+    """Block until other processes have used < MAX_OTHER cores for `quiet_s` s (the monitor's samples),
+    or the wait budget is spent; returns the seconds waited."""
+    if MON is None:
+        return 0.0
+    t0, said = time.time(), False
+    while WAIT_BUDGET[0] > 0:
+        now = time.time()
+        recent = [x for x in MON.samples if x[0] > now - quiet_s]
+        if len(recent) >= quiet_s - 1 and all(x[1] / 100 < MAX_OTHER for x in recent):
+            break
+        if not said:
+            busy = sorted({x[2] for x in recent if x[2]})
+            log(f"waiting for other processes to finish ({busy[:2]}); wait budget left {WAIT_BUDGET[0]:.0f} s")
+            said = True
+        time.sleep(1.0)
+        WAIT_BUDGET[0] -= 1.0
+    return time.time() - t0
+
+
+def watched(fn, *a, **k) -> dict:
+    """fn(*a, **k) -> dict, timed only on a quiet machine: wait until other processes are quiet, run,
+    and repeat (up to RETRIES times, while the wait budget lasts) when they used more than MAX_OTHER
+    cores during the call. Adds the other processes' CPU (in cores) during the kept call and the
+    number of attempts."""
+    waited = 0.0
+    for attempt in range(RETRIES + 1):
+        waited += await_quiet()
+        t0 = time.time()
+        r = fn(*a, **k)
+        if MON is None:
+            return r
+        r["other_load"] = dict(MON.window(t0, time.time()), attempts=attempt + 1, waited_s=round(waited))
+        busy = r["other_load"]["other_cpu_mean"] or 0.0
+        if busy <= MAX_OTHER or attempt == RETRIES or WAIT_BUDGET[0] <= 0:
+            return r
+        log(f"other processes used {busy:.2f} cores during that timing ({r['other_load']['other_busy'][:2]}): repeating it")
+
+
+def code_state() -> dict:
+    """The checkout measured: commit, files changed since it, and a digest of the package's source."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "tourray").rglob("*.py")):
+        h.update(f.read_bytes())
+    return dict(commit=git("rev-parse", "HEAD"), changed=git("status", "--porcelain", "--untracked-files=no").splitlines(),
+                tourray_source_sha256=h.hexdigest()[:16])
+
+
+def other_heavy(psutil, window: float = 3.0, threshold: float = 30.0) -> list[str]:
+    """Processes outside this one's tree using more than `threshold` % of a core over `window` s."""
+    me = psutil.Process(os.getpid())
+    mine = {me.pid} | {c.pid for c in me.children(recursive=True)}
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in mine]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(window)
+    heavy = []
+    for p in procs:
+        try:
+            if p.cpu_percent(None) > threshold:
+                heavy.append(" ".join(p.info["cmdline"] or [])[:100])
+        except psutil.Error:
+            pass
+    return heavy
+
+
 def wait_quiet(max_s: float, poll: float = 20.0) -> dict:
-    """Wait until no test suite or capture benchmark runs (another engineer's), up to max_s."""
+    """Wait (up to max_s) until no test suite or capture benchmark runs (`pgrep -f pytest`,
+    `pgrep -f bench_capture`) and no other process uses more than 30% of a core."""
+    psutil = bc._psutil()
     t0 = time.perf_counter()
+    first = None
     while True:
         busy = [p for pat in ("pytest", "bench_capture") for p in subprocess.run(
             ["pgrep", "-f", pat], capture_output=True, text=True).stdout.split() if int(p) != os.getpid()]
-        if not busy or time.perf_counter() - t0 > max_s:
-            return dict(waited_s=round(time.perf_counter() - t0), busy_at_start=bool(busy), still_busy=bool(busy))
-        log(f"waiting: other heavy processes running ({len(busy)}: pytest / bench_capture); load {load1()}")
+        heavy = other_heavy(psutil)
+        first = first if first is not None else bool(busy or heavy)
+        waited = time.perf_counter() - t0
+        if not (busy or heavy) or waited > max_s:
+            return dict(waited_s=round(waited), busy_at_start=first, still_busy=bool(busy or heavy),
+                        heavy=heavy[:5], pgrep=len(busy))
+        log(f"waiting: pgrep pytest/bench_capture: {len(busy)}; busy processes: {heavy[:3]}; load {load1()}")
         time.sleep(poll)
 
 
@@ -617,8 +858,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "stats", help="Output folder (default: bench/out/stats).")
     p.add_argument("--samples", type=Path, default=REPO / "samples" / "train", help="Capture texts (default: samples/train).")
     p.add_argument("--system-prompt", type=Path, default=REPO / "samples" / "system_prompt.md")
-    p.add_argument("--small-samples", type=int, default=None, help="Samples of the d=256 lake (default 360; --quick 24).")
-    p.add_argument("--wide-samples", type=int, default=None, help="Samples of the d=2048 lake (default 32; --quick 4).")
+    p.add_argument("--small-samples", type=int, default=None, help="Samples of the d=256 lake (default 240; --quick 24).")
+    p.add_argument("--wide-samples", type=int, default=None, help="Samples of the d=2048 lake (default 24; --quick 4).")
     p.add_argument("--wide", type=int, default=2048, help="Synthetic width (default 2048).")
     p.add_argument("--batch-rows", type=int, default=4096, help="StatsConfig.batch_rows (default 4096).")
     p.add_argument("--batch-size", type=int, default=8, help="Capture batch size (default 8).")
@@ -626,11 +867,14 @@ def main(argv=None) -> int:
     p.add_argument("--mem-factor", type=int, default=4)
     p.add_argument("--skip", nargs="*", default=[], choices=["stats", "scaling", "memory", "capture", "profile"],
                    help="Sections to skip.")
-    p.add_argument("--wait", type=float, default=1200, help="Wait up to this many s for pytest / bench_capture to end.")
+    p.add_argument("--wait", type=float, default=1200,
+                   help="Seconds (in all) to wait for other heavy processes: before starting (pytest, bench_capture or "
+                        "any process above 30%% of a core) and before each timing (timings during which other processes "
+                        "used more than 0.15 cores are repeated, up to 3 times). Default 1200.")
     args = p.parse_args(argv)
     args.group_size = args.group_size or (4 if args.quick else 32)
-    n_small = args.small_samples or (24 if args.quick else 360)
-    n_wide = args.wide_samples or (4 if args.quick else 32)
+    n_small = args.small_samples or (24 if args.quick else 240)
+    n_wide = args.wide_samples or (4 if args.quick else 24)
 
     import numpy as np
     import torch
@@ -638,11 +882,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = dict(environment=bc.environment(), settings=dict(
+    res: dict = dict(environment=dict(bc.environment(), code=code_state()), settings=dict(
         quick=args.quick, batch_rows=args.batch_rows, small=dict(d=256, layers=9, samples=n_small),
         wide=dict(d=args.wide, layers=6, samples=n_wide), prefix_tokens=PREFIX, text_tokens_range=list(TEXT_RANGE),
         capture=dict(batch_size=args.batch_size, group_size=args.group_size), mem_factor=args.mem_factor))
     res["settings"]["wait"] = wait_quiet(args.wait)
+    global MON
+    MON = LoadMonitor()
+    WAIT_BUDGET[0] = max(0.0, args.wait - res["settings"]["wait"]["waited_s"])
+    res["settings"].update(max_other_cores=MAX_OTHER, retries=RETRIES)
     res["settings"]["load1_start"] = load1()
     log(f"environment: {res['environment']['cpu_model']}, {res['environment']['cores']} cores, load {load1()}")
 
@@ -665,68 +913,97 @@ def main(argv=None) -> int:
 
     res["widths"] = {}
     targets = []
+    best = lambda xs, key: min(x[key] for x in xs)  # noqa: E731  (external load only ever slows a run down)
     for w, lk_info in lakes.items():
         x = res["widths"][w] = dict(lake=lk_info)
+        L = len(lk_info["layers"])
         if "stats" not in args.skip:
             chunks, x["preload"] = preload(lk_info["path"], lk_info["layers"], args.batch_rows)
-            log(f"[d={w}] preloaded {x['preload']['rows']:,} text-token rows x {len(lk_info['layers'])} layers as float64 "
+            log(f"[d={w}] preloaded {x['preload']['rows']:,} text-token rows x {L} layers as float64 "
                 f"in {x['preload']['seconds']} s")
             baseline(chunks[:2], lk_info["layers"], 1)  # warm-up
-            x["baseline"], x["stats"], x["ratios"] = {}, {}, {}
+            runs = dict(baseline={1: [], 2: []}, stats={1: [], 2: []})
+            # interleaved so that drift in the shared machine's load weighs on each alike; best of two each
+            for kind, t in (("baseline", 1), ("stats", 1), ("baseline", 2), ("stats", 2), ("stats", 1), ("baseline", 1),
+                            ("stats", 2), ("baseline", 2)):
+                if kind == "baseline":
+                    r_ = watched(baseline, chunks, lk_info["layers"], t)
+                    log(f"[d={w}] baseline threads={t}: {r_['seconds']} s (cpu util {r_['cpu_util']}; other "
+                        f"processes {r_.get('other_load')})")
+                else:
+                    r_ = watched(stats_pass, lk_info["path"], t, 1, L, args.batch_rows,
+                                 out / "prof" / f"d{w}_t{t}_{kind}{len(runs[kind][t])}")
+                    log(f"[d={w}] stats threads={t}: wall "
+                        f"{r_['wall_seconds']} s, task {r_['task_seconds']} s, streaming {r_['stream_seconds']} s "
+                        f"(waited {r_['wait_seconds']} s, cpu util {r_['stream_cpu_util']}), finishing "
+                        f"{r_['finish_seconds']} s (layer_row {r_['layer_row_seconds']} s), blas {r_['blas']}; "
+                        f"other processes {r_.get('other_load')}")
+                runs[kind][t].append(r_)
+            del chunks
+            x["runs"] = {k: {str(t): v for t, v in d_.items() if v} for k, d_ in runs.items()}
+            x["summary"], x["ratios"] = {}, {}
             for t in (1, 2):
-                b = x["baseline"][str(t)] = baseline(chunks, lk_info["layers"], t)
-                log(f"[d={w}] baseline threads={t}: {b['seconds']} s (cpu util {b['cpu_util']})")
-                s = x["stats"][str(t)] = stats_pass(lk_info["path"], t, 1, len(lk_info["layers"]), args.batch_rows,
-                                                    out / "prof" / f"d{w}_t{t}")
-                log(f"[d={w}] stats threads={t}: wall {s['wall_seconds']} s, task {s['task_seconds']} s, streaming "
-                    f"{s['stream_seconds']} s (waited {s['wait_seconds']} s, cpu util {s['stream_cpu_util']}), "
-                    f"layer_row {s['layer_row_seconds']} s, blas {s['blas']}")
-                x["ratios"][str(t)] = {
-                    "baseline / stats wall": ratio(b["seconds"], s["wall_seconds"]),
-                    "baseline / stats task seconds": ratio(b["seconds"], s["task_seconds"]),
-                    "baseline / stats streaming phase": ratio(b["seconds"], s["stream_seconds"]),
+                passes = runs["stats"][t]
+                sm = x["summary"][str(t)] = dict(
+                    baseline_seconds=best(runs["baseline"][t], "seconds"),
+                    stream_seconds=best(passes, "stream_seconds"), wait_seconds=best(passes, "wait_seconds"),
+                    wall_seconds=best(runs["stats"][t], "wall_seconds"), task_seconds=best(runs["stats"][t], "task_seconds"),
+                    finish_seconds=best(runs["stats"][t], "finish_seconds"),
+                    layer_row_seconds=best(runs["stats"][t], "layer_row_seconds"),
+                    write_seconds=best(runs["stats"][t], "write_seconds"))
+                rt = x["ratios"][str(t)] = {
+                    "baseline / stats streaming phase": ratio(sm["baseline_seconds"], sm["stream_seconds"]),
+                    "baseline / stats task seconds": ratio(sm["baseline_seconds"], sm["task_seconds"]),
+                    "baseline / stats wall": ratio(sm["baseline_seconds"], sm["wall_seconds"]),
                 }
                 targets.append(dict(target=f"[d={w}] threads={t}: stats streaming phase >= 0.8x in-memory updates",
-                                    met=x["ratios"][str(t)]["baseline / stats streaming phase"] >= 0.8))
+                                    met=rt["baseline / stats streaming phase"] >= 0.8))
                 targets.append(dict(target=f"[d={w}] threads={t}: stats whole pass (wall) >= 0.8x in-memory updates",
-                                    met=x["ratios"][str(t)]["baseline / stats wall"] >= 0.8))
-            del chunks
-            x["read_profile"] = read_profile(lk_info["path"], lk_info["layers"], args.batch_rows)
+                                    met=rt["baseline / stats wall"] >= 0.8))
+            x["read_profile"] = watched(read_profile, lk_info["path"], lk_info["layers"], args.batch_rows)
             log(f"[d={w}] read profile: {x['read_profile']}")
         if "scaling" not in args.skip:
-            runs = {}
-            for k in (1, 2, 1, 2):  # alternating, mean of two each
-                runs.setdefault(k, []).append(stats_pass(lk_info["path"], 1, k, 1, args.batch_rows,
-                                                         out / "prof" / f"d{w}_w{k}_{len(runs.get(k, []))}"))
+            runs = {1: [], 2: []}
+            for k in ((1, 2, 1, 2) if int(w) <= 512 else (1, 2)):  # alternating; best of two where cheap
+                runs[k].append(watched(stats_pass, lk_info["path"], 1, k, 1, args.batch_rows,
+                                       out / "prof" / f"d{w}_w{k}_{len(runs[k])}"))
                 log(f"[d={w}] stats workers={k} threads=1 tile_layers=1: wall {runs[k][-1]['wall_seconds']} s, "
-                    f"{runs[k][-1]['tiles']} tiles, span {runs[k][-1]['tasks_span_seconds']} s")
-            w1 = sum(r_["wall_seconds"] for r_ in runs[1]) / len(runs[1])
-            w2 = sum(r_["wall_seconds"] for r_ in runs[2]) / len(runs[2])
-            durs = [t_["seconds"] for t_ in runs[1][0]["tasks"]]
+                    f"{runs[k][-1]['tiles']} tiles, task seconds {runs[k][-1]['task_seconds']}, span "
+                    f"{runs[k][-1]['tasks_span_seconds']} s; other processes {runs[k][-1].get('other_load')}")
+            w1, w2 = best(runs[1], "wall_seconds"), best(runs[2], "wall_seconds")
+            one = min(runs[1], key=lambda r_: r_["wall_seconds"])
+            two = min(runs[2], key=lambda r_: r_["wall_seconds"])
+            durs = [t_["seconds"] for t_ in one["tasks"]]
             x["scaling"] = dict(
-                tiles=runs[1][0]["tiles"], wall_1_worker=round(w1, 2), wall_2_workers=round(w2, 2),
-                speedup_wall=ratio(w1, w2),
-                speedup_task_span=ratio(sum(r_["tasks_span_seconds"] for r_ in runs[1]),
-                                        sum(r_["tasks_span_seconds"] for r_ in runs[2])),
+                tiles=one["tiles"], wall_1_worker=w1, wall_2_workers=w2, speedup_wall=ratio(w1, w2),
+                speedup_task_span=ratio(best(runs[1], "tasks_span_seconds"), best(runs[2], "tasks_span_seconds")),
                 ideal_speedup_from_1_worker_tasks=ratio(sum(durs), list_schedule(durs, 2)),
-                task_seconds_1_worker=round(sum(r_["task_seconds"] for r_ in runs[1]) / len(runs[1]), 2),
-                task_seconds_2_workers=round(sum(r_["task_seconds"] for r_ in runs[2]) / len(runs[2]), 2),
+                cores_used_1_worker=one["cores_used"], cores_used_2_workers=two["cores_used"],
+                cpu_bound_speedup_limit=ratio(2.0, one["cores_used"]),
+                task_seconds_1_worker=one["task_seconds"], task_seconds_2_workers=two["task_seconds"],
+                task_inflation_in_parallel=ratio(two["task_seconds"], one["task_seconds"]),
+                second_worker_start_s=two["worker_start_offsets_s"][-1] if len(two["worker_start_offsets_s"]) > 1 else None,
                 runs={str(k): v for k, v in runs.items()})
             targets.append(dict(target=f"[d={w}] 2 workers >= 1.6x one (wall)", met=x["scaling"]["speedup_wall"] >= 1.6))
+    if "scaling" not in args.skip:
+        res["machine_ceiling"] = watched(machine_ceiling, dict(dgemm_2048=3 if args.quick else 12,
+                                                               updates_d256=3 if args.quick else 12))
+        log(f"machine ceiling (two processes at once vs one): {res['machine_ceiling']}")
 
     # 3. memory
     if "memory" not in args.skip:
         d, L, n = specs["256"]
         m = res["memory"] = dict(width=d)
-        for label, rep in (("1x", 1), (f"{args.mem_factor}x", args.mem_factor)):
-            info = synth_lake(out / f"lake_mem_{label}", d, L, n, repeat=rep)
-            log(f"memory: stats subprocess on the {label} lake ({info['tokens']:,} tokens) ...")
-            r_ = stats_subprocess_memory(info["path"], out / f"stats_mem_{label}.log", threads=1)
+        big = synth_lake(out / f"lake_mem_{args.mem_factor}x", d, L, n, repeat=args.mem_factor)
+        log(f"memory: {args.mem_factor}x lake: {big['samples']} samples, {big['tokens']:,} tokens in {big['seconds']} s")
+        for label, info in (("1x", lakes["256"]), ("4x", big)):
+            log(f"memory: tourray stats subprocess on the {label} lake ({info['tokens']:,} tokens) ...")
+            r_ = watched(stats_subprocess_memory, info["path"], out / f"stats_mem_{label}.log", threads=1)
             r_.update(tokens=info["tokens"], text_tokens=info["text_tokens"], samples=info["samples"])
-            m["4x" if rep > 1 else "1x"] = r_
+            m[label] = r_
             log(f"memory {label}: task worker peak {r_['task_worker_peak_mib']} MiB, driver {r_['driver_peak_mib']} MiB, "
                 f"{r_['wall_seconds']} s")
-            shutil.rmtree(info["path"], ignore_errors=True)
+        shutil.rmtree(big["path"], ignore_errors=True)
         m["ratio_worker"] = ratio(m["4x"]["task_worker_peak_mib"], m["1x"]["task_worker_peak_mib"])
         m["ratio_driver"] = ratio(m["4x"]["driver_peak_mib"], m["1x"]["driver_peak_mib"])
         targets.append(dict(target=f"stats task peak memory at {args.mem_factor}x within 1.2x of 1x",
@@ -737,17 +1014,23 @@ def main(argv=None) -> int:
         c = res["capture"] = capture_section(args, out)
         c["ratio_inline_plain"] = ratio(c["inline_steady_tokens_per_s"], c["plain_tokens_per_s"])
         c["ratio_stored_plain"] = ratio(c["stored_steady_tokens_per_s"], c["plain_tokens_per_s"])
+        c["ratio_inline_plain_best"] = ratio(c["inline_best_steady_tokens_per_s"], c["plain_best_tokens_per_s"])
+        c["ratio_stored_plain_best"] = ratio(c["stored_best_steady_tokens_per_s"], c["plain_best_tokens_per_s"])
         c["ratio_inline_plain_cpu"] = ratio(c["inline_steady_tokens_per_actor_cpu_s"], c["plain_tokens_per_cpu_s"])
-        targets.append(dict(target="capture with inline stats (store none) >= 0.8x plain forward (steady)",
+        targets.append(dict(target="capture with inline stats (store none) >= 0.8x plain forward (steady, means)",
                             met=bool(c["ratio_inline_plain"] and c["ratio_inline_plain"] >= 0.8)))
+        targets.append(dict(target="capture with inline stats (store none) >= 0.8x plain forward (steady, best runs)",
+                            met=bool(c["ratio_inline_plain_best"] and c["ratio_inline_plain_best"] >= 0.8)))
         import ray
 
         ray.shutdown()
         if "profile" not in args.skip:
-            c["sink_profile"] = profile_inline_sink(out, args)
+            c["sink_profile"] = watched(profile_inline_sink, out, args)
             log(f"inline sink profile: {c['sink_profile']}")
     res["targets"] = targets
     res["settings"]["load1_end"] = load1()
+    if MON is not None:
+        res["settings"]["other_load_whole_run"] = MON.window(MON.samples[0][0] - 1, time.time()) if MON.samples else None
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print()
     print(fmt_table(res))

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
 
     print(f"== 5. layer statistics (tourray stats --run {run} --pairs all)")
     st = run_stats(cfg.stats, progress=False)["sites"]["resid_post"]
+    con = connect(lake)  # a connection sees the table versions of when it was opened: reopen
     print(f"{len(st['layers'])} layers, {st['pairs']} pairs: {st['reused_layers']} layers and {st['reused_pairs']} pairs "
           f"reused from the capture's inline statistics, {st['tiles']} Ray task(s)")
     latest = "QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY created_at DESC) = 1"

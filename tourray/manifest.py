@@ -62,9 +62,15 @@ def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
 
 
 def model_revision(model: str, revision: str | None) -> str:
-    """Hub commit for hub models; sha256 of config + weight files for a local folder."""
+    """Hub commit for hub models; `gguf-sha256:<hex>` for a folder `tourray model import-gguf` wrote
+    (its files as the import left them); else sha256 of config + weight files for a local folder."""
     path = Path(model)
     if path.is_dir():
+        from tourray.models import folder_files, read_provenance
+
+        rec = read_provenance(path)
+        if rec is not None and rec.get("files") == folder_files(path):
+            return "gguf-sha256:" + rec["gguf_sha256"]
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
             if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith("tokenizer"):

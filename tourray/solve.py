@@ -176,6 +176,18 @@ def pca(m: Moments, k: int | None = None) -> PCA:
                mean=np.asarray(m.mean, dtype=np.float64))
 
 
+def spectrum(m: Moments) -> PCA:
+    """The PCA spectrum alone (eigenvalues, explained curve, effective rank; no components): what a
+    `layer_stats` row keeps. ``eigvalsh`` skips the eigenvectors, ~3x cheaper than ``eigh`` at d=2048."""
+    m = _check_one(m)
+    lam = np.clip(np.linalg.eigvalsh(_sym(m.m2 / m.w))[::-1], 0.0, None)
+    total, sq = lam.sum(), (lam * lam).sum()
+    return PCA(components=np.empty((m.d, 0)), eigenvalues=lam,
+               explained=np.cumsum(lam) / total if total > 0 else np.full(m.d, np.nan),
+               effective_rank=float(total * total / sq) if sq > 0 else float("nan"),
+               mean=np.asarray(m.mean, dtype=np.float64))
+
+
 def cka(m_a: Moments, m_b: Moments, x: CrossMoments) -> float:
     """Exact linear CKA of two aligned streams over all their tokens.
 

@@ -68,7 +68,8 @@ class LakeView(lance.LanceDataset):
 
 
 def connect(lake: str | Lake, database: str = ":memory:"):
-    """A DuckDB connection with one view per lake table (runs, samples, tokens, activations, blocks)."""
+    """A DuckDB connection with one view per lake table. Each view reads the table version current
+    when the connection was opened (a consistent snapshot): open a new one to see later commits."""
     import duckdb
 
     lake = lake if isinstance(lake, Lake) else Lake(lake)
@@ -77,8 +78,17 @@ def connect(lake: str | Lake, database: str = ":memory:"):
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     con = duckdb.connect(database)
     for t in tables:
-        con.register(t, LakeView(lake.dataset(t)))
+        ds = lake.dataset(t)
+        # only tables with vectors need the converting view; the others are scanned by DuckDB's own
+        # Arrow dataset scan (no Python in the loop: token_layers, tokens, samples read ~1.5x faster)
+        con.register(t, LakeView(ds) if any(_needs_view(f.type) for f in ds.schema) else ds)
     return con
+
+
+def _needs_view(t: pa.DataType) -> bool:
+    """Types DuckDB cannot read from Arrow (half floats, Lance's bfloat16) or that tourray always
+    shows as FLOAT[d] (fixed-size lists)."""
+    return pa.types.is_fixed_size_list(t) or pa.types.is_float16(t) or isinstance(t, pa.ExtensionType)
 
 
 def query_file(name: str) -> Path:

@@ -95,8 +95,11 @@ def test_killed_group_is_recounted_once(qwen3_model, corpus_dir, tmp_path, ray_s
     whole = latest(lake, "layer_stats", "capture", layer=1, site="resid_post")
     # a kill after a group's statistics were committed but before its samples row: drop the samples
     # rows of one group, as if that commit never happened
+    import json
+
     lk = Lake(lake)
-    victims = lk.read("samples", ["sample_id"]).column(0).to_pylist()[-2:]
+    part = lk.read("moments", ["sources"], filter="kind = 'layer_part'").column(0)[0].as_py()
+    victims = json.loads(part)["group"]  # the samples of one capture group
     lk.dataset("samples").delete("sample_id IN ({})".format(", ".join(f"'{v}'" for v in victims)))
     s = capture(qwen3_model, corpus_dir, lake, store="none", layers="embed,0-2")
     assert s["captured"] == 2

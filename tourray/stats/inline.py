@@ -109,7 +109,7 @@ def finalize(lake: lk.Lake, run: str) -> dict:
     pair, mlp, head), keyed like `tourray stats` output so that it reuses them. Streams the parts one
     row at a time: memory is one accumulator per key."""
     from tourray.solve import cka
-    from tourray.stats.tasks import _provenance, layer_row, moments_from_row, moments_row, moments_table
+    from tourray.stats.tasks import _provenance, layer_row, moment_rows, moments_from_row, moments_row, moments_table
 
     q = lk.sql_quote(run)
     samples = complete_samples(lake, run)
@@ -118,9 +118,9 @@ def finalize(lake: lk.Lake, run: str) -> dict:
     merged: dict[tuple, object] = {}
     groups = set()
     for batch in lake.scan("moments", filter=f"run = {q} AND kind LIKE '%_part'", batch_rows=1):
-        for r in batch.to_pylist():
+        for r, matrix in moment_rows(batch):
             k = (r["kind"], r["layer_a"], r["layer_b"], r["site"])
-            m = moments_from_row(r)
+            m = moments_from_row(r, matrix)
             merged[k] = merged[k].merge(m) if k in merged else m
             groups.add(r["source"])
     if not merged:

@@ -233,9 +233,9 @@ def _provenance(sources: dict) -> dict:
 
 def layer_row(key: dict, m: Moments, origin: str, prov: dict) -> dict:
     """A `layer_stats` row from merged moments (the PCA spectrum when the covariance is full)."""
-    from tourray.solve import pca
+    from tourray.solve import spectrum as pca_spectrum
 
-    spectrum = pca(m) if m.full else None
+    spectrum = pca_spectrum(m) if m.full else None
     var, absm, zero = m.var, m.abs_mean, m.frac_near_zero
     return dict(key, origin=origin, n_tokens=m.n, weight_sum=m.w, mean_norm=m.mean_norm, rms=m.rms,
                 channel_mean=m.mean.tolist(), channel_var=var.tolist(), channel_absmax=m.absmax.tolist(),
@@ -264,10 +264,21 @@ def moments_row(key: dict, kind: str, layer_a: int, layer_b: int, m: Moments | C
                 matrix=pa.array(np.ascontiguousarray(matrix).reshape(-1)), extra=json.dumps(extra), **prov)
 
 
-def moments_from_row(r: dict) -> Moments | CrossMoments:
+def moment_rows(t: pa.Table | pa.RecordBatch):
+    """(row without its matrix, matrix as float64 numpy) for each row of a `moments` table: the matrix
+    is converted in Arrow, never as millions of Python floats."""
+    for i in range(t.num_rows):
+        one = t.slice(i, 1)
+        mat = one.column("matrix")
+        mat = (mat.combine_chunks() if isinstance(mat, pa.ChunkedArray) else mat).flatten().to_numpy()
+        r = pa.Table.from_batches([one]) if isinstance(one, pa.RecordBatch) else one
+        yield r.drop_columns(["matrix"]).to_pylist()[0], mat
+
+
+def moments_from_row(r: dict, matrix: np.ndarray) -> Moments | CrossMoments:
     extra = json.loads(r["extra"])
     shape = (r["d_a"], r["d_b"]) if r["full"] else (r["d_a"],)
-    matrix = np.asarray(r["matrix"], np.float64).reshape(shape)
+    matrix = np.asarray(matrix, np.float64).reshape(shape)
     if r["kind"] in ("pair", "pair_part"):
         return CrossMoments(r["d_a"], r["d_b"], n=r["n_tokens"], w=r["weight_sum"], mean_a=np.asarray(r["mean_a"]),
                             mean_b=np.asarray(r["mean_b"]), m_ab=matrix, **extra)
@@ -277,10 +288,15 @@ def moments_from_row(r: dict) -> Moments | CrossMoments:
 
 
 def moments_table(rows: list[dict]) -> pa.Table:
+    """`moments` rows as a table; the matrices become one large_list column by concatenating their
+    float64 arrays (pa.array over a list of arrays would convert element by element)."""
     s = lk.schema("moments")
-    cols = {f.name: [r[f.name] for r in rows] for f in s}
-    cols["matrix"] = pa.array([r["matrix"] for r in rows], s.field("matrix").type) if rows else pa.array([], s.field("matrix").type)
-    return pa.table(cols, schema=s)
+    mats = [r["matrix"] for r in rows]
+    offsets = np.cumsum([0] + [len(m) for m in mats], dtype=np.int64)
+    values = pa.concat_arrays(mats) if mats else pa.array([], pa.float64())
+    cols = {f.name: [r[f.name] for r in rows] for f in s if f.name != "matrix"}
+    cols["matrix"] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    return pa.table([cols[f.name] for f in s], schema=s)
 
 
 def read_moments(lake: lk.Lake, run: str, site: str, selection: str, source: str, kind: str,
@@ -288,14 +304,14 @@ def read_moments(lake: lk.Lake, run: str, site: str, selection: str, source: str
     """Merged moments from the lake (parts merged exactly), or None when none are stored."""
     layer_b = layer_a if layer_b is None else layer_b
     w = _where(run, site, selection, source) + f" AND layer_a = {layer_a} AND layer_b = {layer_b}"
-    rows = lake.read("moments", filter=w + f" AND kind IN ({lk.sql_quote(kind)}, {lk.sql_quote(kind + '_part')})").to_pylist()
-    whole = [r for r in rows if r["kind"] == kind]
+    rows = list(moment_rows(lake.read("moments", filter=w + f" AND kind IN ({lk.sql_quote(kind)}, {lk.sql_quote(kind + '_part')})")))
+    whole = [r for r in rows if r[0]["kind"] == kind]
     parts = whole[-1:] or rows
     if not parts:
         return None
-    out = moments_from_row(parts[0])
+    out = moments_from_row(*parts[0])
     for r in parts[1:]:
-        out = out.merge(moments_from_row(r))
+        out = out.merge(moments_from_row(*r))
     return out
 
 
