@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py
+	$(BIN)/python bench/bench_stats.py
 
 clean-lake:
 	rm -rf lake/*.lance reports
