@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench clean-lake
+.PHONY: setup demo test bench bench-stats clean-lake
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py
+	$(BIN)/python bench/bench_stats.py
+
+bench-stats: $(STAMP)
 	$(BIN)/python bench/bench_stats.py
 
 clean-lake:
