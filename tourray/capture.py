@@ -135,6 +135,7 @@ class CaptureStage(Stage):
         rows = batch.to_pylist()
         enc = [self.fmt.encode(r["text"], cfg.max_length) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(enc[i].input_ids))
+        spans = [self._text_span(e) for e in enc]  # once per sample: the inline sink and `samples` use them
         tokens, layer_rows, blocks, nbytes = [], [], [], [0]
 
         def activation_batches() -> Iterator[pa.RecordBatch]:
@@ -142,7 +143,7 @@ class CaptureStage(Stage):
             for a in range(0, len(order), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
                 sink = None if self.inline is None else \
-                    (lambda t, n, idx=idx: self.inline(t, n, [self._text_span(enc[i]) for i in idx]))
+                    (lambda t, n, idx=idx: self.inline(t, n, [spans[i] for i in idx]))
                 for i, cap in zip(idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink)):
                     sid, e = rows[i]["sample_id"], enc[i]
                     if cap.not_finite:
@@ -185,14 +186,14 @@ class CaptureStage(Stage):
             "pos_end": pa.array([b[4] for b in blocks], pa.int32()),
             "sha256": [b[5] for b in blocks],
         }, schema=self.schemas["blocks"]), self.schemas["blocks"]) if blocks else []
-        spans = np.array([self._text_span(e) for e in enc], np.int32).reshape(-1, 2)
+        span_arr = np.array(spans, np.int32).reshape(-1, 2)
         samples = pa.table({
             "run": [run] * len(rows),
             **{c: [r[c] for r in rows] for c in ("sample_id", "source", "category", "text", "sha256")},
             "n_tokens": pa.array([len(e.input_ids) for e in enc], pa.int32()),
             "truncated": [e.truncated for e in enc],
-            "text_start": pa.array(spans[:, 0]),
-            "text_end": pa.array(spans[:, 1]),
+            "text_start": pa.array(span_arr[:, 0]),
+            "text_end": pa.array(span_arr[:, 1]),
         }, schema=self.schemas["samples"])
         if self.inline is not None:  # this group's partial statistics, committed with it
             parts = self.inline.part_rows(run, [r["sample_id"] for r in rows])

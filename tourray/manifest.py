@@ -6,6 +6,7 @@ and prompt it saw, the code that ran, and each capture's summary. Stored as the 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -142,7 +143,9 @@ def run_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The checkout's commit (two git subprocesses), once per process: statistics rows ask per group."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
