@@ -225,3 +225,42 @@ def test_token_only_capture_writes_no_vectors(qwen3_model, corpus_dir, tmp_path,
     tokens = lk.read("tokens")
     assert tokens.num_rows == sum(lk.read("samples").column("n_tokens").to_pylist())
     assert tokens.column("surprisal").null_count == 6  # only pos 0 of each sample
+
+
+def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tmp_path, ray_session):
+    """tokens.kl_ref against an independent float64 recomputation (1e-4 nats); zero against itself;
+    every text token classed; a reference with another tokenizer refused before anything is written."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "perturbed"
+    shutil.copytree(qwen3_model, other)
+    m = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    m.save_pretrained(other)
+    capture(other, corpus_dir, tmp_path / "lake", run="v", layers="none", reference=str(qwen3_model))
+    capture(qwen3_model, corpus_dir, tmp_path / "lake", run="self", layers="none", reference=str(qwen3_model))
+    lake = Lake(str(tmp_path / "lake"))
+    tok = lake.read("tokens", filter="run = 'v'")
+    s = lake.read("samples", filter="run = 'v'").to_pylist()[0]
+    t = tok.filter(pc.field("sample_id") == s["sample_id"]).sort_by("pos")
+    ids = torch.tensor(t.column("token_id").to_numpy().astype(np.int64))[None]
+    with torch.no_grad():
+        lp = [torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(input_ids=ids).logits[0]
+                                .double(), -1) for d in (qwen3_model, other)]
+    want = (lp[0].exp() * (lp[0] - lp[1])).sum(-1)[:-1].numpy()
+    got = t.column("kl_ref").to_numpy(zero_copy_only=False)
+    assert np.isnan(got[0]) and np.abs(got[1:] - want).max() < 1e-4 and want.mean() > 1e-3
+    self_kl = lake.read("tokens", ["kl_ref"], filter="run = 'self' AND kl_ref IS NOT NULL").column(0).to_numpy()
+    assert np.abs(self_kl).max() < 1e-5
+    classes = dict(zip(*np.unique(tok.column("token_class").drop_null().to_numpy(zero_copy_only=False),
+                                  return_counts=True)))
+    text = pc.equal(tok.column("segment"), "text")
+    assert set(classes) <= {"number", "proper", "word", "punct"} and {"number", "proper", "word"} <= set(classes)
+    assert pc.sum(text).as_py() == sum(classes.values())  # text tokens, and only they, have a class
+    before = lake_snapshot(tmp_path / "lake")
+    with pytest.raises(UserError, match="--reference .*tokenizer differs"):
+        capture(qwen3_model, corpus_dir, tmp_path / "lake", run="bad", layers="none", reference=str(llama_model))
+    assert lake_snapshot(tmp_path / "lake") == before

@@ -29,13 +29,15 @@ from pydantic import Field, field_validator
 from tourray import corpus, lake as lk
 from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.engine import INNER_SITES, Captured, HFEngine
-from tourray.manifest import ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row
+from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row,
+                              tokenizer_sha256)
 from tourray.prompt import SEGMENTS, Encoded, PromptFormat
 from tourray.errors import UserError
 from tourray.runtime import overlapped
 from tourray.stage import Stage
 from tourray.stats.inline import InlineStats, finalize, incomplete_parts
 from tourray.stats.tasks import moments_table
+from tourray.token_class import classify
 
 log = logging.getLogger("tourray")
 
@@ -52,6 +54,7 @@ class CaptureConfig(BaseConfig):
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI (s3://...).")
     engine: Engine = Field(Engine.hf, description="Runtime that runs the model: hf (transformers).")
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
+    reference: str | None = Field(None, description="Reference model (hub id or folder) run on the same tokens: tokens.kl_ref = KL(reference || model) per token, e.g. the original of a pruned --model. Must share the tokenizer.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of stored vectors: float16 halves the bytes of float32; bfloat16 keeps float32's range.")
     model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
@@ -111,7 +114,8 @@ class CaptureStage(Stage):
                                 cfg.user_prompt, cfg.chat_template)
         self.engine = HFEngine(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers,
                                cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
-                               inner_sites=tuple(INNER_SITES) if "moments" in cfg.stats else ())
+                               inner_sites=tuple(INNER_SITES) if "moments" in cfg.stats else (),
+                               reference=cfg.reference)
         self.inline = InlineStats(self.engine.keys, "pairs" in cfg.stats, self.engine.inner_keys,
                                   self.engine.num_heads) if cfg.stats else None
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
@@ -151,7 +155,7 @@ class CaptureStage(Stage):
                         raise UserError(
                             f"sample {rows[i]['source']} (id {sid}), layer {layer}, site {site}: values are not "
                             f"finite in {cfg.store_dtype.value}; use --store-dtype bfloat16 or float32")
-                    tokens.append(self._tokens_table(sid, e, cap))
+                    tokens.append(self._tokens_table(sid, rows[i]["text"], e, cap))
                     if cap.vectors:
                         layer_rows.append(self._token_layers_table(sid, cap))
                     for (layer, site), h in cap.vectors.items():
@@ -210,7 +214,7 @@ class CaptureStage(Stage):
             "bytes": [nbytes[0]],
         })
 
-    def _tokens_table(self, sid: str, e, cap: Captured) -> pa.Table:
+    def _tokens_table(self, sid: str, text: str, e: Encoded, cap: Captured) -> pa.Table:
         n = len(e.input_ids)
         in_text = e.char_start >= 0
         return pa.table({
@@ -224,6 +228,8 @@ class CaptureStage(Stage):
             "segment": [SEGMENTS[s] for s in e.segment],
             "surprisal": pa.array(cap.surprisal, mask=np.isnan(cap.surprisal)),
             "entropy": pa.array(cap.entropy, mask=np.isnan(cap.entropy)),
+            "token_class": classify(text, e.char_start, e.char_end),
+            "kl_ref": pa.nulls(n, pa.float32()) if cap.kl_ref is None else pa.array(cap.kl_ref, mask=np.isnan(cap.kl_ref)),
         }, schema=self.schemas["tokens"])
 
     @classmethod
@@ -320,6 +326,11 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     system_prompt = corpus.read_system_prompt(cfg.system_prompt)
     tok = load_tokenizer(cfg)
     info = inspect_model(cfg, tok)
+    if cfg.reference:  # KL per token compares the two models' distributions over one vocabulary
+        ref_tok = load_tokenizer(cfg.model_copy(update=dict(model=cfg.reference, tokenizer=None, revision=None)))
+        if tokenizer_sha256(ref_tok) != info.tokenizer_sha256:
+            raise UserError(f"--reference {cfg.reference}: its tokenizer differs from --model's "
+                            f"({cfg.tokenizer or cfg.model}); KL per token needs one tokenizer")
     layers = parse_layers(cfg.layers, info.num_layers)
     stored = layers if cfg.store.strip().lower() == "all" else parse_layers(cfg.store, info.num_layers)
     if extra := [l for l in stored if l not in layers]:

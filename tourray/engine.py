@@ -33,6 +33,7 @@ class Captured:
     entropy: np.ndarray                   # float32 [n], nan at pos 0
     vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
     not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
+    kl_ref: np.ndarray | None = None      # float32 [n] KL(reference || model), nan at pos 0 (with a reference)
 
 
 #: Hooked inputs of sub-modules, accumulated inline for width pruning but never stored as vectors:
@@ -62,7 +63,8 @@ class HFEngine:
 
     def __init__(self, model: str, revision: str | None, model_dtype: str, store_dtype: str,
                  layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu",
-                 store: list[int] | None = None, inner_sites: tuple[str, ...] = ()):
+                 store: list[int] | None = None, inner_sites: tuple[str, ...] = (), reference: str | None = None,
+                 reference_revision: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -71,6 +73,9 @@ class HFEngine:
         self.store = getattr(torch, store_dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=getattr(torch, model_dtype))
         self.model.to(self.device).eval()
+        # the reference (e.g. the unpruned original) runs on the same padded ids, for the per-token KL
+        self.reference = None if reference is None else AutoModelForCausalLM.from_pretrained(
+            reference, revision=reference_revision, dtype=getattr(torch, model_dtype)).to(self.device).eval()
         _, blocks = find_blocks(self.model, num_layers)
         self._buf: dict[tuple[int, str], object] = {}
         self.keys = []
@@ -127,17 +132,25 @@ class HFEngine:
             mask[i, : n[i]] = 1
         self._buf.clear()
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             if sink is not None:
                 sink(self._buf, n)
             store = {k: self._buf[k].to(self.store) for k in self.stored_keys}
+            self._buf.clear()
+            ref = None if self.reference is None else \
+                self.reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            if ref is not None and ref.shape[-1] != logits.shape[-1]:
+                raise UserError(f"--reference: its vocabulary has {ref.shape[-1]} logits, the model {logits.shape[-1]}: "
+                                "the two must share one tokenizer and LM head width")
             out = []
             for i, length in enumerate(n):
-                s, e = surprisal_entropy(logits[i, :length], ids[i, :length].to(self.device))
+                s, e = surprisal_entropy(logits[i, :length], ids[i, :length])
                 vecs = {k: v[i, :length].cpu().numpy() if self.store != torch.bfloat16
                         else v[i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
                         for k, v in store.items()}
-                out.append(Captured(s, e, vecs))
+                kl = None if ref is None else kl_divergence(ref[i, :length], logits[i, :length])
+                out.append(Captured(s, e, vecs, kl_ref=kl))
             for k, v in store.items():
                 finite = torch.isfinite(v).all(-1)  # [B, T]
                 for i, length in enumerate(n):
@@ -161,3 +174,19 @@ def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.nda
         s[a + 1 : b + 1] = -lp.gather(1, ids[a + 1 : b + 1, None])[:, 0].cpu()
         e[a + 1 : b + 1] = -(lp.exp() * lp).sum(-1).cpu()
     return s.numpy(), e.numpy()
+
+
+def kl_divergence(ref_logits, logits, chunk: int = 512) -> np.ndarray:
+    """KL(p_ref || p) in nats per position, from float32 log-softmaxes of both models' full logits,
+    aligned like `surprisal_entropy`: position t holds the KL of the distributions that predicted
+    token t (nan at position 0)."""
+    import torch
+
+    n = logits.shape[0]
+    kl = torch.full((n,), float("nan"))
+    for a in range(0, n - 1, chunk):
+        b = min(n - 1, a + chunk)
+        lr = torch.log_softmax(ref_logits[a:b].float(), dim=-1)
+        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
+        kl[a + 1 : b + 1] = (lr.exp() * (lr - lp)).sum(-1).clamp_min(0).cpu()
+    return kl.numpy()

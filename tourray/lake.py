@@ -152,6 +152,13 @@ class Lake:
             for f in expected
             if f.name not in have.names or not same_type(have.field(f.name).type, f.type)
         ]
+        old_v = (have.metadata or {}).get(b"tourray.schema_version", b"1").decode()
+        new_v = (expected.metadata or {}).get(b"tourray.schema_version", b"1").decode()
+        if diffs and old_v != new_v:
+            raise UserError(
+                f"table {self.uri(table)} was written by an older tourray (schema version {old_v}, this one writes "
+                f"version {new_v}: {'; '.join(diffs)}); use a new --lake, or delete that lake to recapture it"
+            )
         if diffs:
             raise UserError(
                 f"table {self.uri(table)} does not match this capture ({'; '.join(diffs)}). One lake "

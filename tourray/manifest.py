@@ -107,6 +107,8 @@ def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, sys
         samples={s.source: s.sha256 for s in samples},
         versions=library_versions(),
     )
+    if cfg.reference:
+        manifest["reference_revision"] = model_revision(cfg.reference, None)
     return dict(
         run=cfg.run, model=cfg.model, model_revision=info.model_revision,
         tokenizer=cfg.tokenizer or cfg.model, tokenizer_sha256=info.tokenizer_sha256,
@@ -128,10 +130,12 @@ def run_changes(old: dict, new: dict) -> list[str]:
     """Human-readable differences between a stored run and the one asked for."""
     out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY if old[k] != new[k]]
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
-    for k, default in (("store", "all"), ("stats", [])):  # what is stored and accumulated must not change mid-run
+    for k, default in (("store", "all"), ("stats", []), ("reference", None)):  # what is stored and accumulated must not change mid-run
         a, b = om["config"].get(k, default), nm["config"].get(k, default)
         if a != b:
             out.append(f"{k}: {a!r} in the lake, {b!r} now")
+    if om.get("reference_revision") != nm.get("reference_revision"):
+        out.append(f"reference model revision: {om.get('reference_revision')} in the lake, {nm.get('reference_revision')} now")
     if om["prompt"] != nm["prompt"]:
         out.append(f"prompt format: {om['prompt']} in the lake, {nm['prompt']} now")
     a, b = om["samples"], nm["samples"]
