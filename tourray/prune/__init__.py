@@ -1,0 +1,8 @@
+"""Depth pruning from lake evidence: plans (`plan`), the linear patch (`patch`), checkpoint surgery
+(`checkpoint`), `apply`, evaluation against the unpruned model (`verdict`) and the sweep (`sweep`)."""
+
+from tourray.prune.apply import ApplyConfig, run_apply
+from tourray.prune.plan import BLIND, EVIDENCE, METHODS, PlanConfig, make_plan, read_plan, spans, write_plan
+
+__all__ = ["ApplyConfig", "BLIND", "EVIDENCE", "METHODS", "PlanConfig", "make_plan", "read_plan", "run_apply",
+           "spans", "write_plan"]
