@@ -2,10 +2,12 @@
 
     python jobs/demo.py --config jobs/configs/demo.yaml [--run NAME]
 
-1. train (or reuse) the demo model; 2. capture samples/ into the lake through Ray, with inline
-statistics; 3. verify the lake; 4. per-layer similarity and per-category perplexity through SQL,
-printed and plotted; 5. layer statistics: effective rank per layer, all-pairs CKA heatmap and the
-angular-distance curve.
+1. import SmolLM2-135M-Instruct (or build the demo Qwen3: `model: demo`); 2. capture a named subset
+of the corpus into the lake through Ray, with inline statistics: the evidence; 3. verify the lake;
+4. per-layer similarity through SQL, printed and plotted; 5. layer statistics: effective rank per
+layer, all-pairs CKA heatmap and the angular-distance curve; 6. the pruning sweep: plans from the
+evidence, pruned (and patched) checkpoints, each judged on held-out texts against the original,
+the verdict table, plots and generations in reports/prune_<run>.md.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from tourray.capture import run_capture
 from tourray.cli import guarded, print_result
-from tourray.demo_model import DemoConfig, build_demo_model
+from tourray.demo_model import DemoConfig
 from tourray.report import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
 from tourray.sql import connect, query_file, run_query
 from tourray.stats.tasks import run_stats
@@ -31,13 +33,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = DemoConfig.from_yaml(args.config)
     if args.run:
-        cfg.capture.run = cfg.stats.run = args.run
-    run, lake = cfg.capture.run, cfg.capture.lake
+        cfg.capture.run = args.run
+        for section in (cfg.stats, cfg.sweep):
+            if section is not None:
+                section.run = args.run
+    run, lake, reports = cfg.capture.run, cfg.capture.lake, Path(cfg.reports)
 
-    print("== 1. demo model")
-    cfg.capture.model = str(build_demo_model(cfg.demo_model))
+    print(f"== 1. model ({cfg.model})")
+    print(cfg.resolve_model())
 
-    print(f"== 2. capture {cfg.capture.samples} -> {lake} (run {run})")
+    print(f"== 2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run})")
     s = run_capture(cfg.capture)
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
@@ -46,33 +51,45 @@ def main(argv=None) -> int:
     print(f"{checked} blocks checked: {'all match' if not problems else problems}")
 
     con = connect(lake)
-    reports = Path(cfg.reports)
-    for name, plot in (("layer_similarity", layer_similarity_plot), ("perplexity_by_category", perplexity_plot)):
+    queries = [("layer_similarity", layer_similarity_plot)] + [("perplexity_by_category", perplexity_plot)] * (cfg.sweep is None)
+    for name, plot in queries:
         sql = query_file(name).read_text()
         print(f"== 4. {name} (queries/{name}.sql)")
         print_result(con, sql, {"run": run}, "table")
         png = plot(run_query(con, sql, {"run": run}).to_arrow_table(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
         print(f"plot: {png}")
 
-    print(f"== 5. layer statistics (tourray stats --run {run} --pairs all)")
-    st = run_stats(cfg.stats, progress=False)["sites"]["resid_post"]
-    con = connect(lake)  # a connection sees the table versions of when it was opened: reopen
-    print(f"{len(st['layers'])} layers, {st['pairs']} pairs: {st['reused_layers']} layers and {st['reused_pairs']} pairs "
-          f"reused from the capture's inline statistics, {st['tiles']} Ray task(s)")
-    latest = "QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY created_at DESC) = 1"
-    sel = "run = $run AND site = 'resid_post' AND selection = $sel"
-    params = {"run": run, "sel": cfg.stats.selection.key()}
-    print_result(con, f"SELECT layer, n_tokens, round(effective_rank, 2) AS effective_rank, round(rms, 4) AS rms, "
-                      f"round(explained[16], 3) AS explained_by_16 FROM layer_stats WHERE {sel} "
-                      f"{latest.format(k='layer')} ORDER BY layer", params, "table")
-    pairs = run_query(con, f"SELECT layer_a, layer_b, cka, mean_angular FROM pair_stats WHERE {sel} "
-                           f"{latest.format(k='layer_a, layer_b')} ORDER BY layer_a, layer_b", params).to_arrow_table()
-    print(f"plot: {cka_heatmap(pairs, reports / f'{run}_cka.png', f'linear CKA, all layer pairs: run {run}')}")
-    consecutive = pairs.filter(pa.compute.equal(pairs["layer_b"], pa.compute.add(pairs["layer_a"], 1)))
-    print(f"plot: {angular_distance_plot(consecutive, reports / f'{run}_angular.png', f'consecutive layers: run {run}')}")
+    if cfg.stats is not None:
+        print(f"== 5. layer statistics (tourray stats --run {run} --pairs {cfg.stats.pairs})")
+        st = run_stats(cfg.stats, progress=False)["sites"]["resid_post"]
+        con = connect(lake)  # a connection sees the table versions of when it was opened: reopen
+        print(f"{len(st['layers'])} layers, {st['pairs']} pairs: {st['reused_layers']} layers and {st['reused_pairs']} pairs "
+              f"reused from the capture's inline statistics, {st['tiles']} Ray task(s)")
+        latest = "QUALIFY row_number() OVER (PARTITION BY {k} ORDER BY created_at DESC) = 1"
+        sel = "run = $run AND site = 'resid_post' AND selection = $sel"
+        params = {"run": run, "sel": cfg.stats.selection.key()}
+        print_result(con, f"SELECT layer, n_tokens, round(effective_rank, 2) AS effective_rank, round(rms, 4) AS rms, "
+                          f"round(explained[16], 3) AS explained_by_16 FROM layer_stats WHERE {sel} "
+                          f"{latest.format(k='layer')} ORDER BY layer", params, "table")
+        pairs = run_query(con, f"SELECT layer_a, layer_b, cka, mean_angular FROM pair_stats WHERE {sel} "
+                               f"{latest.format(k='layer_a, layer_b')} ORDER BY layer_a, layer_b", params).to_arrow_table()
+        print(f"plot: {cka_heatmap(pairs, reports / f'{run}_cka.png', f'linear CKA, all layer pairs: run {run}')}")
+        consecutive = pairs.filter(pa.compute.equal(pairs["layer_b"], pa.compute.add(pairs["layer_a"], 1)))
+        print(f"plot: {angular_distance_plot(consecutive, reports / f'{run}_angular.png', f'consecutive layers: run {run}')}")
+
+    if cfg.sweep is not None:
+        from tourray.prune.sweep import run_sweep, summary_lines
+
+        sw = cfg.sweep
+        print(f"== 6. pruning sweep (tourray prune sweep --run {run}): {', '.join(sw.methods)} x removed "
+              f"{sw.removed} x patch {sw.patch}, judged on {sw.eval_samples} {sw.eval_include or ''}")
+        out = run_sweep(sw)
+        print("\n".join(summary_lines(out)))
+        print(f"report: {out['report']}")
 
     print(f"\nOutputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "
-          f"plots in {reports.resolve()}.\nExplore: tourray runs --lake {lake} --run {run}; tourray sql --lake {lake} \"SELECT ...\"")
+          f"plots and reports in {reports.resolve()}.\nExplore: tourray runs --lake {lake} --run {run}; "
+          f"tourray sql --lake {lake} \"SELECT ...\"")
     return 0 if not problems else 1
 
 

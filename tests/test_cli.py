@@ -117,9 +117,10 @@ def test_skip_invalid_captures_the_good_and_lists_the_bad(base):
     assert sorted(Lake(str(lake)).read("samples").column("source").to_pylist()) == ["eval/x/b.txt", "train/a.txt"]
 
 
-@pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "model", "verify", "runs", "demo-model", "index"])
+@pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "model", "prune", "prune plan", "prune apply",
+                                     "prune verdict", "prune sweep", "generate", "verify", "runs", "demo-model", "index"])
 def test_help_exits_0(command):
-    p = tourray(*([command] if command else []), "--help", timeout=120)
+    p = tourray(*(command.split() if command else []), "--help", timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: tourray" + (f" {command}" if command else "")) and "Traceback" not in p.stderr
 
@@ -128,7 +129,8 @@ def test_every_subcommand_has_a_help_test():
     from tourray.cli import parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"capture", "sql", "stats", "solve", "model", "verify", "runs", "demo-model", "index"}
+    assert set(sub.choices) == {"capture", "sql", "stats", "solve", "model", "prune", "generate", "verify", "runs",
+                                "demo-model", "index"}
 
 
 HEAVY = ("torch", "transformers", "ray")

@@ -50,6 +50,7 @@ class CaptureConfig(BaseConfig):
 
     model: str = Field(description="Hub id (e.g. Qwen/Qwen3-0.6B) or local checkpoint folder.")
     samples: str = Field(description="Folder of UTF-8 .txt files (any depth), or one .txt file.")
+    include: list[str] | None = Field(None, description="Only texts whose path relative to --samples matches one of these globs (a named subset, e.g. 'train/rome__*,train/paris__*'); comma-separated.")
     run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Run name; re-running a name resumes it.")
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI (s3://...).")
     engine: Engine = Field(Engine.hf, description="Runtime that runs the model: hf (transformers).")
@@ -76,7 +77,7 @@ class CaptureConfig(BaseConfig):
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
 
-    @field_validator("sites", "stats", mode="before")
+    @field_validator("sites", "stats", "include", mode="before")
     @classmethod
     def _split_sites(cls, v):
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
@@ -322,7 +323,7 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     if in_ray_job() and "://" not in cfg.lake and not Path(cfg.lake).is_absolute():
         raise UserError(f"--lake {cfg.lake!r} is relative, but this is a Ray job running in a temporary copy of "
                         "the working dir: pass an absolute path or a URI (s3://...) so the lake outlives the job")
-    samples, skipped = corpus.load_samples(cfg.samples, cfg.skip_invalid)
+    samples, skipped = corpus.load_samples(cfg.samples, cfg.skip_invalid, cfg.include)
     system_prompt = corpus.read_system_prompt(cfg.system_prompt)
     tok = load_tokenizer(cfg)
     info = inspect_model(cfg, tok)
@@ -379,17 +380,24 @@ def prepare_lake(plan: Plan) -> set[str]:
     return done
 
 
+def _groups(plan: Plan, pending: list[corpus.Sample]) -> list[pa.Table]:
+    g = plan.cfg.group_size
+    return [corpus.to_table(pending[i : i + g]) for i in range(0, len(pending), g)]
+
+
+def _stage_kwargs(plan: Plan) -> dict:
+    return dict(cfg=plan.cfg, lake_root=plan.lake.root, layers=plan.layers, hidden_size=plan.info.hidden_size,
+                num_layers=plan.info.num_layers, stored=plan.stored)
+
+
 def build_capture(plan: Plan, pending: list[corpus.Sample]):
     """The lazy Ray Data pipeline: one block per group of samples -> CaptureStage actor pool."""
     import ray
 
     cfg = plan.cfg
-    groups = [corpus.to_table(pending[i : i + cfg.group_size]) for i in range(0, len(pending), cfg.group_size)]
-    return ray.data.from_arrow(groups).map_batches(
+    return ray.data.from_arrow(_groups(plan, pending)).map_batches(
         CaptureStage,
-        fn_constructor_kwargs=dict(cfg=cfg, lake_root=plan.lake.root, layers=plan.layers,
-                                   hidden_size=plan.info.hidden_size, num_layers=plan.info.num_layers,
-                                   stored=plan.stored),
+        fn_constructor_kwargs=_stage_kwargs(plan),
         batch_size=cfg.group_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
@@ -398,8 +406,17 @@ def build_capture(plan: Plan, pending: list[corpus.Sample]):
     )
 
 
-def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
-    """Plan, then capture what is missing, committing each group as its result arrives."""
+def local_capture(plan: Plan, pending: list[corpus.Sample]) -> Iterator[pa.Table]:
+    """The same stage run in this process, group by group: the executor for a capture that is itself
+    one Ray task (e.g. a pruning sweep's variant), where an actor pool per task would oversubscribe."""
+    stage = CaptureStage(**_stage_kwargs(plan))
+    for group in _groups(plan, pending):
+        yield stage(group)
+
+
+def run_capture(cfg: CaptureConfig, progress: bool = True, executor: Literal["ray", "local"] = "ray") -> dict:
+    """Plan, then capture what is missing, committing each group as its result arrives. `executor`
+    "local" runs the stage in this process instead of a Ray Data actor pool (same tables, same commits)."""
     from tqdm import tqdm
 
     from tourray.runtime import init_ray, user_error_in
@@ -414,13 +431,17 @@ def run_capture(cfg: CaptureConfig, progress: bool = True) -> dict:
              cfg.run, len(plan.samples), summary["already_done"], len(pending),
              compact_layers(plan.layers), ",".join(s.value for s in cfg.sites), cfg.store_dtype.value)
     if pending:
-        init_ray(cfg.address)
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
         t1 = time.perf_counter()
         try:
-            # prefetch_batches=0: commit each group as soon as it arrives (a prefetching iterator
-            # holds a result back until the next one, so a kill would lose two groups, not one)
-            results = build_capture(plan, pending).iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow")
+            if executor == "local":
+                results = local_capture(plan, pending)
+            else:
+                init_ray(cfg.address)
+                # prefetch_batches=0: commit each group as soon as it arrives (a prefetching iterator
+                # holds a result back until the next one, so a kill would lose two groups, not one)
+                results = build_capture(plan, pending).iter_batches(batch_size=None, prefetch_batches=0,
+                                                                    batch_format="pyarrow")
             for row in (r for b in results for r in b.to_pylist()):
                 frags = json.loads(row["fragments"])
                 for table in COMMIT_ORDER:

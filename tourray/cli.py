@@ -14,6 +14,7 @@ import sys
 import typing
 import warnings
 
+from tourray.config import BaseConfig
 from tourray.errors import UserError
 
 log = logging.getLogger("tourray")
@@ -46,6 +47,10 @@ EXAMPLES = {
     "prune apply": """examples:
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/bi6.json --out ckpt/smol-bi6
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/ang6.json --patch lstsq --out ckpt/smol-ang6-lstsq""",
+    "prune sweep": """examples:
+  python jobs/prune_sweep.py --config jobs/configs/prune_sweep.yaml         # the full sweep on SmolLM2
+  tourray prune sweep --model .cache/smollm2-135m-instruct --run smol --methods angular,reverse --removed 4,8
+  (verdict criteria: key `criteria:` of a --config YAML)""",
     "verify": "example:\n  tourray verify --lake lake --run demo",
     "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
     "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
@@ -63,6 +68,8 @@ def add_config_flags(p: argparse.ArgumentParser, model) -> None:
     """One flag per field of `model` (a BaseConfig): `store_dtype` -> `--store-dtype`."""
     p.add_argument("--config", metavar="FILE.yaml", help="Load fields from a YAML file; flags override it.")
     for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseConfig):
+            continue  # a nested config (e.g. the sweep's verdict criteria) is set in the YAML file
         flag = "--" + name.replace("_", "-")
         ann = typing.get_args(field.annotation) or (field.annotation,)
         default = field.default if field.default is not None else "none"
@@ -233,6 +240,16 @@ def cmd_prune_apply(args) -> int:
     return 0
 
 
+def cmd_prune_sweep(args) -> int:
+    from tourray.prune.sweep import SweepConfig, run_sweep
+
+    s = run_sweep(config_from_args(SweepConfig, args), progress=not args.no_progress)
+    passed = sum(v["verdict"]["passed"] for v in s["variants"])
+    print(f"{len(s['variants'])} variants ({passed} PASS) in {s['seconds']:.0f} s; the evidence predicted the cliff at "
+          f"{s['prediction']['predicted_cliff']} blocks removed. Report: {s['report']}")
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from tourray.demo_model import DemoModelConfig, build_demo_model
 
@@ -326,6 +343,15 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(prune_command("apply", cmd_prune_apply, "Write the pruned checkpoint of a plan (kept blocks "
                                    "renumbered, config, tokenizer, provenance), optionally with the linear patch."),
                      ApplyConfig)
+    from tourray.prune.verdict import add_verdict_parser
+
+    add_verdict_parser(psub)
+    from tourray.prune.sweep import SweepConfig
+
+    sp = prune_command("sweep", cmd_prune_sweep, "Plan, write, capture and judge many variants (methods x blocks "
+                       "removed x patch, random over seeds), one Ray task per variant; write reports/prune_<run>.md.")
+    add_config_flags(sp, SweepConfig)
+    sp.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
@@ -342,6 +368,9 @@ def parser() -> argparse.ArgumentParser:
     p = command("index", cmd_index, "Write or check samples/index.tsv (path, split, category, city, language, sha256).")
     p.add_argument("root", nargs="?", default="samples", help="Corpus root (default: samples).")
     p.add_argument("--check", action="store_true", help="Compare instead of writing; exit 1 on differences.")
+    from tourray.generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub, command)
     return top
 
 

@@ -62,9 +62,13 @@ def read_index(root: Path) -> dict[str, dict[str, str]]:
     return {r["path"]: r for r in rows}
 
 
-def load_samples(root: str | Path, skip_invalid: bool = False) -> tuple[list[Sample], list[str]]:
-    """Read every text under `root`. Returns (samples, skipped) where skipped names each bad file
+def load_samples(root: str | Path, skip_invalid: bool = False,
+                 include: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """Read every text under `root` (only those whose path relative to `root` matches one of the
+    `include` globs, when given). Returns (samples, skipped) where skipped names each bad file
     with its reason; raises UserError listing them all unless `skip_invalid`."""
+    from fnmatch import fnmatch
+
     root = Path(root)
     if not root.exists():
         raise UserError(f"--samples: {root} does not exist")
@@ -72,6 +76,11 @@ def load_samples(root: str | Path, skip_invalid: bool = False) -> tuple[list[Sam
     if not files:
         raise UserError(f"--samples: no .txt files under {root}")
     base = root if root.is_dir() else root.parent
+    if include:
+        files = [f for f in files if any(fnmatch(f.relative_to(base).as_posix(), g) for g in include)]
+        if not files:
+            raise UserError(f"--include {','.join(include)}: matches none of the texts under {root} "
+                            "(globs are matched against paths relative to --samples, e.g. 'train/rome__*')")
     index = read_index(root)
     samples, bad = [], []
     for path in files:

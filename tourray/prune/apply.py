@@ -38,9 +38,11 @@ def run_apply(cfg: ApplyConfig) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tourray.manifest import model_revision
-    from tourray.prune.checkpoint import fold_embedding_patch, fold_mlp_patch, remove_blocks, write_checkpoint
+    from tourray.prune.checkpoint import (check_out, fold_embedding_patch, fold_mlp_patch, remove_blocks,
+                                         write_checkpoint)
 
     t0 = time.perf_counter()
+    check_out(cfg.out)  # refuse a non-empty --out before the slow work
     try:
         num_layers = AutoConfig.from_pretrained(cfg.model).get_text_config().num_hidden_layers
     except (OSError, ValueError) as e:

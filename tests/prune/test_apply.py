@@ -1,0 +1,84 @@
+"""`prune apply` end to end (plan file -> patched checkpoint whose block before the span computes
+y + m T), its refusals, and a small sweep with two Ray tasks at once, resumed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import lake_snapshot
+from tourray.errors import UserError
+from tourray.lake import Lake
+from tourray.prune.apply import ApplyConfig, run_apply
+from tourray.prune.patch import solve_span
+from tourray.prune.plan import PlanConfig, make_plan, write_plan
+
+
+def test_apply_lstsq_folds_the_patch(prune_lake, qwen3_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plan = make_plan(PlanConfig(lake=str(prune_lake), run="full", method="reverse", remove=1))  # block 1
+    p = write_plan(plan, tmp_path / "plan.json")
+    s = run_apply(ApplyConfig(model=str(qwen3_model), plan=str(p), out=str(tmp_path / "ckpt"), patch="lstsq"))
+    assert s["num_layers"] == 2 and s["removed"] == [1] and s["patches"][0]["fold_into"] == 0
+    prov = json.loads((tmp_path / "ckpt" / "tourray_prune.json").read_text())
+    assert prov["removed"] == [1] and prov["plan"]["method"] == "reverse" and prov["patch"] == "lstsq"
+    t = solve_span(Lake(str(prune_lake)), "full", 1, 1).matrix
+    orig = AutoModelForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    ids = torch.randint(0, orig.config.vocab_size, (1, 17))
+    keep = {}
+    orig.model.layers[0].post_attention_layernorm.register_forward_pre_hook(lambda m, a: keep.update(y=a[0]))
+    orig.model.layers[0].mlp.register_forward_hook(lambda m, a, o: keep.update(m=o))
+    pruned.model.layers[0].register_forward_hook(lambda m, a, o: keep.update(out=o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        orig(input_ids=ids)
+        pruned(input_ids=ids)
+    want = keep["y"][0].double().numpy() + keep["m"][0].double().numpy() @ t
+    got = keep["out"][0].double().numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5  # float32 model, float64 reference
+
+
+def test_apply_refusals_write_nothing(prune_lake, qwen3_model, llama_model, tmp_path):
+    plan = write_plan(make_plan(PlanConfig(lake=str(prune_lake), run="bare", method="reverse", remove=1)), tmp_path / "p.json")
+    before = lake_snapshot(prune_lake)
+    with pytest.raises(UserError, match="capture the unpruned model with --sites resid_post,resid_mid"):
+        run_apply(ApplyConfig(model=str(qwen3_model), plan=str(plan), out=str(tmp_path / "a"), patch="lstsq"))
+    with pytest.raises(UserError, match="is for a model of 3 blocks"):
+        run_apply(ApplyConfig(model=str(llama_model), plan=str(plan), out=str(tmp_path / "b")))
+    (tmp_path / "p2.json").write_text(json.dumps({"removed": [0, 1, 2], "num_layers": 3}))
+    with pytest.raises(UserError, match="removes every one"):
+        run_apply(ApplyConfig(model=str(qwen3_model), plan=str(tmp_path / "p2.json"), out=str(tmp_path / "c")))
+    assert not any((tmp_path / d).exists() for d in "abc") and lake_snapshot(prune_lake) == before
+
+
+def test_sweep_two_tasks_at_once_and_resume(prune_lake, qwen3_model, corpus_dir, tmp_path, ray_session):
+    from tourray.prune.sweep import SweepConfig, run_sweep
+    from tourray.prune.verdict import Criteria
+
+    cfg = SweepConfig(model=str(qwen3_model), lake=str(prune_lake), run="full", eval_samples=str(corpus_dir / "eval"),
+                      methods=["block-influence", "reverse", "random"], removed=[1], patch=["none", "lstsq"], seeds=2,
+                      workers=2, cpus_per_task=0.5, workdir=str(tmp_path / "work"), reports=str(tmp_path / "reports"),
+                      criteria=Criteria(seen_category="seen"), batch_size=2)
+    s = run_sweep(cfg, progress=False)
+    names = [v["variant"] for v in s["variants"]]
+    assert names == ["block-influence-r1", "block-influence-r1-lstsq", "reverse-r1", "reverse-r1-lstsq",
+                     "random-r1-s0", "random-r1-s1"]
+    lk = Lake(str(prune_lake))
+    for v in s["variants"]:
+        assert lk.read("samples", ["sample_id"], filter=f"run = '{v['run']}'").num_rows == 2  # both eval texts
+        seen = next(c for c in v["comparison"] if c["category"] == "seen")
+        assert seen["ppl_ratio"] > 0 and seen["mean_kl"] > 0 and isinstance(v["verdict"]["passed"], bool)
+    assert not any((tmp_path / "work" / "full" / n).exists() for n in names)  # checkpoints deleted
+    md = (tmp_path / "reports" / "prune_full.md").read_text()
+    assert "Predicted cliff" in md and "| reverse-r1-lstsq |" in md and "Which method won" in md
+    assert (tmp_path / "reports" / "prune_full_ppl_ratio.png").stat().st_size > 0
+    before = lake_snapshot(prune_lake)
+    again = run_sweep(cfg, progress=False)  # complete variants are judged again from the lake, not recomputed
+    after = lake_snapshot(prune_lake)
+    assert after.pop("runs.lance")[0] == before.pop("runs.lance")[0]  # the baseline's re-run only logs its summary
+    assert after == before
+    assert [v["verdict"] for v in again["variants"]] == [v["verdict"] for v in s["variants"]]

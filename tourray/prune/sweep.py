@@ -1,0 +1,258 @@
+"""`tourray prune sweep`: many pruned variants of one model, each planned, written, captured on the
+eval sets and judged against the unpruned model, one Ray task per variant; then a report.
+
+    evidence run (unpruned, train texts, both sites) ─► plan ─► apply (+patch) ─► capture eval sets
+    baseline run (unpruned, eval texts)                                        (tokens, --reference)
+                                                       └──────── compare_runs.sql + verdict ◄──┘
+
+Before any variant runs, the report records where the evidence alone says the cliff should be
+(`predict_cliff`), so the prediction cannot be fitted to the outcome. Variants whose eval run is
+already complete in the lake are not recomputed (a sweep resumes); each variant's checkpoint is
+deleted after its evaluation unless --keep-checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from tourray import lake as lk
+from tourray.config import BaseConfig
+from tourray.errors import UserError
+from tourray.prune.plan import METHODS, Method
+from tourray.prune.verdict import Criteria
+
+log = logging.getLogger("tourray")
+
+
+class SweepConfig(BaseConfig):
+    """`tourray prune sweep`: every field is a flag (lists comma-separated)."""
+
+    model: str = Field(description="The unpruned checkpoint folder.")
+    lake: str = Field("lake", description="Lake holding the evidence run; baseline and variant runs are written here too.")
+    run: str = Field(description="Evidence run: the unpruned model's capture (stored vectors, both sites for --patch lstsq).")
+    eval_samples: str = Field("samples/eval", description="Texts every variant is judged on (folder of category subfolders).")
+    eval_include: list[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
+    system_prompt: str | None = Field(None, description="System prompt file of the eval captures (use the evidence run's).")
+    methods: list[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
+    removed: list[int] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
+    patch: list[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
+    patch_methods: list[Method] | None = Field(None, description="Methods that get the patched variants (default: all of --methods except random).")
+    seeds: int = Field(5, gt=0, description="Seeds of --method random (mean and spread are reported).")
+    protect: str | None = Field(None, description="Blocks no plan may delete (e.g. 0,-1).")
+    workers: int = Field(1, gt=0, description="Variants evaluated at once (Ray tasks in flight).")
+    cpus_per_task: float = Field(2.0, gt=0, description="CPUs Ray reserves per variant task (its torch threads).")
+    batch_size: int = Field(8, gt=0, description="Eval capture batch size.")
+    max_length: int = Field(1024, gt=1, description="Eval capture truncation.")
+    workdir: str = Field(".cache/prune", description="Where variant plans and checkpoints are written.")
+    keep_checkpoints: bool = Field(False, description="Keep each variant's checkpoint (135M params: ~0.5 GB each in float32).")
+    reports: str = Field("reports", description="Folder of the report, its plots and the results JSON.")
+    generate_prompts: str | None = Field(None, description="Prompts file (one per line) for the side-by-side generations.")
+    generate_removed: int | None = Field(None, description="Variants with this many blocks removed get generations (default: the middle of --removed).")
+    max_new_tokens: int = Field(48, gt=0, description="Tokens generated per prompt.")
+    criteria: Criteria = Field(default_factory=Criteria, description="Verdict criteria.")
+
+    @field_validator("methods", "removed", "patch", "patch_methods", "eval_include", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    remove: int
+    patch: str = "none"
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.remove}" + (f"-s{self.seed}" if self.method == "random" else "") + \
+            ("" if self.patch == "none" else f"-{self.patch}")
+
+
+def variants(cfg: SweepConfig) -> list[Variant]:
+    patched = set(cfg.patch_methods if cfg.patch_methods is not None else [m for m in cfg.methods if m != "random"])
+    out = []
+    for n in cfg.removed:
+        for m in cfg.methods:
+            for p in cfg.patch:
+                if p != "none" and m not in patched:
+                    continue
+                for s in range(cfg.seeds if m == "random" else 1):
+                    out.append(Variant(m, n, p, s))
+    return out
+
+
+def eval_capture_config(cfg: SweepConfig, model: str, run: str, reference: str | None):
+    from tourray.capture import CaptureConfig
+
+    return CaptureConfig(model=model, samples=cfg.eval_samples, include=cfg.eval_include, lake=cfg.lake, run=run, layers="none",
+                         system_prompt=cfg.system_prompt, batch_size=cfg.batch_size, group_size=max(cfg.batch_size, 16),
+                         max_length=cfg.max_length, reference=reference)
+
+
+def is_complete(lake: lk.Lake, run: str, n_samples: int) -> bool:
+    if not lake.exists("samples"):
+        return False
+    return lake.read("samples", ["sample_id"], filter=f"run = {lk.sql_quote(run)}").num_rows == n_samples
+
+
+# -- the evidence's prediction -------------------------------------------------------------------
+def predict_cliff(lake: lk.Lake, run: str, removed: list[int], protect: str | None = None) -> dict:
+    """Where the lake evidence alone puts the cliff: for each N, the angular distance of the best
+    span of N blocks (Gromov et al.) and the summed block influence of the N least influential
+    blocks (ShortGPT); the predicted cliff is the knee of the angular curve (the N farthest above
+    the chord from its first to its last point, Kneedle)."""
+    from tourray.prune.plan import PlanConfig, make_plan
+
+    curve = {}
+    for n in sorted(set(removed)):
+        ang = make_plan(PlanConfig(lake=lake.root, run=run, method="angular", remove=n, protect=protect))
+        bi = make_plan(PlanConfig(lake=lake.root, run=run, method="block-influence", remove=n, protect=protect))
+        best = min(v for v in ang["evidence"]["angular_by_start"] if v is not None)
+        curve[n] = dict(angular_best=best, angular_span=ang["removed"],
+                        block_influence_sum=float(sum(bi["evidence"]["block_influence"][b] for b in bi["removed"])),
+                        block_influence_blocks=bi["removed"])
+    ns = sorted(curve)
+    y = np.array([curve[n]["angular_best"] for n in ns])
+    knee = ns[-1]
+    if len(ns) >= 3:
+        x = np.array(ns, float)
+        chord = y[0] + (y[-1] - y[0]) * (x - x[0]) / (x[-1] - x[0])
+        knee = ns[int(np.argmin(y - chord))]  # convex curve: the point farthest below the chord, where it turns up
+    return dict(curve=curve, predicted_cliff=knee,
+                rule="knee (Kneedle) of the best-span angular distance against blocks removed")
+
+
+# -- one variant: a Ray task ---------------------------------------------------------------------
+def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, prompts: list[str]) -> dict:
+    """Plan, apply, capture the eval sets (tokens only, KL against the original), judge."""
+    import torch
+
+    from tourray.capture import run_capture
+    from tourray.prune.apply import ApplyConfig, run_apply
+    from tourray.prune.plan import PlanConfig, make_plan, write_plan
+    from tourray.prune.verdict import compare, verdict
+
+    torch.set_num_threads(max(1, int(cfg.cpus_per_task)))
+    lake = lk.Lake(cfg.lake)
+    run = f"{cfg.run}.{v.name}"
+    work = Path(cfg.workdir) / cfg.run
+    plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove, seed=v.seed,
+                                protect=cfg.protect))
+    plan_path = write_plan(plan, work / f"{v.name}.plan.json")
+    t0 = time.perf_counter()
+    out: dict = dict(variant=v.name, **asdict(v), removed_blocks=plan["removed"], run=run)
+    ckpt = work / v.name
+    if not is_complete(lake, run, n_eval):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch))
+        out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
+        s = run_capture(eval_capture_config(cfg, str(ckpt), run, cfg.model), progress=False, executor="local")
+        out["eval_tokens_per_s"] = s.get("tokens_per_s")
+        if prompts:
+            from tourray.corpus import read_system_prompt
+            from tourray.generate import generate
+
+            out["generations"] = generate(str(ckpt), prompts, read_system_prompt(cfg.system_prompt),
+                                          max_new_tokens=cfg.max_new_tokens)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    table = compare(cfg.lake, base_run, run)
+    out["comparison"] = table.to_pylist()
+    out["verdict"] = verdict(table, criteria=cfg.criteria)
+    return out
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+    """Baseline, prediction, then every variant (at most --workers Ray tasks at once); the report."""
+    import ray
+    from tqdm import tqdm
+
+    from tourray import corpus
+    from tourray.capture import run_capture
+    from tourray.prune.report import write_report
+    from tourray.runtime import init_ray, user_error_in
+
+    t0 = time.perf_counter()
+    lake = lk.Lake(cfg.lake)
+    bad = [m for m in cfg.patch_methods or [] if m not in cfg.methods]
+    if bad:
+        raise UserError(f"--patch-methods: {bad} not among --methods")
+    n_eval = len(corpus.load_samples(cfg.eval_samples, include=cfg.eval_include)[0])
+    prompts = _prompts(cfg)
+    todo = variants(cfg)
+    gen_at = cfg.generate_removed if cfg.generate_removed is not None else sorted(cfg.removed)[len(cfg.removed) // 2]
+    prediction = predict_cliff(lake, cfg.run, cfg.removed, cfg.protect)  # before any variant: see the module doc
+    log.info("sweep %s: %d variants; the evidence predicts the cliff at %d blocks removed", cfg.run, len(todo),
+             prediction["predicted_cliff"])
+    base_run = f"{cfg.run}.original"
+    base = run_capture(eval_capture_config(cfg, cfg.model, base_run, None), progress=progress)
+    original = {}
+    if prompts:
+        from tourray.corpus import read_system_prompt
+        from tourray.generate import generate
+
+        original = dict(generations=generate(cfg.model, prompts, read_system_prompt(cfg.system_prompt),
+                                             max_new_tokens=cfg.max_new_tokens))
+    init_ray()
+    task = ray.remote(evaluate_variant).options(num_cpus=cfg.cpus_per_task, max_retries=0)
+    results, pending = [], {}
+    bar = tqdm(total=len(todo), unit="variant", disable=not progress, dynamic_ncols=True)
+    queue = list(todo)
+    try:
+        while queue or pending:
+            while queue and len(pending) < cfg.workers:
+                v = queue.pop(0)
+                pending[task.remote(cfg, v, base_run, n_eval, prompts if v.remove == gen_at else [])] = v
+            done, _ = ray.wait(list(pending), num_returns=1)
+            v = pending.pop(done[0])
+            try:
+                r = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a user error inside the task is reported as itself
+                raise user_error_in(e) or e
+            results.append(r)
+            bar.update(1)
+            bar.set_postfix_str(f"{v.name}: {'PASS' if r['verdict']['passed'] else 'FAIL'}")
+    finally:
+        bar.close()
+    order = {v.name: i for i, v in enumerate(todo)}
+    results.sort(key=lambda r: order[r["variant"]])
+    summary = dict(run=cfg.run, model=cfg.model, base_run=base_run, eval_samples=cfg.eval_samples, n_eval=n_eval,
+                   config=cfg.model_dump(mode="json"), prediction=prediction, original=original,
+                   base_tokens_per_s=base.get("tokens_per_s"), variants=results,
+                   seconds=round(time.perf_counter() - t0, 1))
+    summary["report"] = str(write_report(summary, cfg.lake, Path(cfg.reports)))
+    return summary
+
+
+def _prompts(cfg: SweepConfig) -> list[str]:
+    if not cfg.generate_prompts:
+        return []
+    from tourray.generate import read_prompts
+
+    return read_prompts(cfg.generate_prompts)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A terminal table of the sweep: one line per variant."""
+    seen = summary["config"]["criteria"]["seen_category"]
+    out = [f"{'variant':28} {'removed':>14} {seen + ' ppl':>16} {'ALL ppl':>9} {'factual max':>11} {'KL':>7}  verdict"]
+    for v in summary["variants"]:
+        s = next((c for c in v["comparison"] if c["category"] == seen), {})
+        a = next((c for c in v["comparison"] if c["category"] == "ALL"), {})
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        out.append(f"{v['variant']:28} {','.join(map(str, v['removed_blocks'])):>14} {fmt(s.get('ppl_ratio')) + 'x':>16} "
+                   f"{fmt(a.get('ppl_ratio')) + 'x':>9} {fmt(a.get('factual_max_ratio')) + 'x':>11} {fmt(a.get('mean_kl')):>7}  "
+                   f"{'PASS' if v['verdict']['passed'] else 'FAIL (' + v['verdict']['failed'][0] + ')'}")
+    out.append(f"the evidence predicted the cliff at {summary['prediction']['predicted_cliff']} blocks removed")
+    return out
