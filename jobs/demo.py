@@ -12,6 +12,7 @@ the verdict table, plots and generations in reports/prune_<run>.md.
 
 import argparse
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
@@ -38,15 +39,19 @@ def main(argv=None) -> int:
             if section is not None:
                 section.run = args.run
     run, lake, reports = cfg.capture.run, cfg.capture.lake, Path(cfg.reports)
+    t0 = time.perf_counter()
 
-    print(f"== 1. model ({cfg.model})")
+    def step(title: str) -> None:
+        print(f"== {title}   [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    step(f"1. model ({cfg.model})")
     print(cfg.resolve_model())
 
-    print(f"== 2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run})")
+    step(f"2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run})")
     s = run_capture(cfg.capture)
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
-    print("== 3. verify")
+    step("3. verify")
     checked, problems = verify(lake, run)
     print(f"{checked} blocks checked: {'all match' if not problems else problems}")
 
@@ -54,13 +59,13 @@ def main(argv=None) -> int:
     queries = [("layer_similarity", layer_similarity_plot)] + [("perplexity_by_category", perplexity_plot)] * (cfg.sweep is None)
     for name, plot in queries:
         sql = query_file(name).read_text()
-        print(f"== 4. {name} (queries/{name}.sql)")
+        step(f"4. {name} (queries/{name}.sql)")
         print_result(con, sql, {"run": run}, "table")
         png = plot(run_query(con, sql, {"run": run}).to_arrow_table(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
         print(f"plot: {png}")
 
     if cfg.stats is not None:
-        print(f"== 5. layer statistics (tourray stats --run {run} --pairs {cfg.stats.pairs})")
+        step(f"5. layer statistics (tourray stats --run {run} --pairs {cfg.stats.pairs})")
         st = run_stats(cfg.stats, progress=False)["sites"]["resid_post"]
         con = connect(lake)  # a connection sees the table versions of when it was opened: reopen
         print(f"{len(st['layers'])} layers, {st['pairs']} pairs: {st['reused_layers']} layers and {st['reused_pairs']} pairs "
@@ -78,16 +83,18 @@ def main(argv=None) -> int:
         print(f"plot: {angular_distance_plot(consecutive, reports / f'{run}_angular.png', f'consecutive layers: run {run}')}")
 
     if cfg.sweep is not None:
-        from tourray.prune.sweep import run_sweep, summary_lines
+        from tourray.prune.report import summary_lines
+        from tourray.prune.sweep import run_sweep
 
         sw = cfg.sweep
-        print(f"== 6. pruning sweep (tourray prune sweep --run {run}): {', '.join(sw.methods)} x removed "
-              f"{sw.removed} x patch {sw.patch}, judged on {sw.eval_samples} {sw.eval_include or ''}")
+        step(f"6. pruning sweep (tourray prune sweep --run {run}): {', '.join(sw.methods)} x removed {sw.removed} "
+             f"x patch {sw.patch}, judged on {len(sw.eval_include or []) or 'all'} texts of {sw.eval_samples}")
         out = run_sweep(sw)
         print("\n".join(summary_lines(out)))
         print(f"report: {out['report']}")
 
-    print(f"\nOutputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "
+    step("done")
+    print(f"Outputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "
           f"plots and reports in {reports.resolve()}.\nExplore: tourray runs --lake {lake} --run {run}; "
           f"tourray sql --lake {lake} \"SELECT ...\"")
     return 0 if not problems else 1

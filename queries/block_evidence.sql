@@ -1,14 +1,18 @@
 -- purpose: Per decoder block, how much it changes the residual stream on text tokens: ShortGPT's
 --          block influence (1 - mean cosine of the block's input and output), the same weighted by
---          each token's entropy, and the size of the block's update ||out - in|| (absolute and
+--          each position's next-token entropy, and the size of the block's update ||out - in|| (absolute and
 --          relative to ||in||), from token_layers' per-token norms and cosines (no vectors read).
 -- inputs: token_layers, tokens, samples (complete samples only)
 -- params: $run
 -- outputs: block, tokens, mean_cos, block_influence, entropy_weighted_influence, mean_update_norm, rel_update_norm
-WITH t AS (
+WITH k AS (  -- next-token entropy: that of the distribution computed at pos (stored with token pos + 1)
+    SELECT sample_id, pos, segment, lead(entropy) OVER (PARTITION BY sample_id ORDER BY pos) AS entropy
+    FROM tokens WHERE run = $run
+),
+t AS (
     SELECT tl.sample_id, tl.pos, tl.layer, tl.norm, tl.cos_prev, k.entropy
     FROM token_layers AS tl
-    JOIN tokens AS k ON k.run = tl.run AND k.sample_id = tl.sample_id AND k.pos = tl.pos
+    JOIN k ON k.sample_id = tl.sample_id AND k.pos = tl.pos
     JOIN samples AS s ON s.run = tl.run AND s.sample_id = tl.sample_id
     WHERE tl.run = $run AND tl.site = 'resid_post' AND k.segment = 'text'
 ),

@@ -93,11 +93,14 @@ def test_shipped_job_configs_validate():
     if not folder.exists():
         return
     files = sorted(folder.glob("*.yaml"))
-    assert {"capture.yaml", "demo.yaml"} <= {f.name for f in files}
+    assert {"capture.yaml", "demo.yaml", "prune_sweep.yaml"} <= {f.name for f in files}
     for f in files:
         data = yaml.safe_load(f.read_text())
         if "capture" in data:
-            cfg = DemoConfig.from_yaml(f).capture
+            job = DemoConfig.from_yaml(f)
+            cfg = job.capture
+            if job.sweep is not None:  # the sweep judges what the capture section captured
+                assert job.sweep.run == cfg.run and job.sweep.lake == cfg.lake, f
         else:
             cfg = CaptureConfig.from_yaml(f)
         assert cfg.run and cfg.model and cfg.samples, f

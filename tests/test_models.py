@@ -324,3 +324,29 @@ def test_a_gguf_transformers_cannot_read_is_one_error(tmp_path):
     errors = [x for x in p.stderr.splitlines() if "error:" in x]
     assert len(errors) == 1 and "broken.gguf" in errors[0] and "cannot load" in errors[0], p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["broken.gguf"]
+
+
+@needs_smollm2
+def test_pruned_smollm2_equals_the_original_with_blocks_skipped(imported, folder_model, tmp_path):
+    """Depth pruning on the real checkpoint: the written folder's logits equal the original model run
+    with those blocks skipped (1e-5 relative), and its config says 26 blocks."""
+    import json as json_
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tourray.prune.apply import ApplyConfig, run_apply
+    from tourray.prune.checkpoint import skipping
+
+    tok, model = folder_model
+    plan = tmp_path / "plan.json"
+    plan.write_text(json_.dumps({"method": "manual", "removed": [3, 12, 13, 28], "num_layers": 30}))
+    run_apply(ApplyConfig(model=str(imported), plan=str(plan), out=str(tmp_path / "pruned")))
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+    assert pruned.config.num_hidden_layers == 26
+    ids = torch.tensor([tok("The Sydney Observatory sits on Observatory Hill; its time ball drops at one o'clock.").input_ids])
+    with torch.no_grad(), skipping(model, [3, 12, 13, 28]):
+        want = model(input_ids=ids).logits
+    with torch.no_grad():
+        got = pruned(input_ids=ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 1e-5

@@ -27,10 +27,10 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from tourray import corpus, lake as lk
-from tourray.config import BaseConfig, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
+from tourray.config import BaseConfig, comma_list, Engine, ModelDtype, Site, StoreDtype, compact_layers, parse_layers
 from tourray.engine import INNER_SITES, Captured, HFEngine
-from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, record_summary, run_changes, run_row,
-                              tokenizer_sha256)
+from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, record_summary, require_folder, run_changes,
+                              run_row, tokenizer_sha256)
 from tourray.prompt import SEGMENTS, Encoded, PromptFormat
 from tourray.errors import UserError
 from tourray.runtime import overlapped
@@ -80,7 +80,7 @@ class CaptureConfig(BaseConfig):
     @field_validator("sites", "stats", "include", mode="before")
     @classmethod
     def _split_sites(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     @field_validator("sites")
     @classmethod
@@ -328,6 +328,17 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     tok = load_tokenizer(cfg)
     info = inspect_model(cfg, tok)
     if cfg.reference:  # KL per token compares the two models' distributions over one vocabulary
+        from transformers import AutoConfig
+
+        require_folder("--reference", cfg.reference)
+        try:
+            ref_vocab = AutoConfig.from_pretrained(cfg.reference).get_text_config().vocab_size
+            vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision).get_text_config().vocab_size
+        except (OSError, ValueError) as e:
+            raise UserError(f"--reference {cfg.reference}: not a checkpoint ({str(e).splitlines()[0]})") from None
+        if ref_vocab != vocab:
+            raise UserError(f"--reference {cfg.reference}: {ref_vocab} logits, --model {vocab}; KL per token needs "
+                            "one vocabulary")
         ref_tok = load_tokenizer(cfg.model_copy(update=dict(model=cfg.reference, tokenizer=None, revision=None)))
         if tokenizer_sha256(ref_tok) != info.tokenizer_sha256:
             raise UserError(f"--reference {cfg.reference}: its tokenizer differs from --model's "

@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tourray.errors import UserError
 
 
+def comma_list(v):
+    """A flag's comma-separated text as a list (YAML lists pass through): the `mode="before"`
+    validator of list fields."""
+    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
 class BaseConfig(BaseModel):
     """Base for all configs: extra keys are an error, values are validated on assignment."""
 

@@ -203,5 +203,5 @@ class DemoConfig(BaseConfig):
             folder = str(smollm2_checkpoint(self.model_dir))
         self.capture.model = folder
         if self.sweep is not None:
-            self.sweep.model = folder
+            self.sweep.model, self.sweep.reports = folder, self.reports
         return folder

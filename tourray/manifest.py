@@ -64,7 +64,8 @@ def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
 
 def model_revision(model: str, revision: str | None) -> str:
     """Hub commit for hub models; `gguf-sha256:<hex>` for a folder `tourray model import-gguf` wrote
-    (its files as the import left them); else sha256 of config + weight files for a local folder."""
+    (its files as the import left them); else sha256 of config + weight files for a local folder
+    (so a re-written pruned checkpoint with the same weights keeps its revision)."""
     path = Path(model)
     if path.is_dir():
         from tourray.models import folder_files, read_provenance
@@ -74,7 +75,8 @@ def model_revision(model: str, revision: str | None) -> str:
             return "gguf-sha256:" + rec["gguf_sha256"]
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith("tokenizer"):
+            # tourray_*.json record where the weights came from (and when), not what they compute
+            if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith(("tokenizer", "tourray_")):
                 h.update(f.name.encode())
                 with f.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 24), b""):

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -131,10 +130,9 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.import-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from tourray.runtime import building_folder
+
+    with building_folder(out, "import") as tmp:
         try:
             tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
             model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
@@ -160,11 +158,6 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
             files=folder_files(tmp),
         )
         (tmp / PROVENANCE).write_text(json.dumps(rec, indent=1) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not rec["chat_template"]:
         log.warning("%s carries no chat template; captures will use the plain '<system>\\n\\n<text>' format", gguf_file)
     print(f"{out}: imported {src.name} ({rec['gguf_size'] / 1e6:.1f} MB, gguf-sha256:{sha}) as {rec['architecture']}, "

@@ -109,3 +109,21 @@ def overlapped(items: Iterator, pool, depth: int = 2):
     finally:
         stop.set()
         future.result()
+
+
+@contextlib.contextmanager
+def building_folder(out: Path, tag: str) -> Iterator[Path]:
+    """A temporary folder beside `out` to build into, renamed to `out` (absent or empty) when the
+    block succeeds and removed when it fails: a checkpoint folder appears whole or not at all."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{tag}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty: callers refuse a non-empty one first
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,8 +8,8 @@ tokenizer gets the word's class:
   and colons kept when a letter or digit follows (`Xi'an`, `1,056,006`, `3.5`, `10:30`);
 - `number`: the word holds a digit (years, counts, dates, measurements);
 - `proper`: the word starts with an upper-case letter and does not start a sentence, i.e. what comes
-  before it (skipping spaces, quotes and opening brackets) is not the start of the text, a line
-  break, or one of `.`, `!`, `?`, `:`;
+  before it (skipping spaces, tabs, quotes, brackets and dashes, so a bullet's first word starts one)
+  is not the start of the text, a line break, or one of `.`, `!`, `?`, `:`;
 - `word`: any other word;
 - `punct`: a token that overlaps no word (punctuation, spaces, symbols).
 
@@ -25,7 +25,7 @@ import numpy as np
 
 CLASSES = ("number", "proper", "word", "punct")
 _WORD = re.compile(r"[^\W_]+(?:['’\-.,:][^\W_]+)*")
-_SENTENCE_END = set(".!?:\n")
+_SENTENCE_END = set(".!?:\n\r")
 _SKIP_BACK = set(" \t\"'“”‘’«»([{—–-")
 
 

@@ -50,7 +50,7 @@ def test_apply_refusals_write_nothing(prune_lake, qwen3_model, llama_model, tmp_
     with pytest.raises(UserError, match="is for a model of 3 blocks"):
         run_apply(ApplyConfig(model=str(llama_model), plan=str(plan), out=str(tmp_path / "b")))
     (tmp_path / "p2.json").write_text(json.dumps({"removed": [0, 1, 2], "num_layers": 3}))
-    with pytest.raises(UserError, match="removes every one"):
+    with pytest.raises(UserError, match="cannot remove every block"):
         run_apply(ApplyConfig(model=str(qwen3_model), plan=str(tmp_path / "p2.json"), out=str(tmp_path / "c")))
     assert not any((tmp_path / d).exists() for d in "abc") and lake_snapshot(prune_lake) == before
 
@@ -82,3 +82,25 @@ def test_sweep_two_tasks_at_once_and_resume(prune_lake, qwen3_model, corpus_dir,
     assert after.pop("runs.lance")[0] == before.pop("runs.lance")[0]  # the baseline's re-run only logs its summary
     assert after == before
     assert [v["verdict"] for v in again["variants"]] == [v["verdict"] for v in s["variants"]]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["prune", "plan", "--run", "full", "--method", "reverse", "--remove", "3"], "must remove at least 1 and keep at least 1"),
+    (["prune", "plan", "--run", "full", "--method", "sideways", "--remove", "1"], "method"),
+    (["prune", "plan", "--run", "full", "--method", "reverse"], "exactly one of --remove N and --keep K"),
+    (["prune", "apply", "--plan", "{bad_plan}", "--out", "{out}"], "removes block -1, the embedding"),
+    (["prune", "apply", "--plan", "{range_plan}", "--out", "{out}"], "out of range"),
+])
+def test_cli_bad_input_is_one_error(prune_lake, qwen3_model, tmp_path, capsys, argv, msg):
+    from tourray.cli import main
+
+    (tmp_path / "bad.json").write_text(json.dumps({"removed": [-1, 1]}))
+    (tmp_path / "range.json").write_text(json.dumps({"removed": [1, 7]}))
+    fill = dict(bad_plan=str(tmp_path / "bad.json"), range_plan=str(tmp_path / "range.json"), out=str(tmp_path / "out"))
+    argv = [a.format(**fill) for a in argv] + (["--lake", str(prune_lake)] if argv[1] == "plan" else ["--model", str(qwen3_model)])
+    before = lake_snapshot(prune_lake)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and msg in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 2  # one line; a flag validation names the field on the next
+    assert not (tmp_path / "out").exists() and lake_snapshot(prune_lake) == before

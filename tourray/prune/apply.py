@@ -59,6 +59,8 @@ def run_apply(cfg: ApplyConfig) -> dict:
         if not same_model:
             raise UserError(f"--patch: the plan's run {plan.get('run')} captured a model of revision {plan['model_revision']}, "
                             f"but --model {cfg.model} is {revision}; the patch must be solved from this model's activations")
+        if not (cfg.lake or plan.get("lake")) or not (cfg.run or plan.get("run")):
+            raise UserError(f"--patch: --plan {cfg.plan} names no lake/run to solve the patch from; give --lake and --run")
         lake, run = lk.Lake(cfg.lake or plan["lake"]), cfg.run or plan["run"]
         check_patchable(lake, run, spans(plan["removed"]))
         fits = [solve_span(lake, run, a, b, cfg.ridge, cfg.patch, cfg.epochs, cfg.lr) for a, b in spans(plan["removed"])]

@@ -62,7 +62,7 @@ def _blocks(model):
     return find_blocks(model, _num_layers(model))
 
 
-def _check_removed(removed, n: int) -> list[int]:
+def check_removed(removed, n: int) -> list[int]:
     """The sorted block indices, or a UserError naming the bad one (out of range, duplicate, all)."""
     try:
         idx = [operator.index(i) for i in removed]
@@ -97,7 +97,7 @@ def remove_blocks(model, removed: list[int]) -> None:
     prefix, blocks = _blocks(model)
     tc = _text_config(model)
     n = len(blocks)
-    gone = _check_removed(removed, n)
+    gone = check_removed(removed, n)
     if getattr(tc, "is_heterogeneous", False):
         raise UserError(f"{type(model).__name__}: configs with per-layer overrides (per_layer_config) cannot be "
                         "pruned by tourray yet")
@@ -291,20 +291,14 @@ def write_checkpoint(model, source_dir: str | os.PathLike, out_dir: str | os.Pat
         raise UserError(f"{source_dir}: cannot load its tokenizer to copy it into the pruned checkpoint: {first}") \
             from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.prune-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from tourray.runtime import building_folder
+
+    with building_folder(out, "prune") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
         (tmp / PROVENANCE).write_text(text)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -322,7 +316,7 @@ def skipping(model, removed: list[int]) -> Iterator[None]:
     import torch
 
     _, blocks = _blocks(model)
-    gone = _check_removed(removed, len(blocks))
+    gone = check_removed(removed, len(blocks))
 
     def hook(module, args, kwargs, output):
         h = args[0] if args else kwargs["hidden_states"]

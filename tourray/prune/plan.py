@@ -10,7 +10,8 @@ writes x_l. Each method is its paper's, on text tokens of the run's complete sam
   since the prompt ends in chat-template tokens), averaged over samples.
 - u-chop (the seeds): keep the first and the last block and chop the contiguous middle span of N
   blocks whose summed block influence is lowest.
-- entropy-weighted: block influence with each token weighted by its next-token entropy.
+- entropy-weighted: block influence with each position weighted by its next-token entropy (that of
+  the distribution the model computes there), so positions where the guide is unsure weigh more.
 - magnitude (the seeds' activation importance): drop the N blocks whose update ||x_l - x_(l-1)||,
   relative to ||x_(l-1)||, is smallest on average.
 - variance (the seeds' activation importance): drop the N blocks that add the least variance,
@@ -149,10 +150,10 @@ def _angular_last_token(lake: lk.Lake, run: str, num_layers: int, n: int) -> np.
         h = lk.arrow_to_numpy(t.column("h"), np.float64)
         for sid, layer, x in zip(t.column("sample_id").to_pylist(), t.column("layer").to_pylist(), h):
             vec[sid, layer] = x
-    have = {l for _, l in vec}
-    if missing := [l for l in range(-1, num_layers) if l not in have]:
-        raise UserError(f"--method angular: run {run} stored no resid_post vectors of layer(s) {missing} "
-                        "(capture --layers all --store all)")
+    for s in ids:
+        if missing := [l for l in range(-1, num_layers) if (s, l) not in vec]:
+            raise UserError(f"--method angular: run {run} stored no resid_post vectors of layer(s) {missing} for "
+                            f"sample {s} (capture --layers all --store all)")
     x = np.stack([np.stack([vec[s, l] for l in range(-1, num_layers)]) for s in ids])  # [samples, L + 1, d]
     x /= np.linalg.norm(x, axis=-1, keepdims=True)
     # start block l: input x_(l-1) is index l, output x_(l+n-1) is index l + n
@@ -259,6 +260,9 @@ def make_plan(cfg: PlanConfig) -> dict:
         raise UserError(f"--remove {n}: only {len(allowed)} blocks are not protected ({cfg.protect})")
     ev = read_evidence(lake, cfg.run, cfg.method, n)
     removed, score = CHOOSERS[cfg.method](ev, n, allowed, cfg.seed)
+    if score is not None and any(not np.isfinite(score[b]) for b in removed):
+        raise UserError(f"--method {cfg.method}: run {cfg.run} has no finite score for block(s) "
+                        f"{[b for b in removed if not np.isfinite(score[b])]}; see the plan's evidence")
     evidence = {c: _finite(v) for c, v in ev.blocks.items()}
     if score is not None and cfg.method in ("angular", "u-chop"):
         evidence[f"{cfg.method}_by_start"] = _finite(score)
@@ -278,6 +282,8 @@ def _finite(v: np.ndarray) -> list[float | None]:
 
 def write_plan(plan: dict, out: str | Path) -> Path:
     p = Path(out)
+    if p.is_dir():
+        raise UserError(f"--out {out} is a folder; give the plan file's path (e.g. {p / 'plan.json'})")
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(plan, indent=1) + "\n")
     return p
@@ -300,11 +306,12 @@ def read_plan(path: str | Path, num_layers: int | None = None) -> dict:
         raise UserError(f"--plan {path}: 'removed' must hold block indices (integers), got {removed}")
     if -1 in removed:
         raise UserError(f"--plan {path}: removes block -1, the embedding, which is not a decoder block")
-    if bad := [b for b in removed if not 0 <= b < L]:
-        raise UserError(f"--plan {path}: block(s) {bad} out of range for a model of {L} blocks (0..{L - 1})")
-    if len(set(removed)) >= L:
-        raise UserError(f"--plan {path}: removes every one of the model's {L} blocks")
-    plan["removed"] = sorted(set(removed))
+    from tourray.prune.checkpoint import check_removed
+
+    try:
+        plan["removed"] = check_removed(removed, L)
+    except UserError as e:
+        raise UserError(f"--plan {path}: {e}") from None
     return plan
 
 

@@ -58,13 +58,28 @@ def ranking(curves: dict[str, dict[int, list[float]]]) -> list[tuple[str, float,
     return sorted(ranked, key=lambda t: t[1])
 
 
+def summary_lines(summary: dict) -> list[str]:
+    """A terminal table of the sweep: one line per variant."""
+    seen = summary["config"]["criteria"]["seen_category"]
+    out = [f"{'variant':28} {'removed':>14} {seen + ' ppl':>16} {'ALL ppl':>9} {'factual max':>11} {'KL':>7}  verdict"]
+    for v in summary["variants"]:
+        s, a = _row(v, seen), _row(v, "ALL")
+        out.append(f"{v['variant']:28} {','.join(map(str, v['removed_blocks'])):>14} {_f(s.get('ppl_ratio')) + 'x':>16} "
+                   f"{_f(a.get('ppl_ratio')) + 'x':>9} {_f(a.get('factual_max_ratio')) + 'x':>11} {_f(a.get('mean_kl')):>7}  "
+                   f"{'PASS' if v['verdict']['passed'] else 'FAIL (' + v['verdict']['failed'][0] + ')'}")
+    out.append(f"the evidence predicted the cliff at {summary['prediction']['predicted_cliff']} blocks removed")
+    return out
+
+
 def write_report(summary: dict, lake: str, reports: Path) -> Path:
     reports.mkdir(parents=True, exist_ok=True)
     run, res = summary["run"], summary["variants"]
     seen = summary["config"]["criteria"]["seen_category"]
     (reports / f"prune_{run}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     curves = method_curves(res, seen)
-    plot = ppl_ratio_plot(curves, reports / f"prune_{run}_ppl_ratio.png", f"{seen} perplexity ratio vs blocks removed ({run})")
+    limit = 1 + summary["config"]["criteria"]["max_ppl_rise"]
+    plot = ppl_ratio_plot(curves, reports / f"prune_{run}_ppl_ratio.png", f"{seen} perplexity ratio vs blocks removed ({run})",
+                          limit)
     fails, ranked = first_fail(res), ranking(curves)
     pred = summary["prediction"]
     L: list[str] = [f"# Depth pruning sweep: run `{run}`", ""]
@@ -72,7 +87,8 @@ def write_report(summary: dict, lake: str, reports: Path) -> Path:
           f"`{summary['eval_samples']}` ({summary['n_eval']} texts) and compared with `{summary['base_run']}` "
           f"(the unpruned model on the same texts). {len(res)} variants in {summary['seconds']:.0f} s.", ""]
     L += ["## The evidence's prediction (made before any variant ran)", "",
-          f"Rule: {pred['rule']}. **Predicted cliff: {pred['predicted_cliff']} blocks removed.**", "",
+          f"Rule: {pred['rule']}. The curve is {pred.get('shape', '?')}. **Predicted cliff: {pred['predicted_cliff']} "
+          "blocks removed.**", "",
           "| removed | best angular span | its angular distance | least-influence blocks | their summed block influence |",
           "|---:|---|---:|---|---:|"]
     for n, c in sorted(pred["curve"].items(), key=lambda kv: int(kv[0])):
@@ -123,6 +139,8 @@ def write_report(summary: dict, lake: str, reports: Path) -> Path:
             groups[r["remove"], r["patch"]].append(_row(r, seen).get("ppl_ratio"))
         for (n, p), vs in sorted(groups.items()):
             vs = [x for x in vs if x is not None]
+            if not vs:
+                continue
             L.append(f"| {n} | {p} | {len(vs)} | {np.mean(vs):.3f} | {min(vs):.3f} | {max(vs):.3f} |")
     diff = _diff_section(summary, lake, reports)
     L += diff
@@ -133,7 +151,8 @@ def write_report(summary: dict, lake: str, reports: Path) -> Path:
 
 
 def _diff_section(summary: dict, lake: str, reports: Path) -> list[str]:
-    """Per-token surprisal difference of one seen text for the variant with generations (or the first)."""
+    """Per-token surprisal difference of one seen text for the variant with the lowest pooled
+    perplexity ratio among those with generations (all variants when none has them)."""
     res = [r for r in summary["variants"] if r.get("generations")] or summary["variants"]
     if not res:
         return []
@@ -165,7 +184,7 @@ def _generations(summary: dict) -> list[str]:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def ppl_ratio_plot(curves: dict[str, dict[int, list[float]]], path: Path, title: str) -> Path:
+def ppl_ratio_plot(curves: dict[str, dict[int, list[float]]], path: Path, title: str, limit: float = 1.2) -> Path:
     from tourray.report import _plt, _save
 
     plt = _plt()
@@ -177,7 +196,7 @@ def ppl_ratio_plot(curves: dict[str, dict[int, list[float]]], path: Path, title:
         line, = ax.plot(ns, mean, style, marker="o", ms=3, label=lab)
         if any(len(c[n]) > 1 for n in ns):  # random: the spread over seeds
             ax.fill_between(ns, [min(c[n]) for n in ns], [max(c[n]) for n in ns], color=line.get_color(), alpha=0.15)
-    ax.axhline(1.2, color="grey", lw=0.8, ls=":")
+    ax.axhline(limit, color="grey", lw=0.8, ls=":", label=f"verdict limit x{limit:g}")
     ax.set_yscale("log")
     ax.set_xlabel("blocks removed")
     ax.set_ylabel("perplexity ratio to the original")
@@ -197,7 +216,8 @@ def surprisal_diff_plot(base: dict, var: dict, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(10, 3.4), dpi=120)
     ax.bar(x, d, width=1.0, color=np.where(fact, "#c44e52", "#8c8c8c"))
     ax.axhline(0, color="black", lw=0.6)
-    for i in np.flatnonzero(fact & (np.abs(d) >= np.sort(np.abs(d))[-min(8, len(d))])):
+    top = np.sort(np.abs(d))[-min(8, len(d))] if len(d) else np.inf
+    for i in np.flatnonzero(fact & (np.abs(d) >= top)):
         ax.annotate(base["token"][i].strip(), (i, d[i]), fontsize=6, ha="center", va="bottom" if d[i] > 0 else "top")
     ax.set_xlabel("text token (red: number or proper name)")
     ax.set_ylabel("Δ surprisal (nats)")

@@ -13,6 +13,7 @@ deleted after its evaluation unless --keep-checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 
 from tourray import lake as lk
-from tourray.config import BaseConfig
+from tourray.config import BaseConfig, comma_list
 from tourray.errors import UserError
 from tourray.prune.plan import METHODS, Method
 from tourray.prune.verdict import Criteria
@@ -42,7 +43,7 @@ class SweepConfig(BaseConfig):
     eval_include: list[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
     system_prompt: str | None = Field(None, description="System prompt file of the eval captures (use the evidence run's).")
     methods: list[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
-    removed: list[int] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
+    removed: list[PositiveInt] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
     patch: list[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
     patch_methods: list[Method] | None = Field(None, description="Methods that get the patched variants (default: all of --methods except random).")
     seeds: int = Field(5, gt=0, description="Seeds of --method random (mean and spread are reported).")
@@ -62,7 +63,7 @@ class SweepConfig(BaseConfig):
     @field_validator("methods", "removed", "patch", "patch_methods", "eval_include", mode="before")
     @classmethod
     def _split(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
 
 @dataclass(frozen=True)
@@ -117,19 +118,23 @@ def predict_cliff(lake: lk.Lake, run: str, removed: list[int], protect: str | No
     for n in sorted(set(removed)):
         ang = make_plan(PlanConfig(lake=lake.root, run=run, method="angular", remove=n, protect=protect))
         bi = make_plan(PlanConfig(lake=lake.root, run=run, method="block-influence", remove=n, protect=protect))
-        best = min(v for v in ang["evidence"]["angular_by_start"] if v is not None)
+        best = ang["evidence"]["angular_by_start"][ang["removed"][0]]  # the chosen span (protected ones excluded)
         curve[n] = dict(angular_best=best, angular_span=ang["removed"],
                         block_influence_sum=float(sum(bi["evidence"]["block_influence"][b] for b in bi["removed"])),
                         block_influence_blocks=bi["removed"])
     ns = sorted(curve)
     y = np.array([curve[n]["angular_best"] for n in ns])
-    knee = ns[-1]
+    knee, shape = ns[-1], "too few points"
     if len(ns) >= 3:
         x = np.array(ns, float)
-        chord = y[0] + (y[-1] - y[0]) * (x - x[0]) / (x[-1] - x[0])
-        knee = ns[int(np.argmin(y - chord))]  # convex curve: the point farthest below the chord, where it turns up
-    return dict(curve=curve, predicted_cliff=knee,
-                rule="knee (Kneedle) of the best-span angular distance against blocks removed")
+        below = y - (y[0] + (y[-1] - y[0]) * (x - x[0]) / (x[-1] - x[0]))
+        if below.min() < 0:  # convex: flat, then rising; the cliff is where it turns up
+            knee, shape = ns[int(np.argmin(below))], "convex (a plateau, then a rise)"
+        else:  # concave: the distance rises fastest from the first block removed; no plateau to stand on
+            knee, shape = ns[0], "concave (steepest at the start: no plateau)"
+    return dict(curve=curve, predicted_cliff=knee, shape=shape,
+                rule="knee (Kneedle) of the best-span angular distance against blocks removed: where a convex curve "
+                     "turns up; the first count when the curve is concave (every removal already moves the stream)")
 
 
 # -- one variant: a Ray task ---------------------------------------------------------------------
@@ -148,11 +153,17 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     work = Path(cfg.workdir) / cfg.run
     plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove, seed=v.seed,
                                 protect=cfg.protect))
-    plan_path = write_plan(plan, work / f"{v.name}.plan.json")
+    plan_path, gen_path = work / f"{v.name}.plan.json", work / f"{v.name}.generations.json"
+    done = is_complete(lake, run, n_eval)
+    if done and plan_path.is_file() and json.loads(plan_path.read_text())["removed"] != plan["removed"]:
+        raise UserError(f"variant {v.name}: run {run} was captured for blocks {json.loads(plan_path.read_text())['removed']}, "
+                        f"but the plan now removes {plan['removed']} (other evidence or --protect?); use another --run "
+                        "or delete that run's rows")
+    write_plan(plan, plan_path)
     t0 = time.perf_counter()
     out: dict = dict(variant=v.name, **asdict(v), removed_blocks=plan["removed"], run=run)
     ckpt = work / v.name
-    if not is_complete(lake, run, n_eval):
+    if not done:
         shutil.rmtree(ckpt, ignore_errors=True)
         applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch))
         out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
@@ -164,8 +175,11 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
 
             out["generations"] = generate(str(ckpt), prompts, read_system_prompt(cfg.system_prompt),
                                           max_new_tokens=cfg.max_new_tokens)
+            gen_path.write_text(json.dumps(out["generations"]) + "\n")  # a re-run's report shows them too
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
+    elif prompts and gen_path.is_file():
+        out["generations"] = json.loads(gen_path.read_text())
     out["seconds"] = round(time.perf_counter() - t0, 1)
     table = compare(cfg.lake, base_run, run)
     out["comparison"] = table.to_pylist()
@@ -184,10 +198,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     from tourray.runtime import init_ray, user_error_in
 
     t0 = time.perf_counter()
+    cfg = absolute_paths(cfg)  # Ray tasks may run in another working directory (a cluster node)
     lake = lk.Lake(cfg.lake)
     bad = [m for m in cfg.patch_methods or [] if m not in cfg.methods]
     if bad:
         raise UserError(f"--patch-methods: {bad} not among --methods")
+    check_variants(cfg)  # every plan and patch is possible: refuse before anything is written
     n_eval = len(corpus.load_samples(cfg.eval_samples, include=cfg.eval_include)[0])
     prompts = _prompts(cfg)
     todo = variants(cfg)
@@ -235,24 +251,42 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     return summary
 
 
+def absolute_paths(cfg: SweepConfig) -> SweepConfig:
+    """The config with every local path made absolute (URIs and hub ids kept)."""
+    def fix(v):
+        return v if v is None or "://" in v or not Path(v).exists() and v.count("/") == 1 else str(Path(v).resolve())
+
+    upd = {k: fix(getattr(cfg, k)) for k in ("model", "eval_samples", "system_prompt", "generate_prompts")}
+    upd |= {k: str(Path(getattr(cfg, k)).resolve()) for k in ("workdir", "reports")}
+    if "://" not in cfg.lake:
+        upd["lake"] = str(Path(cfg.lake).resolve())
+    return cfg.model_copy(update=upd)
+
+
+def check_variants(cfg: SweepConfig) -> None:
+    """Plan every (method, blocks removed) once and check the patches' vectors, so that a sweep that
+    cannot finish is refused before its first capture."""
+    from tourray.prune.patch import check_patchable
+    from tourray.prune.plan import PlanConfig, make_plan, spans
+
+    lake, seen = lk.Lake(cfg.lake), set()
+    for v in variants(cfg):
+        if (v.method, v.remove, v.seed) in seen:
+            if v.patch == "none":
+                continue
+        seen.add((v.method, v.remove, v.seed))
+        try:
+            plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove, seed=v.seed,
+                                        protect=cfg.protect))
+        except UserError as e:
+            raise UserError(f"variant {v.name}: {e}") from None
+        if v.patch != "none":
+            check_patchable(lake, cfg.run, spans(plan["removed"]))
+
+
 def _prompts(cfg: SweepConfig) -> list[str]:
     if not cfg.generate_prompts:
         return []
     from tourray.generate import read_prompts
 
     return read_prompts(cfg.generate_prompts)
-
-
-def summary_lines(summary: dict) -> list[str]:
-    """A terminal table of the sweep: one line per variant."""
-    seen = summary["config"]["criteria"]["seen_category"]
-    out = [f"{'variant':28} {'removed':>14} {seen + ' ppl':>16} {'ALL ppl':>9} {'factual max':>11} {'KL':>7}  verdict"]
-    for v in summary["variants"]:
-        s = next((c for c in v["comparison"] if c["category"] == seen), {})
-        a = next((c for c in v["comparison"] if c["category"] == "ALL"), {})
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        out.append(f"{v['variant']:28} {','.join(map(str, v['removed_blocks'])):>14} {fmt(s.get('ppl_ratio')) + 'x':>16} "
-                   f"{fmt(a.get('ppl_ratio')) + 'x':>9} {fmt(a.get('factual_max_ratio')) + 'x':>11} {fmt(a.get('mean_kl')):>7}  "
-                   f"{'PASS' if v['verdict']['passed'] else 'FAIL (' + v['verdict']['failed'][0] + ')'}")
-    out.append(f"the evidence predicted the cliff at {summary['prediction']['predicted_cliff']} blocks removed")
-    return out

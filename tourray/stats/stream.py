@@ -33,7 +33,8 @@ class Selection:
 
     where: SQL predicate over `samples` and `tokens` columns (e.g. "category = 'seen_cities'",
       "surprisal > 2", "source LIKE 'train/%'"); evaluated by DuckDB.
-    weight: 'entropy' weighs each token by its next-token entropy (high-entropy tokens weigh more).
+    weight: 'entropy' weighs each token by `tokens.entropy`, the entropy of the distribution that
+      predicted it (high-entropy tokens weigh more).
     text_only: only tokens of the text segment (not system prompt or chat template).
     split: 'fit' or 'heldout' keeps one side of a deterministic split of samples by id hash, with
       a `heldout` fraction of them held out (solves fit on one side and are judged on the other).

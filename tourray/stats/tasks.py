@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, BaseConfig, Site, compact_layers, parse_layers
+from tourray.config import EMBED_LAYER, BaseConfig, comma_list, Site, compact_layers, parse_layers
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, TokenMask, layer_stream, resolve
@@ -60,7 +60,7 @@ class StatsConfig(BaseConfig):
     @field_validator("sites", mode="before")
     @classmethod
     def _split_sites(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     @property
     def selection(self) -> Selection:
