@@ -48,7 +48,8 @@ def test_entropy_weighted_and_magnitude(prune_lake, prune_vectors):
         c, w, rel = [], [], []
         for s, (a, b) in sp.items():
             c.append(cos(x[l - 1][s][a:b], x[l][s][a:b]))
-            w.append([ent[s, p + 1] for p in range(a, b)])  # next-token entropy: computed at p, stored at p + 1
+            # next-token entropy: computed at p, stored at p + 1 (none after a text that ends the prompt)
+            w.append([ent.get((s, p + 1)) or 0.0 for p in range(a, b)])
             rel.append(np.linalg.norm(x[l][s][a:b] - x[l - 1][s][a:b], axis=1) / np.linalg.norm(x[l - 1][s][a:b], axis=1))
         c, w = np.concatenate(c), np.concatenate(w)
         want_e.append(1 - (w * c).sum() / w.sum())
@@ -73,8 +74,8 @@ def test_blind_baselines_and_protect(prune_lake):
     assert plan(prune_lake, method="u-chop", remove=1)["removed"] == [1]          # the only middle block of three
     with pytest.raises(UserError, match="u-chop keeps the first and last"):
         plan(prune_lake, method="u-chop", remove=2)
-    # evidence methods refuse runs without stored prune_vectors; blind ones only need the depth
-    with pytest.raises(UserError, match="stored no prune_vectors"):
+    # evidence methods refuse runs without stored vectors; blind ones only need the depth
+    with pytest.raises(UserError, match="stored no vectors"):
         plan(prune_lake, run="bare", method="block-influence", remove=1)
     assert plan(prune_lake, run="bare", method="reverse", remove=1)["removed"] == [1]
 
