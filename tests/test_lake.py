@@ -16,7 +16,7 @@ from tourray.lake import Lake, arrow_to_numpy, check, empty_table, schema, vecto
 PARAMS = dict(store_dtype="float16", hidden_size=8)
 
 
-VERSIONS = {"samples": 2}  # 2: text_start, text_end; every other table is at 1
+VERSIONS = {"samples": 2, "tokens": 2}  # samples 2: text_start, text_end; tokens 2: token_class, kl_ref; others 1
 
 
 @pytest.mark.parametrize("table", lk.TABLES)
@@ -162,3 +162,13 @@ def test_check_refuses_bfloat16_of_wrong_width():
 def test_read_of_missing_table_is_empty(tmp_path):
     t = Lake(str(tmp_path / "none")).read("samples", ["run", "n_tokens"])
     assert t.num_rows == 0 and t.column_names == ["run", "n_tokens"]
+
+
+def test_a_lake_of_an_older_schema_is_refused_by_version(tmp_path):
+    """A table written under an earlier schema version gets a message that says so (not 'another width')."""
+    lake = Lake(str(tmp_path / "lake"))
+    old = schema("tokens").remove(schema("tokens").get_field_index("kl_ref"))
+    old = old.with_metadata({b"tourray.table": b"tokens", b"tourray.schema_version": b"1"})
+    lake.ensure("tokens", old)
+    with pytest.raises(UserError, match=r"written by an older tourray \(schema version 1, this one writes version 2"):
+        lake.ensure("tokens", schema("tokens"))
