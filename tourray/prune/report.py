@@ -180,7 +180,8 @@ def _generations(summary: dict) -> list[str]:
         return []
     from tourray.generate import side_by_side
 
-    return ["", "## Does it still talk?", "", side_by_side({"original": summary["original"]["generations"], **gens})]
+    return ["", side_by_side({"original": summary["original"]["generations"], **gens},
+                             title="Does it still talk? (greedy, chat template and system prompt)")]
 
 
 # -- plots ----------------------------------------------------------------------------------------
