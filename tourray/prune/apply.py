@@ -27,7 +27,7 @@ class ApplyConfig(BaseConfig):
     patch: Literal["none", "lstsq", "cosine"] = Field("none", description="Linear patch per removed span (ReplaceMe), solved from the plan's run: none, lstsq (closed form), cosine (lstsq then Adam on cosine distance).")
     lake: str | None = Field(None, description="Lake holding the run the patch is solved from; default: the plan's.")
     run: str | None = Field(None, description="Run the patch is solved from; default: the plan's (the unpruned model's capture, with resid_mid).")
-    ridge: float = Field(0.0, ge=0, description="Ridge of the least-squares patch, in units of the MLP output's second moment.")
+    ridge: float = Field(0.0, ge=0, description="Ridge of the least-squares patch toward the identity (the block unpatched), in units of the MLP output's mean second moment per channel; 0 = plain least squares.")
     epochs: int = Field(3, gt=0, description="Adam epochs over the lake for --patch cosine.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate for --patch cosine.")
 

@@ -8,6 +8,16 @@ unchanged). Least squares: T = argmin sum ||m T - (x_b - y)||^2 (+ ridge), from 
 moments of m and of (m, x_b - y). When the span starts at block 0 there is no block before it: the
 map acts on the embedding output e (e T ~ x_b) and is folded into the embedding.
 
+T is solved as I + D, with `ridge` shrinking D toward zero (T toward the identity, i.e. the block
+left as it was) in units of m's mean second moment per channel. At ridge 0 this is exactly the
+least-squares T. The ridge matters: the fit sees text tokens only, but the folded block also runs on
+the prompt's first token, where an early-middle block's MLP writes the attention sink's massive
+activation (SmolLM2-135M: block 11, norm ~25,000 against ~140 elsewhere). Text tokens barely span
+that direction, so an unconstrained T maps it arbitrarily and the pruned model collapses
+(perplexity x10^4 measured; a ridge toward the identity does not save it). So the directions of such
+outliers on masked tokens (`protected_directions`) are left to the identity: T = I + P D with P
+projecting them out of the input, solved by least squares on the text tokens as before.
+
 Tokens are the run's text tokens (system prompt, chat template and padding never count: padding is
 never stored). Targets are block outputs captured by hooks, pre-norm: the model's final norm is never
 regressed onto. `cosine` (ReplaceMe's other objective) starts from the least-squares T and runs a
@@ -85,23 +95,47 @@ def solve_span(lake: lk.Lake, run: str, first: int, last: int, ridge: float = 0.
     m_m = m_d = x = None
     cos_before = 0.0
     for m, y, xb, w in span_batches(lake, run, first, last, mask):
-        d = xb - y
+        d = xb - y - m  # solved as T = I + D: ridge shrinks toward the identity (the unpatched block)
         mm, md, xx = Moments.of(m, w), Moments.of(d, w), CrossMoments.of(m, d, w)
         m_m, m_d, x = (mm, md, xx) if m_m is None else (m_m.merge(mm), m_d.merge(md), x.merge(xx))
         cos_before += float(_wsum(_cos(m + y, xb), w))  # block a-1's output vs the target: the unpatched deletion
     if x is None:
         raise UserError(f"run {run}: no text tokens to solve the patch of span {first}-{last} from")
-    fit = lstsq(m_m, m_d, x, ridge=ridge, fit_intercept=False)
+    scale = float(np.trace(m_m.m2) / m_m.w + m_m.mean @ m_m.mean) / m_m.d  # mean second moment of m per channel
+    keep = protected_directions(lake, run, first, scale)
+    fit = lstsq(m_m, m_d, x, ridge=ridge * scale, fit_intercept=False)
+    if len(keep):  # T = I + P D: P removes the protected directions, so T leaves them as the block wrote them
+        proj = np.eye(m_m.d) - keep.T @ keep
+        g = proj @ (m_m.m2 / m_m.w + np.outer(m_m.mean, m_m.mean) + ridge * scale * np.eye(m_m.d)) @ proj
+        fit.matrix = proj @ np.linalg.lstsq(g, proj @ (x.m_ab / x.w + np.outer(x.mean_a, x.mean_b)), rcond=None)[0]
     diag = map_diagnostics(fit, m_m, m_d, x)
-    t = fit.matrix
+    t = np.eye(m_m.d) + fit.matrix
     if objective == "cosine":
         t = _cosine_epochs(lake, run, first, last, mask, t, epochs, lr)
     cos_after = sum(float(_wsum(_cos(m @ t + y, xb), w)) for m, y, xb, w in span_batches(lake, run, first, last, mask))
     diagnostics = dict(rel_residual_lstsq=diag.get("rel_residual"), mean_cos_unpatched=cos_before / x.w,
-                       mean_cos_patched=cos_after / x.w, objective=objective, ridge=ridge)
+                       mean_cos_patched=cos_after / x.w, objective=objective, ridge=ridge, protected_directions=len(keep))
     log.info("patch %d-%d (%s): mean cosine to the span's output %.4f unpatched -> %.4f patched, %d tokens",
              first, last, objective, diagnostics["mean_cos_unpatched"], diagnostics["mean_cos_patched"], x.n)
     return SpanFit(first, last, t, x.n, diagnostics)
+
+
+def protected_directions(lake: lk.Lake, run: str, first: int, scale: float, factor: float = 100.0,
+                         rank: int = 4) -> np.ndarray:
+    """Orthonormal rows spanning the map input's massive outliers on the masked (non-text) tokens:
+    rows whose squared norm exceeds `factor` x the text tokens' mean (`scale` x d), e.g. the
+    attention sink's activation on the first token. The fit never sees them, yet the folded block
+    runs on them; the patch must leave them alone ([k, d], k <= rank; empty when there are none)."""
+    rows = []
+    for m, _, _, _ in span_batches(lake, run, first, first, resolve(lake, run, Selection(text_only=False))):
+        big = np.einsum("ij,ij->i", m, m) > factor * scale * m.shape[1]
+        if big.any():
+            rows.append(m[big][:4096])
+    if not rows:
+        return np.zeros((0, 0))
+    u, sv, vt = np.linalg.svd(np.concatenate(rows)[:4096], full_matrices=False)
+    k = int(min(rank, (sv > 1e-3 * sv[0]).sum()))
+    return vt[:k]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

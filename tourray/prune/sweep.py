@@ -45,6 +45,7 @@ class SweepConfig(BaseConfig):
     methods: list[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
     removed: list[PositiveInt] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
     patch: list[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
+    ridge: float = Field(0.0, ge=0, description="Ridge of the patches toward the identity (see tourray prune apply --ridge).")
     patch_methods: list[Method] | None = Field(None, description="Methods that get the patched variants (default: all of --methods except random).")
     seeds: int = Field(5, gt=0, description="Seeds of --method random (mean and spread are reported).")
     protect: str | None = Field(None, description="Blocks no plan may delete (e.g. 0,-1).")
@@ -165,7 +166,8 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     ckpt = work / v.name
     if not done:
         shutil.rmtree(ckpt, ignore_errors=True)
-        applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch))
+        applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch,
+                                        ridge=cfg.ridge))
         out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
         s = run_capture(eval_capture_config(cfg, str(ckpt), run, cfg.model), progress=False, executor="local")
         out["eval_tokens_per_s"] = s.get("tokens_per_s")
