@@ -117,3 +117,17 @@ def test_capture_help_example_config_loads(monkeypatch):
     args = cli.parser().parse_args(argv)
     cfg = cli.config_from_args(CaptureConfig, args)  # what cmd_capture does first
     assert cfg.layers == "embed,0-3" and cfg.store_dtype.value == "float32"
+
+
+def test_a_checkpoint_named_relative_or_absolute_is_one_model(tmp_path, monkeypatch):
+    """Resuming a run with its model folder spelled absolutely (a sweep's Ray tasks do) is no change."""
+    import json
+
+    from tourray.manifest import IDENTITY, run_changes
+
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    manifest = json.dumps({"config": {}, "prompt": {}, "samples": {}})
+    old = {k: 0 for k in IDENTITY} | {"model": "ckpt", "tokenizer": "ckpt", "manifest": manifest}
+    assert run_changes(old, old | {"model": str(tmp_path / "ckpt"), "tokenizer": str(tmp_path / "ckpt")}) == []
+    assert run_changes(old, old | {"model": str(tmp_path / "other")}) == [f"model: 'ckpt' in the lake, '{tmp_path / 'other'}' now"]

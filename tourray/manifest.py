@@ -130,7 +130,8 @@ IDENTITY = ("model", "model_revision", "tokenizer", "tokenizer_sha256", "engine"
 
 def run_changes(old: dict, new: dict) -> list[str]:
     """Human-readable differences between a stored run and the one asked for."""
-    out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY if old[k] != new[k]]
+    out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY
+           if old[k] != new[k] and not (k in ("model", "tokenizer") and _same_folder(old[k], new[k]))]
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
     for k, default in (("store", "all"), ("stats", []), ("reference", None)):  # what is stored and accumulated must not change mid-run
         a, b = om["config"].get(k, default), nm["config"].get(k, default)
@@ -147,6 +148,12 @@ def run_changes(old: dict, new: dict) -> list[str]:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             out.append(f"texts {label}: {len(names)} ({', '.join(names[:5])}{more})")
     return out
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """One local checkpoint named two ways (relative and absolute); its revision is compared apart."""
+    pa_, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa_.is_dir() and pb.is_dir() and pa_.resolve() == pb.resolve()
 
 
 @functools.lru_cache(maxsize=1)
