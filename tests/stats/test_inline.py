@@ -104,9 +104,11 @@ def test_killed_group_is_recounted_once(qwen3_model, corpus_dir, tmp_path, ray_s
     s = capture(qwen3_model, corpus_dir, lake, store="none", layers="embed,0-2")
     assert s["captured"] == 2
     again = latest(lake, "layer_stats", "capture", layer=1, site="resid_post")
-    assert again["n_tokens"] == whole["n_tokens"]
-    np.testing.assert_allclose(again["channel_var"], whole["channel_var"], rtol=1e-12)
-    assert again["rms"] == pytest.approx(whole["rms"], rel=1e-12)
+    assert again["n_tokens"] == whole["n_tokens"]  # counted once, not twice
+    # the group is re-run in a new actor process: its float32 forward can differ from the first run
+    # by ~1e-5 relative (seen once in a full suite run: BLAS reductions), far below a double count
+    np.testing.assert_allclose(again["channel_var"], whole["channel_var"], rtol=1e-4)
+    assert again["rms"] == pytest.approx(whole["rms"], rel=1e-4)
 
 
 def test_store_without_stats_is_refused(qwen3_model, corpus_dir, tmp_path, ray_session):
