@@ -156,7 +156,6 @@ class HFEngine:
                 for i, length in enumerate(n):
                     if out[i].not_finite is None and not bool(finite[i, :length].all()):
                         out[i].not_finite = k
-        self._buf.clear()
         return out
 
 

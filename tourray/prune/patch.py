@@ -34,7 +34,7 @@ import numpy as np
 
 from tourray import lake as lk
 from tourray.errors import UserError
-from tourray.solve import lstsq, map_diagnostics
+from tourray.solve import Map, lstsq, map_diagnostics
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, layer_stream, resolve
 from tourray.stats.tasks import stored_layers
@@ -103,11 +103,13 @@ def solve_span(lake: lk.Lake, run: str, first: int, last: int, ridge: float = 0.
         raise UserError(f"run {run}: no text tokens to solve the patch of span {first}-{last} from")
     scale = float(np.trace(m_m.m2) / m_m.w + m_m.mean @ m_m.mean) / m_m.d  # mean second moment of m per channel
     keep = protected_directions(lake, run, first, scale)
-    fit = lstsq(m_m, m_d, x, ridge=ridge * scale, fit_intercept=False)
-    if len(keep):  # T = I + P D: P removes the protected directions, so T leaves them as the block wrote them
+    fit = lstsq(m_m, m_d, x, ridge=ridge * scale, fit_intercept=False) if not len(keep) else None
+    if fit is None:  # T = I + P D: P removes the protected directions, so T leaves them as the block wrote them
         proj = np.eye(m_m.d) - keep.T @ keep
         g = proj @ (m_m.m2 / m_m.w + np.outer(m_m.mean, m_m.mean) + ridge * scale * np.eye(m_m.d)) @ proj
-        fit.matrix = proj @ np.linalg.lstsq(g, proj @ (x.m_ab / x.w + np.outer(x.mean_a, x.mean_b)), rcond=None)[0]
+        d_ = proj @ np.linalg.lstsq(g, proj @ (x.m_ab / x.w + np.outer(x.mean_a, x.mean_b)), rcond=None)[0]
+        fit = Map(matrix=d_, bias=np.zeros(m_m.d), rotation=None, singular_values=np.linalg.svd(d_, compute_uv=False),
+                  orth_error=float("nan"), kind="lstsq", params={"ridge": ridge * scale, "protected": len(keep)})
     diag = map_diagnostics(fit, m_m, m_d, x)
     t = np.eye(m_m.d) + fit.matrix
     if objective == "cosine":

@@ -76,17 +76,22 @@ class Evidence:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-def read_evidence(lake: lk.Lake, run: str, method: str, n: int | None = None) -> Evidence:
-    """Load what `method` needs from the lake (blind methods need only the run's depth)."""
+def run_row(lake: lk.Lake, run: str) -> dict:
+    """The run's `runs` row, or the error naming the runs there are."""
     rows = lake.read("runs", filter=f"run = {lk.sql_quote(run)}").to_pylist()
     if not rows:
         known = ", ".join(lake.read("runs", ["run"]).column(0).to_pylist()) or "none"
         raise UserError(f"--run: no run {run!r} in {lake.root} (runs: {known})")
-    ev = Evidence(rows[0], rows[0]["num_layers"])
+    return rows[0]
+
+
+def read_evidence(lake: lk.Lake, row: dict, method: str, n: int | None = None) -> Evidence:
+    """Load what `method` needs from the lake for the run of `row` (blind methods need only its depth)."""
+    run = row["run"]
+    ev = Evidence(row, row["num_layers"])
     ev.versions = {t: lake.dataset(t).version for t in ("runs", "samples") if lake.exists(t)}
     if method in BLIND:
         return ev
-    need_vectors = method in ("angular",)
     if not lake.exists("token_layers") or not lake.read("token_layers", ["layer"], filter=f"run = {lk.sql_quote(run)}").num_rows:
         raise UserError(f"--method {method}: run {run} stored no vectors (no token_layers rows); capture it with "
                         "--store all (or at least every block's resid_post) to plan from evidence")
@@ -95,7 +100,7 @@ def read_evidence(lake: lk.Lake, run: str, method: str, n: int | None = None) ->
     if method == "variance":
         ev.blocks["variance_ratio"] = _variance_ratio(lake, run, ev.num_layers)
         ev.versions["layer_stats"] = lake.dataset("layer_stats").version
-    if need_vectors:
+    if method == "angular":
         ev.angular[n] = _angular_last_token(lake, run, ev.num_layers, n)
         ev.versions["activations"] = lake.dataset("activations").version
     return ev
@@ -246,10 +251,8 @@ def make_plan(cfg: PlanConfig) -> dict:
     from tourray.manifest import git_commit
 
     lake = lk.Lake(cfg.lake)
-    run = lake.read("runs", ["num_layers"], filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist() if lake.exists("runs") else []
-    L = run[0]["num_layers"] if run else None
-    if L is None:
-        read_evidence(lake, cfg.run, "reverse")  # raises the missing-run error
+    row = run_row(lake, cfg.run)
+    L = row["num_layers"]
     n = cfg.remove if cfg.remove is not None else L - cfg.keep
     if n <= 0 or n >= L:
         what = f"--remove {cfg.remove}" if cfg.remove is not None else f"--keep {cfg.keep}"
@@ -258,7 +261,7 @@ def make_plan(cfg: PlanConfig) -> dict:
     allowed = [l for l in range(L) if l not in protect]
     if n > len(allowed):
         raise UserError(f"--remove {n}: only {len(allowed)} blocks are not protected ({cfg.protect})")
-    ev = read_evidence(lake, cfg.run, cfg.method, n)
+    ev = read_evidence(lake, row, cfg.method, n)
     removed, score = CHOOSERS[cfg.method](ev, n, allowed, cfg.seed)
     if score is not None and any(not np.isfinite(score[b]) for b in removed):
         raise UserError(f"--method {cfg.method}: run {cfg.run} has no finite score for block(s) "

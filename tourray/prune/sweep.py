@@ -108,17 +108,24 @@ def is_complete(lake: lk.Lake, run: str, n_samples: int) -> bool:
 
 
 # -- the evidence's prediction -------------------------------------------------------------------
-def predict_cliff(lake: lk.Lake, run: str, removed: list[int], protect: str | None = None) -> dict:
+def predict_cliff(lake: lk.Lake, run: str, removed: list[int], protect: str | None = None,
+                  plans: dict | None = None) -> dict:
     """Where the lake evidence alone puts the cliff: for each N, the angular distance of the best
     span of N blocks (Gromov et al.) and the summed block influence of the N least influential
-    blocks (ShortGPT); the predicted cliff is the knee of the angular curve (the N farthest above
-    the chord from its first to its last point, Kneedle)."""
+    blocks (ShortGPT); the predicted cliff is the knee of the angular curve (Kneedle: the N farthest
+    below the chord from its first to its last point). `plans` (from `check_variants`) are reused."""
     from tourray.prune.plan import PlanConfig, make_plan
+
+    plans = plans if plans is not None else {}
+
+    def plan(method: str, n: int) -> dict:
+        if (method, n, 0) not in plans:
+            plans[method, n, 0] = make_plan(PlanConfig(lake=lake.root, run=run, method=method, remove=n, protect=protect))
+        return plans[method, n, 0]
 
     curve = {}
     for n in sorted(set(removed)):
-        ang = make_plan(PlanConfig(lake=lake.root, run=run, method="angular", remove=n, protect=protect))
-        bi = make_plan(PlanConfig(lake=lake.root, run=run, method="block-influence", remove=n, protect=protect))
+        ang, bi = plan("angular", n), plan("block-influence", n)
         best = ang["evidence"]["angular_by_start"][ang["removed"][0]]  # the chosen span (protected ones excluded)
         curve[n] = dict(angular_best=best, angular_span=ang["removed"],
                         block_influence_sum=float(sum(bi["evidence"]["block_influence"][b] for b in bi["removed"])),
@@ -156,8 +163,9 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
                                 protect=cfg.protect))
     plan_path, gen_path = work / f"{v.name}.plan.json", work / f"{v.name}.generations.json"
     done = is_complete(lake, run, n_eval)
-    if done and plan_path.is_file() and json.loads(plan_path.read_text())["removed"] != plan["removed"]:
-        raise UserError(f"variant {v.name}: run {run} was captured for blocks {json.loads(plan_path.read_text())['removed']}, "
+    before = json.loads(plan_path.read_text())["removed"] if done and plan_path.is_file() else plan["removed"]
+    if before != plan["removed"]:
+        raise UserError(f"variant {v.name}: run {run} was captured for blocks {before}, "
                         f"but the plan now removes {plan['removed']} (other evidence or --protect?); use another --run "
                         "or delete that run's rows")
     write_plan(plan, plan_path)
@@ -205,12 +213,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     bad = [m for m in cfg.patch_methods or [] if m not in cfg.methods]
     if bad:
         raise UserError(f"--patch-methods: {bad} not among --methods")
-    check_variants(cfg)  # every plan and patch is possible: refuse before anything is written
+    plans = check_variants(cfg)  # every plan and patch is possible: refuse before anything is written
     n_eval = len(corpus.load_samples(cfg.eval_samples, include=cfg.eval_include)[0])
     prompts = _prompts(cfg)
     todo = variants(cfg)
     gen_at = cfg.generate_removed if cfg.generate_removed is not None else sorted(cfg.removed)[len(cfg.removed) // 2]
-    prediction = predict_cliff(lake, cfg.run, cfg.removed, cfg.protect)  # before any variant: see the module doc
+    prediction = predict_cliff(lake, cfg.run, cfg.removed, cfg.protect, plans)  # before any variant: see the module doc
     log.info("sweep %s: %d variants; the evidence predicts the cliff at %d blocks removed", cfg.run, len(todo),
              prediction["predicted_cliff"])
     base_run = f"{cfg.run}.original"
@@ -265,25 +273,24 @@ def absolute_paths(cfg: SweepConfig) -> SweepConfig:
     return cfg.model_copy(update=upd)
 
 
-def check_variants(cfg: SweepConfig) -> None:
-    """Plan every (method, blocks removed) once and check the patches' vectors, so that a sweep that
-    cannot finish is refused before its first capture."""
+def check_variants(cfg: SweepConfig) -> dict[tuple[str, int, int], dict]:
+    """Plan every (method, blocks removed, seed) once and check the patches' vectors, so that a sweep
+    that cannot finish is refused before its first capture; returns the plans by that key."""
     from tourray.prune.patch import check_patchable
     from tourray.prune.plan import PlanConfig, make_plan, spans
 
-    lake, seen = lk.Lake(cfg.lake), set()
+    lake, plans = lk.Lake(cfg.lake), {}
     for v in variants(cfg):
-        if (v.method, v.remove, v.seed) in seen:
-            if v.patch == "none":
-                continue
-        seen.add((v.method, v.remove, v.seed))
-        try:
-            plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove, seed=v.seed,
-                                        protect=cfg.protect))
-        except UserError as e:
-            raise UserError(f"variant {v.name}: {e}") from None
+        key = (v.method, v.remove, v.seed)
+        if key not in plans:
+            try:
+                plans[key] = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove,
+                                                  seed=v.seed, protect=cfg.protect))
+            except UserError as e:
+                raise UserError(f"variant {v.name}: {e}") from None
         if v.patch != "none":
-            check_patchable(lake, cfg.run, spans(plan["removed"]))
+            check_patchable(lake, cfg.run, spans(plans[key]["removed"]))
+    return plans
 
 
 def _prompts(cfg: SweepConfig) -> list[str]:
