@@ -179,3 +179,19 @@ def smollm2_model(tmp_path_factory) -> Path:
     from tourray.models import find_smollm2_gguf, import_gguf
 
     return import_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "ckpt")
+
+
+def project_residual(model, basis) -> None:
+    """Hooks that project the residual stream of `model` onto the columns of `basis` [d, K] after the
+    embedding and every block write: what a model sliced to that basis must compute (in its basis)."""
+    import torch
+
+    proj = (basis @ basis.T).to(torch.float32)
+
+    def hook(mod, args, out):
+        return out @ proj if isinstance(out, torch.Tensor) else (out[0] @ proj, *out[1:])
+
+    model.model.embed_tokens.register_forward_hook(hook)
+    for b in model.model.layers:
+        b.self_attn.o_proj.register_forward_hook(hook)
+        b.mlp.down_proj.register_forward_hook(hook)

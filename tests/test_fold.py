@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, needs_smollm2
+from conftest import REPO, needs_smollm2, project_residual
 
 from tourray.errors import UserError
 from tourray.fold import Layout, Surgery, apply_surgery, read_config
@@ -80,13 +80,14 @@ def all_transforms(lay: Layout, seed: int = 0) -> Surgery:
 
 @pytest.fixture(scope="module")
 def gqa_qwen3(tmp_path_factory):
-    """A 2-block Qwen3 with 4 query heads over 2 key/value heads, non-trivial norms, untied head."""
+    """A 2-block Qwen3 with 4 query heads over 2 key/value heads, non-trivial norms, untied head, large eps."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(3)
     cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+                      rms_norm_eps=0.05)  # large: slicing must rescale it exactly, q_norm / k_norm included
     model = Qwen3ForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -146,6 +147,25 @@ def test_rotation_is_really_applied(qwen3_model, tmp_path):
         ha = a(ids, output_hidden_states=True).hidden_states[1].double().numpy()
         hb = b(ids, output_hidden_states=True).hidden_states[1].double().numpy()
     assert rel(hb, ha @ q) < 1e-5 and rel(hb, ha) > 0.5
+
+
+@pytest.mark.parametrize("name", ["gqa_qwen3", "llama_model"])
+def test_slicing_is_the_projected_original(name, request, tmp_path):
+    """A semi-orthogonal Q (d x K): the sliced model equals the original with its residual stream
+    projected onto Q's columns, the RMSNorm over K channels corrected (eps d/K, sqrt(d/K) folded; on
+    Qwen3 q_norm / k_norm, which share that eps, see inputs scaled to match)."""
+    import torch
+
+    src = request.getfixturevalue(name)
+    lay = layout(src)
+    k = lay.hidden * 3 // 4
+    q = rotation(lay.hidden, 5)[:, :k]
+    apply_surgery(src, tmp_path / "out", Surgery(residual=q), {})
+    orig = load(src)
+    project_residual(orig, torch.from_numpy(q))
+    with torch.no_grad():
+        want = orig(torch.tensor(IDS)).logits.double().numpy()
+    assert rel(logits(tmp_path / "out"), want) < 1e-5
 
 
 # -- inverses -------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ EXAMPLES = {
     "prune apply": """examples:
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/bi6.json --out ckpt/smol-bi6
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/ang6.json --patch lstsq --out ckpt/smol-ang6-lstsq""",
+    "prune width": """examples:
+  tourray capture --model .cache/smollm2-135m-instruct --samples samples --run smol-w --stats moments --store none
+  tourray prune width --model .cache/smollm2-135m-instruct --run smol-w --keep-neurons 0.75 --keep-heads 0.67 --out ckpt/smol-w
+  tourray prune width --model .cache/smollm2-135m-instruct --run smol --hidden 512 --out ckpt/smol-sliced   # needs stored resid_post""",
     "prune sweep": """examples:
   python jobs/prune_sweep.py --config jobs/configs/prune_sweep.yaml         # the full sweep on SmolLM2
   tourray prune sweep --model .cache/smollm2-135m-instruct --run smol --methods angular,reverse --removed 4,8
@@ -243,6 +247,15 @@ def cmd_prune_apply(args) -> int:
     return 0
 
 
+def cmd_prune_width(args) -> int:
+    from tourray.prune.width import WidthConfig, run_width
+
+    s = run_width(config_from_args(WidthConfig, args), progress=not args.no_progress)
+    print(f"{s['out']}: {s['parameters'] / 1e6:.2f}M parameters ({100 * s['parameters'] / s['parameters_before']:.1f}% "
+          f"of {s['parameters_before'] / 1e6:.2f}M); config changes: {s['config_changes']}")
+    return 0
+
+
 def cmd_prune_sweep(args) -> int:
     from tourray.prune.sweep import SweepConfig, run_sweep
 
@@ -341,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     from tourray.prune.apply import ApplyConfig
     from tourray.prune.plan import PlanConfig
 
-    p = command("prune", None, "Depth pruning: plan which blocks to delete from lake evidence, write the pruned "
+    p = command("prune", None, "Depth and width pruning: plan which blocks to delete from lake evidence, write the pruned "
                                "checkpoint (optionally patched), judge it against the original.")
     psub = p.add_subparsers(dest="prune_command", required=True, metavar="SUBCOMMAND")
 
@@ -358,6 +371,13 @@ def parser() -> argparse.ArgumentParser:
     from tourray.prune.verdict import add_verdict_parser
 
     add_verdict_parser(psub)
+    from tourray.prune.width import WidthConfig
+
+    sp = prune_command("width", cmd_prune_width, "Width pruning from the lake: the same fraction of FFN neurons and "
+                       "query heads kept in every block (inline --stats moments scores), optionally the residual width "
+                       "sliced (SliceGPT, --hidden); a standard checkpoint.")
+    add_config_flags(sp, WidthConfig)
+    sp.add_argument("--no-progress", action="store_true", help="No progress bar.")
     from tourray.prune.sweep import SweepConfig
 
     sp = prune_command("sweep", cmd_prune_sweep, "Plan, write, capture and judge many variants (methods x blocks "

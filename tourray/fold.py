@@ -366,19 +366,21 @@ def apply_surgery(model: str | Path, out_dir: str | Path, surgery: Surgery, prov
                       surgery=surgery.describe(), config_changes=updates,
                       created_at=dt.datetime.now(dt.timezone.utc).isoformat())
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    params = sum(int(np.prod(v)) for v in _shapes(out))
+    params = parameters(out)
     log.info("wrote %s (%s) in %.1f s: %.2fM parameters", out, ", ".join(f"{k}={v}" for k, v in updates.items())
              or "same config", time.perf_counter() - t0, params / 1e6)
     return dict(out=str(out), config_changes=updates, parameters=params, seconds=round(time.perf_counter() - t0, 2))
 
 
-def _shapes(folder: Path):
+def parameters(folder: str | Path) -> int:
+    """Parameter count of a safetensors checkpoint, from its headers (no tensor is read)."""
     from safetensors import safe_open
 
-    for f in weight_files(folder):
+    total = 0
+    for f in weight_files(Path(folder)):
         with safe_open(str(f), framework="pt") as fh:
-            for n in fh.keys():
-                yield fh.get_slice(n).get_shape()
+            total += sum(int(np.prod(fh.get_slice(n).get_shape())) for n in fh.keys())
+    return total
 
 
 # -- tourray fold -----------------------------------------------------------------------------------
