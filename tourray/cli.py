@@ -411,6 +411,11 @@ def parser() -> argparse.ArgumentParser:
     from tourray.generate import add_parser as add_generate_parser
 
     add_generate_parser(sub, command)
+    from tourray.qa import add_parser as add_qa_parser
+    from tourray.transport import add_parser as add_transport_parser
+
+    add_qa_parser(sub, command)
+    add_transport_parser(sub, command)
     return top
 
 

@@ -25,23 +25,19 @@ import numpy as np
 from pydantic import Field, PositiveInt, field_validator
 
 from tourray import lake as lk
-from tourray.config import BaseConfig, comma_list
+from tourray.config import comma_list
 from tourray.errors import UserError
 from tourray.prune.plan import METHODS, Method
-from tourray.prune.verdict import Criteria
+from tourray.prune.evaluate import EvalSettings, capture_eval, is_complete, judge
 
 log = logging.getLogger("tourray")
 
 
-class SweepConfig(BaseConfig):
+class SweepConfig(EvalSettings):
     """`tourray prune sweep`: every field is a flag (lists comma-separated)."""
 
     model: str = Field(description="The unpruned checkpoint folder.")
-    lake: str = Field("lake", description="Lake holding the evidence run; baseline and variant runs are written here too.")
     run: str = Field(description="Evidence run: the unpruned model's capture (stored vectors, both sites for --patch lstsq).")
-    eval_samples: str = Field("samples/eval", description="Texts every variant is judged on (folder of category subfolders).")
-    eval_include: list[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
-    system_prompt: str | None = Field(None, description="System prompt file of the eval captures (use the evidence run's).")
     methods: list[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
     removed: list[PositiveInt] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
     patch: list[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
@@ -51,17 +47,14 @@ class SweepConfig(BaseConfig):
     protect: str | None = Field(None, description="Blocks no plan may delete (e.g. 0,-1).")
     workers: int = Field(1, gt=0, description="Variants evaluated at once (Ray tasks in flight).")
     cpus_per_task: float = Field(2.0, gt=0, description="CPUs Ray reserves per variant task (its torch threads).")
-    batch_size: int = Field(8, gt=0, description="Eval capture batch size.")
-    max_length: int = Field(1024, gt=1, description="Eval capture truncation.")
     workdir: str = Field(".cache/prune", description="Where variant plans and checkpoints are written.")
     keep_checkpoints: bool = Field(False, description="Keep each variant's checkpoint (135M params: ~0.5 GB each in float32).")
     reports: str = Field("reports", description="Folder of the report, its plots and the results JSON.")
     generate_prompts: str | None = Field(None, description="Prompts file (one per line) for the side-by-side generations.")
     generate_removed: int | None = Field(None, description="Variants with this many blocks removed get generations (default: the middle of --removed).")
     max_new_tokens: int = Field(48, gt=0, description="Tokens generated per prompt.")
-    criteria: Criteria = Field(default_factory=Criteria, description="Verdict criteria.")
 
-    @field_validator("methods", "removed", "patch", "patch_methods", "eval_include", mode="before")
+    @field_validator("methods", "removed", "patch", "patch_methods", mode="before")
     @classmethod
     def _split(cls, v):
         return comma_list(v)
@@ -91,20 +84,6 @@ def variants(cfg: SweepConfig) -> list[Variant]:
                 for s in range(cfg.seeds if m == "random" else 1):
                     out.append(Variant(m, n, p, s))
     return out
-
-
-def eval_capture_config(cfg: SweepConfig, model: str, run: str, reference: str | None):
-    from tourray.capture import CaptureConfig
-
-    return CaptureConfig(model=model, samples=cfg.eval_samples, include=cfg.eval_include, lake=cfg.lake, run=run, layers="none",
-                         system_prompt=cfg.system_prompt, batch_size=cfg.batch_size, group_size=max(cfg.batch_size, 16),
-                         max_length=cfg.max_length, reference=reference)
-
-
-def is_complete(lake: lk.Lake, run: str, n_samples: int) -> bool:
-    if not lake.exists("samples"):
-        return False
-    return lake.read("samples", ["sample_id"], filter=f"run = {lk.sql_quote(run)}").num_rows == n_samples
 
 
 # -- the evidence's prediction -------------------------------------------------------------------
@@ -150,10 +129,8 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     """Plan, apply, capture the eval sets (tokens only, KL against the original), judge."""
     import torch
 
-    from tourray.capture import run_capture
     from tourray.prune.apply import ApplyConfig, run_apply
     from tourray.prune.plan import PlanConfig, make_plan, write_plan
-    from tourray.prune.verdict import compare, verdict
 
     torch.set_num_threads(max(1, int(cfg.cpus_per_task)))
     lake = lk.Lake(cfg.lake)
@@ -177,7 +154,7 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
         applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch,
                                         ridge=cfg.ridge))
         out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
-        s = run_capture(eval_capture_config(cfg, str(ckpt), run, cfg.model), progress=False, executor="local")
+        s = capture_eval(cfg, str(ckpt), run, cfg.model)
         out["eval_tokens_per_s"] = s.get("tokens_per_s")
         if prompts:
             from tourray.corpus import read_system_prompt
@@ -191,10 +168,7 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     elif prompts and gen_path.is_file():
         out["generations"] = json.loads(gen_path.read_text())
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    table = compare(cfg.lake, base_run, run)
-    out["comparison"] = table.to_pylist()
-    out["verdict"] = verdict(table, criteria=cfg.criteria)
-    return out
+    return out | judge(cfg, base_run, run)
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
@@ -202,7 +176,6 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
 
-    from tourray import corpus
     from tourray.capture import run_capture
     from tourray.prune.report import write_report
     from tourray.runtime import init_ray, user_error_in
@@ -214,7 +187,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     if bad:
         raise UserError(f"--patch-methods: {bad} not among --methods")
     plans = check_variants(cfg)  # every plan and patch is possible: refuse before anything is written
-    n_eval = len(corpus.load_samples(cfg.eval_samples, include=cfg.eval_include)[0])
+    n_eval = cfg.n_eval()
     prompts = _prompts(cfg)
     todo = variants(cfg)
     gen_at = cfg.generate_removed if cfg.generate_removed is not None else sorted(cfg.removed)[len(cfg.removed) // 2]
@@ -222,7 +195,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     log.info("sweep %s: %d variants; the evidence predicts the cliff at %d blocks removed", cfg.run, len(todo),
              prediction["predicted_cliff"])
     base_run = f"{cfg.run}.original"
-    base = run_capture(eval_capture_config(cfg, cfg.model, base_run, None), progress=progress)
+    base = run_capture(cfg.capture_config(cfg.model, base_run, None), progress=progress)
     original = {}
     if prompts:
         from tourray.corpus import read_system_prompt
@@ -261,12 +234,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     return summary
 
 
-def absolute_paths(cfg: SweepConfig) -> SweepConfig:
-    """The config with every local path made absolute (URIs and hub ids kept)."""
+def absolute_paths(cfg, paths=("model", "eval_samples", "system_prompt", "generate_prompts")):
+    """The config with every local path made absolute (URIs and hub ids kept): Ray tasks may run in
+    another working directory. `paths` are optional local paths; workdir, reports and lake always."""
     def fix(v):
         return v if v is None or "://" in v or not Path(v).exists() and v.count("/") == 1 else str(Path(v).resolve())
 
-    upd = {k: fix(getattr(cfg, k)) for k in ("model", "eval_samples", "system_prompt", "generate_prompts")}
+    upd = {k: fix(getattr(cfg, k)) for k in paths}
     upd |= {k: str(Path(getattr(cfg, k)).resolve()) for k in ("workdir", "reports")}
     if "://" not in cfg.lake:
         upd["lake"] = str(Path(cfg.lake).resolve())

@@ -207,5 +207,5 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
     before = parameters(src)
     log.info("width-pruned %s: %.2fM -> %.2fM parameters (%.1f%%)", cfg.model, before / 1e6, out["parameters"] / 1e6,
              100 * out["parameters"] / before)
-    return dict(out, parameters_before=before, evidence=info)
+    return dict(out, parameters_before=before, evidence=info, residual=surgery.residual)
 

@@ -1,0 +1,86 @@
+"""`tourray qa`: every toggle of the matrix on the tiny Qwen3, judged alike; folds keep the function,
+lossy toggles are measured, the report names them, and a re-run captures nothing new."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from conftest import lake_snapshot
+
+
+@pytest.fixture(scope="module")
+def qa_lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
+    """One evidence run: both sites stored (plans, patches, slicing) and inline unit statistics."""
+    from tourray.capture import CaptureConfig, run_capture
+
+    root = tmp_path_factory.mktemp("qa_lake")
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir / "train"), lake=str(root), run="ev",
+                              store_dtype="float32", batch_size=2, group_size=3, sites="resid_post,resid_mid",
+                              stats=["moments"]), progress=False)
+    return root
+
+
+def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path):
+    from tourray.prune.verdict import Criteria
+    from tourray.qa import QAConfig, run_qa
+
+    cfg = QAConfig.parse(dict(
+        name="t", model=str(qwen3_model), lake=str(qa_lake), run="ev", eval_samples=str(corpus_dir / "eval"),
+        batch_size=2, slice_widths=[96], width=[dict(keep_neurons=0.5, keep_heads=0.5)],
+        depth=[dict(method="block-influence", remove=1), dict(method="block-influence", remove=1, patch="lstsq")],
+        combined=[dict(method="block-influence", remove=1, patch="lstsq", target=0.55)], hidden_texts=2,
+        workdir=str(tmp_path / "work"), reports=str(tmp_path / "reports"), criteria=Criteria(seen_category="seen").model_dump()),
+        source="test")
+    s = run_qa(cfg, progress=False)
+    by = {r["variant"]: r for r in s["variants"]}
+    assert list(by) == ["base", "permuted", "rotated", "slice-96", "width-n0.5-h0.5", "depth-block-influence-r1",
+                        "depth-block-influence-r1-lstsq", "combined-0.55"]
+    kl = lambda r: r["comparison"][-1]["mean_kl"]  # noqa: E731
+    assert by["base"]["comparison"][-1]["ppl_ratio"] == 1 and min(by["base"]["cos"]) == pytest.approx(1)
+    for name in ("permuted", "rotated"):  # function-preserving: KL ~0, cosine 1 in the original's basis
+        assert kl(by[name]) < 1e-6 and min(by[name]["cos"]) > 0.99999 and by[name]["verdict"]["passed"], name
+    assert by["permuted"]["parameters"] == by["base"]["parameters"]
+    assert by["rotated"]["parameters"] == by["base"]["parameters"] + 320 * 128  # the LM head, untied
+    for name in ("slice-96", "width-n0.5-h0.5", "depth-block-influence-r1", "combined-0.55"):
+        assert kl(by[name]) > 1e-4 and by[name]["parameter_fraction"] < 1, name
+    assert by["slice-96"]["cos"][0] < 0.9999  # lossy by design
+    assert len(by["depth-block-influence-r1"]["kept_blocks"]) == 2 and by["width-n0.5-h0.5"]["cos"][0] < 0.9999
+    assert by["combined-0.55"]["parameter_fraction"] == pytest.approx(0.55, abs=0.02)
+    md = (tmp_path / "reports" / "qa_t.md").read_text()
+    assert "preserved the function" in md and "| combined-0.55 |" in md and "Bought the most" in md
+    rows = list(csv.DictReader((tmp_path / "reports" / "qa_t.csv").open()))
+    assert {r["metric"] for r in rows} >= {"kl_original", "ppl_ratio_seen", "cos_block_2", "tokens_per_s", "parameters"}
+    assert json.loads((tmp_path / "reports" / "qa_t.json").read_text())["variants"][0]["variant"] == "base"
+
+    before = lake_snapshot(qa_lake)
+    again = run_qa(cfg, progress=False)  # complete eval runs are judged again, not captured again
+    assert lake_snapshot(qa_lake) == before
+    assert [r["verdict"] for r in again["variants"]] == [r["verdict"] for r in s["variants"]]
+
+
+def test_qa_refuses_before_building(qa_lake, prune_lake, qwen3_model, corpus_dir, tmp_path):
+    from tourray.errors import UserError
+    from tourray.qa import QAConfig, run_qa
+
+    base = dict(model=str(qwen3_model), eval_samples=str(corpus_dir / "eval"), workdir=str(tmp_path / "w"),
+                reports=str(tmp_path / "r"))
+    for extra, message in ((dict(lake=str(qa_lake), run="ev", slice_widths=[128]), "not below the hidden size"),
+                           (dict(lake=str(qa_lake), run="nope"), "no run 'nope'"),
+                           (dict(lake=str(prune_lake), run="full", width=[dict(keep_neurons=0.5)]), "--stats moments")):
+        before = lake_snapshot(extra["lake"])
+        with pytest.raises(UserError, match=message):
+            run_qa(QAConfig.parse(base | extra, source="test"), progress=False)
+        assert lake_snapshot(extra["lake"]) == before and not (tmp_path / "w").exists()
+
+
+def test_state_depths():
+    """Which original block a variant block's output stands for (for the hidden-state cosine)."""
+    from tourray.qa.job import state_depths
+
+    assert state_depths([0, 1, 2], 3, False) == [0, 1, 2]
+    assert state_depths([0, 3, 4], 5, False) == [0, 3, 4]  # blocks 1-2 removed, no patch: block 0 is block 0
+    assert state_depths([0, 3, 4], 5, True) == [2, 3, 4]   # block 0's patch maps onto the end of span 1-2
+    assert state_depths([0, 1, 2], 5, True) == [0, 1, 4]   # the last kept block replaces the removed tail

@@ -1,0 +1,398 @@
+"""`tourray qa --config qa.yaml`: the toggle report (seeds 16.2). One model, a matrix of variants, each
+built as a standard checkpoint and judged the same way, so that the table says which toggle bought
+what and which hurt.
+
+    base ─ +permutations ─ +rotation          (function-preserving folds: KL must stay ~0)
+         ─ +slicing at K                      (prune width --hidden K: lossy)
+         ─ +width pruning                     (prune width --keep-neurons/--keep-heads)
+         ─ +depth pruning, with / without the linear patch (prune plan + apply)
+         ─ combined: depth (+patch) then width, sized to a target parameter fraction
+
+Per variant (one row per (variant, metric) in reports/qa_<name>.csv; a table, plots and findings in
+reports/qa_<name>.md):
+- from the eval capture (every eval text, tokens only, KL against the original; compare_runs.sql):
+  perplexity ratio per category, factual-token surprisal ratios, mean KL(original || variant), verdict;
+- from one in-process pass over the first `hidden_texts` eval texts (original and variant side by
+  side, text tokens): KL to a teacher when given, hidden-state cosine and residual RMS ratio at each
+  block, compared in the original's basis (a rotated / sliced variant's states are mapped back by Q^T;
+  a depth-pruned variant's state at depth b is the output of its last kept block <= b), and forward
+  tokens/s measured in the same pass as the original's;
+- parameters (from the checkpoint's headers).
+Variants whose eval run is complete in the lake are not captured again (a QA run resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from tourray import lake as lk
+from tourray.config import BaseConfig
+from tourray.errors import UserError
+from tourray.prune.evaluate import EvalSettings, capture_eval, is_complete, judge
+from tourray.prune.plan import METHODS, Method
+
+log = logging.getLogger("tourray")
+
+class WidthPoint(BaseConfig):
+    """One width-pruned variant."""
+
+    keep_neurons: float = Field(1.0, gt=0, le=1, description="Fraction of FFN neurons kept per block.")
+    keep_heads: float = Field(1.0, gt=0, le=1, description="Fraction of query heads kept per key/value group.")
+    method: Literal["magnitude", "variance", "activation-norm"] = Field("activation-norm", description="Unit score.")
+
+
+class DepthPoint(BaseConfig):
+    """One depth-pruned variant."""
+
+    method: Method = Field("block-influence", description="Plan method: " + ", ".join(METHODS) + ".")
+    remove: int = Field(gt=0, description="Blocks removed.")
+    patch: Literal["none", "lstsq"] = Field("none", description="Linear patch per removed span.")
+
+
+class Combined(DepthPoint):
+    """Depth pruning (with its patch), then width pruning of the kept blocks' FFNs (scored on the
+    original's statistics) sized so that the checkpoint has `target` of the original's parameters."""
+
+    target: float = Field(gt=0, lt=1, description="Parameters kept, as a fraction of the original's.")
+    keep_heads: float = Field(1.0, gt=0, le=1, description="Fraction of query heads kept per group.")
+
+
+class QAConfig(EvalSettings):
+    """`tourray qa`: variant matrix and eval settings (YAML; plain fields are also flags)."""
+
+    name: str = Field("qa", description="Report name: reports/qa_<name>.md; runs are <run>.qa-<name>.<variant>.")
+    model: str = Field(description="The original checkpoint folder (safetensors).")
+    run: str = Field(description="Evidence run of the original: stored resid_post (slicing, plans) and resid_mid (patches).")
+    width_run: str | None = Field(None, description="Run with inline --stats moments (unit scores); default: --run.")
+    teacher: str | None = Field(None, description="Teacher checkpoint with the same tokenizer: KL(teacher || variant) too.")
+    permutations: bool = Field(True, description="A variant with random FFN-neuron and head permutations folded in.")
+    rotation: bool = Field(True, description="A variant with a random orthogonal residual rotation folded in (and the permutations).")
+    slice_widths: list[int] = Field(default_factory=list, description="Residual widths of sliced variants.")
+    width: list[WidthPoint] = Field(default_factory=list, description="Width-pruned variants.")
+    depth: list[DepthPoint] = Field(default_factory=list, description="Depth-pruned variants.")
+    combined: list[Combined] = Field(default_factory=list, description="Combined compressions to a parameter target.")
+    seed: int = Field(0, description="Seed of the random permutations and rotation.")
+    hidden_texts: int = Field(4, gt=0, description="Eval texts of the in-process pass (hidden-state cosine, RMS ratio, teacher KL, tokens/s).")
+    workdir: str = Field(".cache/qa", description="Where variant checkpoints are written.")
+    keep_checkpoints: bool = Field(False, description="Keep each variant's checkpoint.")
+    reports: str = Field("reports", description="Folder of the report, its plots, CSV and JSON.")
+
+
+@dataclass
+class Variant:
+    name: str
+    family: str          # base, fold, slice, width, depth, combined
+    params: dict = field(default_factory=dict)
+
+
+def variants(cfg: QAConfig) -> list[Variant]:
+    out = [Variant("base", "base")]
+    if cfg.permutations:
+        out.append(Variant("permuted", "fold", dict(rotation=False)))
+    if cfg.rotation:
+        out.append(Variant("rotated", "fold", dict(rotation=True)))
+    out += [Variant(f"slice-{k}", "slice", dict(hidden=k)) for k in cfg.slice_widths]
+    for w in cfg.width:
+        out.append(Variant(f"width-n{w.keep_neurons:g}-h{w.keep_heads:g}" + ("" if w.method == "activation-norm" else f"-{w.method}"),
+                           "width", w.model_dump()))
+    for d in cfg.depth:
+        out.append(Variant(f"depth-{d.method}-r{d.remove}" + ("" if d.patch == "none" else f"-{d.patch}"), "depth", d.model_dump()))
+    for c in cfg.combined:
+        out.append(Variant(f"combined-{c.target:g}", "combined", c.model_dump()))
+    return out
+
+
+# -- building a variant -------------------------------------------------------------------------------
+def _random_folds(lay, seed: int, rotation: bool):
+    from tourray.fold import Surgery
+
+    rng = np.random.default_rng(seed)
+    s = Surgery(residual=np.linalg.qr(rng.standard_normal((lay.hidden, lay.hidden)))[0] if rotation else None)
+    for i in range(lay.layers):
+        s.neurons[i] = rng.permutation(lay.ffn)
+        s.heads[i] = np.concatenate([g * lay.group + rng.permutation(lay.group) for g in rng.permutation(lay.kv_heads)])
+    return s
+
+
+def build(cfg: QAConfig, v: Variant, lay, out: Path) -> dict:
+    """Write variant `v`'s checkpoint to `out`; its basis (Q, or None) and kept blocks."""
+    from tourray.fold import apply_surgery, parameters
+    from tourray.prune.width import WidthConfig, run_width
+
+    kept = list(range(lay.layers))
+    if v.family == "fold":
+        s = _random_folds(lay, cfg.seed, v.params["rotation"])
+        apply_surgery(cfg.model, out, s, dict(kind="qa fold", seed=cfg.seed))
+        return dict(basis=s.residual, kept=kept)
+    if v.family == "slice":
+        r = run_width(WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.run, hidden=v.params["hidden"], out=str(out)),
+                      progress=False)
+        return dict(basis=r["residual"], kept=kept)
+    if v.family == "width":
+        run_width(WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.width_run or cfg.run, out=str(out),
+                              **{k: v.params[k] for k in ("keep_neurons", "keep_heads", "method")}), progress=False)
+        return dict(basis=None, kept=kept)
+    plan = _depth(cfg, v, out)
+    kept = [i for i in range(lay.layers) if i not in plan["removed"]]
+    if v.family == "combined":
+        _narrow(cfg, v, lay, out, kept, parameters(cfg.model))
+    return dict(basis=None, kept=kept)
+
+
+def _depth(cfg: QAConfig, v: Variant, out: Path) -> dict:
+    from tourray.prune.apply import ApplyConfig, run_apply
+    from tourray.prune.plan import PlanConfig, make_plan, write_plan
+
+    plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.params["method"], remove=v.params["remove"]))
+    path = write_plan(plan, out.parent / f"{out.name}.plan.json")
+    run_apply(ApplyConfig(model=cfg.model, plan=str(path), out=str(out), patch=v.params["patch"]))
+    return plan
+
+
+def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original_params: int) -> None:
+    """Width-prune the depth-pruned checkpoint `out` in place to the parameter target: neuron scores of
+    the original's kept blocks; FFN width chosen by counting (3 d d_ff weights per neuron column)."""
+    from tourray.fold import Layout, apply_surgery, parameters, read_config
+    from tourray.prune.width import WidthConfig, choose, scores, unit_moments
+
+    deep = out.parent / f"{out.name}.depth"
+    out.rename(deep)
+    now, target = parameters(deep), v.params["target"] * original_params
+    dlay = Layout.of(read_config(deep)[1], str(deep))
+    head_cost = dlay.layers * 2 * dlay.hidden * dlay.head_dim * (1 - _kept_frac(v.params["keep_heads"], lay.group))
+    per_neuron = dlay.layers * 3 * dlay.hidden
+    keep = (dlay.ffn - max(0.0, now - head_cost - target) / per_neuron) / dlay.ffn
+    if keep <= 0:
+        raise UserError(f"combined {v.params['target']:g}: removing {v.params['remove']} blocks leaves {now / 1e6:.1f}M "
+                        f"parameters; no FFN width reaches {target / 1e6:.1f}M: remove more blocks")
+    wcfg = WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.width_run or cfg.run, keep_neurons=min(1.0, keep),
+                       keep_heads=v.params["keep_heads"], out=str(out))
+    mlp, heads = unit_moments(lk.Lake(cfg.lake), wcfg.run, lay.layers)
+    ns, hs = scores(wcfg, lay, mlp, heads)
+    s = choose(wcfg, dlay, ns[kept], hs[kept])
+    apply_surgery(deep, out, s, dict(kind="qa combined", keep_neurons=keep, scores_from=wcfg.run, kept_blocks=kept))
+    shutil.rmtree(deep)
+    v.params["keep_neurons"] = round(keep, 4)
+
+
+def _kept_frac(keep_heads: float, group: int) -> float:
+    return 1.0 if keep_heads >= 1 else max(1, round(keep_heads * group)) / group
+
+
+# -- the in-process pass ----------------------------------------------------------------------------
+def eval_texts(lake: lk.Lake, base_run: str, n: int) -> list[tuple[list[int], int, int]]:
+    """(token ids, text_start, text_end) of the first `n` samples of the original's eval run: the very
+    ids the captures used."""
+    q = lk.sql_quote(base_run)
+    samples = sorted(lake.read("samples", ["sample_id", "text_start", "text_end"], filter=f"run = {q}").to_pylist(),
+                     key=lambda r: r["sample_id"])[:n]
+    toks = lake.read("tokens", ["sample_id", "pos", "token_id"], filter=f"run = {q}").to_pandas()
+    out = []
+    for s in samples:
+        t = toks[toks.sample_id == s["sample_id"]].sort_values("pos")
+        out.append((t.token_id.tolist(), s["text_start"], s["text_end"]))
+    return out
+
+
+class Side:
+    """One model's forward over the texts: per-block pre-norm states on text tokens, log-probs, time."""
+
+    def __init__(self, folder: str, texts, repeats: int = 3):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        from tourray.engine import find_blocks
+
+        _, blocks = find_blocks(model, model.config.get_text_config().num_hidden_layers)
+        states: list = []
+        hooks = [b.register_forward_hook(lambda m, a, o: states.append(o[0] if isinstance(o, tuple) else o))
+                 for b in blocks]
+        self.texts, self.states, self.logp = texts, [], []
+        with torch.no_grad():
+            model(torch.tensor([texts[0][0]]))  # warm-up: first-call allocations are not throughput
+            for ids, a, e in texts:
+                states.clear()
+                logits = model(torch.tensor([ids])).logits[0, a - 1:e - 1].double()
+                self.logp.append(torch.log_softmax(logits, -1))
+                self.states.append([s[0, a:e].double() for s in states])
+            for h in hooks:
+                h.remove()
+            best = math.inf
+            for _ in range(repeats):  # the fastest of a few passes: the least disturbed by other work
+                t0 = time.perf_counter()
+                for ids, _, _ in texts:
+                    model(torch.tensor([ids]))
+                best = min(best, time.perf_counter() - t0)
+        self.tokens_per_s = sum(len(ids) for ids, _, _ in texts) / best
+        del model
+
+
+def state_depths(kept: list[int], n_blocks: int, patched: bool) -> list[int]:
+    """The original's block whose output each variant block's output stands for: its own index, or,
+    for a patched block followed by a removed span, the span's last block (the patch maps onto it)."""
+    out = []
+    for j, b in enumerate(kept):
+        nxt = kept[j + 1] if j + 1 < len(kept) else n_blocks
+        out.append(nxt - 1 if patched and nxt > b + 1 else b)
+    return out
+
+
+def agreement(orig: Side, var: Side, basis, kept: list[int], patched: bool, teacher: Side | None) -> dict:
+    """Hidden-state cosine and RMS ratio per original block (nan where the variant has no state that
+    stands for it), KL to the original and to the teacher, tokens/s."""
+    import torch
+
+    q = None if basis is None else torch.from_numpy(np.asarray(basis, np.float64))
+    n_blocks = len(orig.states[0])
+    cos, rms = [float("nan")] * n_blocks, [float("nan")] * n_blocks
+    for j, depth in enumerate(state_depths(kept, n_blocks, patched)):
+        c, num, den = [], 0.0, 0.0
+        for so, sv in zip(orig.states, var.states):
+            h = sv[j] if q is None else sv[j] @ q.T  # back to the original's basis
+            c.append(torch.nn.functional.cosine_similarity(h, so[depth], dim=-1))
+            num, den = num + float((h * h).sum()), den + float((so[depth] ** 2).sum())
+        cos[depth], rms[depth] = float(torch.cat(c).mean()), math.sqrt(num / den)
+
+    def kl(ref: Side) -> float:
+        num = sum(float((p.exp() * (p - v)).sum()) for p, v in zip(ref.logp, var.logp))
+        return num / sum(len(p) for p in ref.logp)
+
+    return dict(cos=cos, rms_ratio=rms, kl_original_inprocess=kl(orig), kl_teacher=kl(teacher) if teacher else None,
+                tokens_per_s=var.tokens_per_s)
+
+
+# -- the job -----------------------------------------------------------------------------------------
+def check(cfg: QAConfig):
+    """Refuse what cannot run before anything is built."""
+    from tourray.fold import Layout, read_config
+    from tourray.prune.plan import run_row
+
+    _, mcfg = read_config(cfg.model)
+    lay = Layout.of(mcfg, f"--model {cfg.model}")
+    lake = lk.Lake(cfg.lake)
+    if not lake.exists("runs"):
+        raise UserError(f"--lake {cfg.lake}: no runs table (not a tourray lake?)")
+    run_row(lake, cfg.run)
+    if cfg.width or cfg.combined:
+        from tourray.prune.width import unit_moments
+
+        unit_moments(lake, cfg.width_run or cfg.run, lay.layers)
+    bad = [k for k in cfg.slice_widths if not 0 < k < lay.hidden]
+    if bad:
+        raise UserError(f"slice_widths: {bad[0]} is not below the hidden size {lay.hidden}")
+    if cfg.teacher:
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(cfg.teacher).get_vocab() != AutoTokenizer.from_pretrained(cfg.model).get_vocab():
+            raise UserError(f"--teacher {cfg.teacher}: another vocabulary than --model {cfg.model}; logit KL needs one tokenizer")
+    return lay
+
+
+def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str, n_eval: int, orig: Side,
+             teacher: Side | None, base_params: int) -> dict:
+    """Build, capture, judge and compare one variant. A variant whose eval run is complete and whose
+    in-process measurements are cached in the workdir is only judged again (from the lake)."""
+    from tourray.fold import parameters
+
+    tv = time.perf_counter()
+    cache, spec = work / f"{v.name}.json", dict(v.params)
+    if is_complete(lk.Lake(cfg.lake), run, n_eval) and cache.is_file():
+        r = json.loads(cache.read_text())
+        if r["spec"] != spec:
+            raise UserError(f"variant {v.name}: run {run} was captured with settings {r['spec']}, the config now says "
+                            f"{spec}; use another --name or delete that run's rows")
+        return r | judge(cfg, base_run, run)
+    ckpt = work / v.name
+    shutil.rmtree(ckpt, ignore_errors=True)
+    built = dict(basis=None, kept=list(range(lay.layers))) if v.family == "base" else build(cfg, v, lay, ckpt)
+    folder = cfg.model if v.family == "base" else str(ckpt)
+    if not is_complete(lk.Lake(cfg.lake), run, n_eval):
+        capture_eval(cfg, folder, run, cfg.model)
+    r = dict(variant=v.name, family=v.family, spec=spec, settings=v.params, parameters=parameters(folder),
+             kept_blocks=built["kept"], run=run)
+    r["parameter_fraction"] = r["parameters"] / base_params
+    patched = v.params.get("patch", "none") != "none"
+    r |= agreement(orig, Side(folder, orig.texts), built["basis"], built["kept"], patched, teacher)
+    r["tokens_per_s_ratio"] = r["tokens_per_s"] / orig.tokens_per_s
+    r["seconds"] = round(time.perf_counter() - tv, 1)
+    cache.write_text(json.dumps(r) + "\n")
+    if not cfg.keep_checkpoints and v.family != "base":
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return r | judge(cfg, base_run, run)
+
+
+def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from tourray.fold import parameters
+    from tourray.prune.sweep import absolute_paths
+
+    t0 = time.perf_counter()
+    cfg = absolute_paths(cfg, ("model", "teacher", "eval_samples", "system_prompt"))
+    lay = check(cfg)
+    lake = lk.Lake(cfg.lake)
+    n_eval = cfg.n_eval()
+    prefix = f"{cfg.run}.qa-{cfg.name}"
+    base_run = f"{prefix}.base"
+    if not is_complete(lake, base_run, n_eval):
+        capture_eval(cfg, cfg.model, base_run, None, progress=progress)
+    texts = eval_texts(lake, base_run, cfg.hidden_texts)
+    orig = Side(cfg.model, texts)
+    teacher = Side(cfg.teacher, texts) if cfg.teacher else None
+    work = Path(cfg.workdir) / cfg.name
+    work.mkdir(parents=True, exist_ok=True)
+    todo, results = variants(cfg), []
+    base_params = parameters(cfg.model)
+    bar = tqdm(todo, unit="variant", disable=not progress, dynamic_ncols=True)
+    for v in bar:
+        bar.set_postfix_str(v.name)
+        results.append(evaluate(cfg, v, lay, work, f"{prefix}.{v.name}", base_run, n_eval, orig, teacher, base_params))
+        log.info("qa %s: %s", v.name, summary_line(results[-1], cfg.criteria.seen_category))
+    summary = dict(name=cfg.name, model=cfg.model, run=cfg.run, base_run=base_run, n_eval=n_eval, config=cfg.model_dump(mode="json"),
+                   original_parameters=base_params, original_tokens_per_s=orig.tokens_per_s, variants=results,
+                   seconds=round(time.perf_counter() - t0, 1))
+    from tourray.qa.report import write_report
+
+    summary["report"] = str(write_report(summary, Path(cfg.reports)))
+    return summary
+
+
+def summary_line(r: dict, seen: str) -> str:
+    row = next((c for c in r["comparison"] if c["category"] == seen), {})
+    pooled = r["comparison"][-1]
+    return (f"{100 * r['parameter_fraction']:.1f}% parameters, {seen} ppl x{row.get('ppl_ratio', float('nan')):.3f}, "
+            f"KL {pooled.get('mean_kl') or 0:.4f}, cos(last) {next(c for c in reversed(r['cos']) if not math.isnan(c)):.4f}, "
+            f"{'PASS' if r['verdict']['passed'] else 'FAIL'}")
+
+
+def add_parser(sub, command) -> None:
+    from tourray.cli import add_config_flags
+
+    p = command("qa", cmd_qa, "The toggle report: base, folds, slicing, width and depth pruning (with and without the "
+                              "patch) and a combined compression, each judged alike; reports/qa_<name>.md.")
+    p.epilog = ("examples:\n  tourray qa --config jobs/configs/qa.yaml\n"
+                "  (variant lists: keys slice_widths, width, depth, combined of the YAML)")
+    add_config_flags(p, QAConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def cmd_qa(args) -> int:
+    from tourray.cli import config_from_args
+
+    s = run_qa(config_from_args(QAConfig, args), progress=not args.no_progress)
+    seen = s["config"]["criteria"]["seen_category"]
+    for r in s["variants"]:
+        print(f"{r['variant']:32} {summary_line(r, seen)}")
+    print(f"report: {s['report']}")
+    return 0
