@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py
 	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_fold.py
 
 bench-stats: $(STAMP)
 	$(BIN)/python bench/bench_stats.py

@@ -5,9 +5,11 @@
 1. import SmolLM2-135M-Instruct (or build the demo Qwen3: `model: demo`); 2. capture a named subset
 of the corpus into the lake through Ray, with inline statistics: the evidence; 3. verify the lake;
 4. per-layer similarity through SQL, printed and plotted; 5. layer statistics: effective rank per
-layer, all-pairs CKA heatmap and the angular-distance curve; 6. the pruning sweep: plans from the
+layer, the angular-distance curve (and, with `pairs: all`, the all-pairs CKA heatmap); 6. the pruning sweep: plans from the
 evidence, pruned (and patched) checkpoints, each judged on held-out texts against the original,
-the verdict table, plots and generations in reports/prune_<run>.md.
+the verdict table, plots and generations in reports/prune_<run>.md; 7. the QA toggle report: a fold
+check (a rotation and permutations folded in, the logit difference printed), a width-pruned and a
+combined (depth + patch + width) variant, in reports/qa_demo.md.
 """
 
 import argparse
@@ -35,9 +37,11 @@ def main(argv=None) -> int:
     cfg = DemoConfig.from_yaml(args.config)
     if args.run:
         cfg.capture.run = args.run
-        for section in (cfg.stats, cfg.sweep):
+        for section in (cfg.stats, cfg.sweep, cfg.qa):
             if section is not None:
                 section.run = args.run
+        if cfg.qa is not None and cfg.qa.base_run and cfg.sweep is not None:
+            cfg.qa.base_run = f"{args.run}.original"  # the sweep's capture of the original
     run, lake, reports = cfg.capture.run, cfg.capture.lake, Path(cfg.reports)
     t0 = time.perf_counter()
 
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
     step(f"1. model ({cfg.model})")
     print(cfg.resolve_model())
 
-    step(f"2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run})")
+    step(f"2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run}, inline {cfg.capture.stats or 'no'} statistics)")
     s = run_capture(cfg.capture)
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
                           f"{latest.format(k='layer')} ORDER BY layer", params, "table")
         pairs = run_query(con, f"SELECT layer_a, layer_b, cka, mean_angular FROM pair_stats WHERE {sel} "
                                f"{latest.format(k='layer_a, layer_b')} ORDER BY layer_a, layer_b", params).to_arrow_table()
-        print(f"plot: {cka_heatmap(pairs, reports / f'{run}_cka.png', f'linear CKA, all layer pairs: run {run}')}")
+        if cfg.stats.pairs == "all":
+            print(f"plot: {cka_heatmap(pairs, reports / f'{run}_cka.png', f'linear CKA, all layer pairs: run {run}')}")
         consecutive = pairs.filter(pa.compute.equal(pairs["layer_b"], pa.compute.add(pairs["layer_a"], 1)))
         print(f"plot: {angular_distance_plot(consecutive, reports / f'{run}_angular.png', f'consecutive layers: run {run}')}")
 
@@ -92,6 +97,18 @@ def main(argv=None) -> int:
         out = run_sweep(sw)
         print("\n".join(summary_lines(out)))
         print(f"report: {out['report']}")
+
+    if cfg.qa is not None:
+        from tourray.qa.job import run_qa, summary_line
+
+        step(f"7. QA toggle report (tourray qa --run {run}): folds, width pruning, a combined compression")
+        qa = run_qa(cfg.qa)
+        for r in qa["variants"]:
+            print(f"{r['variant']:28} {summary_line(r, cfg.qa.criteria.seen_category)}")
+        for r in (r for r in qa["variants"] if r["family"] == "fold"):
+            print(f"fold check ({r['variant']}: a random rotation and permutations folded in): max |log-prob difference| "
+                  f"{r['max_logprob_diff']:.2e}, mean KL {r['comparison'][-1]['mean_kl']:.2e} nats/token")
+        print(f"report: {qa['report']}")
 
     step("done")
     print(f"Outputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "

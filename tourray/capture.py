@@ -61,7 +61,7 @@ class CaptureConfig(BaseConfig):
     model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
     layers: str = Field("all", description="Layers to hook: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
     store: str = Field("all", description="Hooked layers whose vectors are stored: 'all', 'none', or a subset ('embed,0-3'); the rest feed inline --stats only.")
-    stats: list[Literal["moments", "pairs"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA); comma-separated.")
+    stats: list[Literal["moments", "pairs", "units"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA), units (only the MLP-activation channels and per-head output norms: what width pruning reads, without the d x d layer moments); comma-separated.")
     sites: list[Site] = Field([Site.resid_post], description="resid_post (block output) and/or resid_mid (after attention, before the MLP); comma-separated.")
     max_length: int = Field(2048, gt=1, description="Prompts longer than this many tokens are truncated (and flagged).")
     system_prompt: str | None = Field(None, description="File holding the system prompt; none by default.")
@@ -115,9 +115,10 @@ class CaptureStage(Stage):
                                 cfg.user_prompt, cfg.chat_template)
         self.engine = HFEngine(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers,
                                cfg.sites, num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
-                               inner_sites=tuple(INNER_SITES) if "moments" in cfg.stats else (),
+                               inner_sites=tuple(INNER_SITES) if {"moments", "units"} & set(cfg.stats) else (),
                                reference=cfg.reference)
-        self.inline = InlineStats(self.engine.keys, "pairs" in cfg.stats, self.engine.inner_keys,
+        residual = self.engine.keys if {"moments", "pairs"} & set(cfg.stats) else []  # units: inner sites only
+        self.inline = InlineStats(residual, "pairs" in cfg.stats, self.engine.inner_keys,
                                   self.engine.num_heads) if cfg.stats else None
         self.schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=hidden_size) for t in COMMIT_ORDER}
         self._pieces: dict[int, str] = {}

@@ -48,7 +48,7 @@ EXAMPLES = {
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/bi6.json --out ckpt/smol-bi6
   tourray prune apply --model .cache/smollm2-135m-instruct --plan plans/ang6.json --patch lstsq --out ckpt/smol-ang6-lstsq""",
     "prune width": """examples:
-  tourray capture --model .cache/smollm2-135m-instruct --samples samples --run smol-w --stats moments --store none
+  tourray capture --model .cache/smollm2-135m-instruct --samples samples --run smol-w --stats units --store none
   tourray prune width --model .cache/smollm2-135m-instruct --run smol-w --keep-neurons 0.75 --keep-heads 0.67 --out ckpt/smol-w
   tourray prune width --model .cache/smollm2-135m-instruct --run smol --hidden 512 --out ckpt/smol-sliced   # needs stored resid_post""",
     "prune sweep": """examples:
@@ -374,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     from tourray.prune.width import WidthConfig
 
     sp = prune_command("width", cmd_prune_width, "Width pruning from the lake: the same fraction of FFN neurons and "
-                       "query heads kept in every block (inline --stats moments scores), optionally the residual width "
+                       "query heads kept in every block (inline --stats units scores), optionally the residual width "
                        "sliced (SliceGPT, --hidden); a standard checkpoint.")
     add_config_flags(sp, WidthConfig)
     sp.add_argument("--no-progress", action="store_true", help="No progress bar.")

@@ -23,6 +23,7 @@ from tourray import corpus
 from tourray.capture import CaptureConfig
 from tourray.config import BaseConfig
 from tourray.prune.sweep import SweepConfig
+from tourray.qa.job import QAConfig
 from tourray.stats.tasks import StatsConfig
 
 log = logging.getLogger("tourray")
@@ -191,6 +192,7 @@ class DemoConfig(BaseConfig):
     capture: CaptureConfig = Field(description="The capture of the corpus (its model is set to the chosen model's folder).")
     stats: StatsConfig | None = Field(None, description="Layer statistics of the capture (`tourray stats`): all-pairs CKA.")
     sweep: SweepConfig | None = Field(None, description="Depth-pruning sweep over the capture (`tourray prune sweep`).")
+    qa: QAConfig | None = Field(None, description="The toggle report over the capture (`tourray qa`): folds, width, combined.")
     reports: str = Field("reports", description="Folder for the job's plots and reports.")
 
     def resolve_model(self) -> str:
@@ -202,6 +204,7 @@ class DemoConfig(BaseConfig):
 
             folder = str(smollm2_checkpoint(self.model_dir))
         self.capture.model = folder
-        if self.sweep is not None:
-            self.sweep.model, self.sweep.reports = folder, self.reports
+        for section in (self.sweep, self.qa):
+            if section is not None:
+                section.model, section.reports = folder, self.reports
         return folder

@@ -15,8 +15,10 @@ The maths (row vectors: a hidden state h is a row, HF's Linear is y = x W^T + b)
 - Neurons: gate/up rows and down_proj columns are re-indexed together; heads: q rows, o_proj columns
   by head, k/v rows by key/value group, never splitting a group from its key/value head (GQA).
 
-Weights are streamed tensor by tensor, one safetensors shard at a time: a 32B checkpoint never needs
-twice its size in memory (only every norm weight, d floats per block, is read up front).
+Weights are streamed tensor by tensor, one safetensors shard at a time, and each matrix is folded in
+float64 blocks of BLOCK elements written into its own dtype: memory is the current shard's output plus
+a few 64 MB blocks, whatever the checkpoint's size (only every norm weight, d floats per block, is read
+up front). bench/bench_fold.py measures it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ REFUSED = {
     "gpt_neox": "GPT-NeoX uses LayerNorm (mean subtraction, bias) and parallel residuals: not supported",
     "phi": "Phi uses LayerNorm and a parallel attention/MLP block: not supported",
 }
+#: Elements per float64 block of a folded matrix (64 MB): the fold's memory is the shard plus a few blocks.
+BLOCK = 1 << 23
 #: Orthogonality tolerance of a residual rotation: max |Q^T Q - I|.
 ORTH_TOL = 1e-6
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -204,7 +208,7 @@ class Surgery:
 
 
 class _Fold:
-    """The per-tensor algebra of one Surgery on one layout (float64, cast back)."""
+    """The per-tensor algebra of one Surgery on one layout (float64 blocks, cast back to each tensor's dtype)."""
 
     def __init__(self, s: Surgery, lay: Layout, norms: dict):
         import torch
@@ -238,34 +242,54 @@ class _Fold:
         import torch
 
         q, lay = self.q, self.lay
-        w = t.to(torch.float64)
         out: dict = {}
         if name == "model.embed_tokens.weight":
-            if q is not None:
-                if lay.tied:
-                    out["lm_head.weight"] = self._reader(w, self.norms["model.norm.weight"])
-                w = w @ q
+            if q is not None and lay.tied:
+                out["lm_head.weight"] = self._read(t, self.norms.get("model.norm.weight"))
+            out[name] = self._read(t, None)
         elif name == "lm_head.weight":
-            if q is not None:
-                w = self._reader(w, self.norms["model.norm.weight"])
+            out[name] = self._read(t, self.norms.get("model.norm.weight"))
         elif name == "model.norm.weight":
-            if q is not None:
-                w = torch.ones(q.shape[1], dtype=w.dtype)
+            out[name] = t if q is None else torch.ones(q.shape[1], dtype=t.dtype)
         else:
             m = _LAYER.match(name)
             if not m:
                 raise UserError(f"{name}: a tensor tourray's fold does not know for model_type {lay.model_type}; "
                                 "refusing rather than guessing")
-            i, rest = int(m.group(1)), m.group(2)
-            w = self._block(i, rest, w)
-        out[name] = w.to(t.dtype).contiguous()
+            out[name] = self._block(int(m.group(1)), m.group(2), t)
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def _read(self, t, g, extra: float = 1.0):
+        """A linear reading the normalised residual (or the embedding, g None): absorb the norm weight g,
+        then rotate (or slice): (t * g * scale * extra) @ Q. In float64 row block by row block, written
+        into a tensor of t's dtype: memory stays a few blocks above the output, whatever the vocabulary."""
+        import torch
+
+        if self.q is None:
+            return t
+        gs = None if g is None else g.to(torch.float64) * (self.scale * extra)
+        out = torch.empty((t.shape[0], self.q.shape[1]), dtype=t.dtype)
+        step = max(1, BLOCK // t.shape[1])
+        for a in range(0, t.shape[0], step):
+            w = t[a:a + step].to(torch.float64)  # may BE t's rows (float64 input): never written in place
+            out[a:a + step] = ((w if gs is None else w * gs) @ self.q).to(t.dtype)
         return out
 
-    def _reader(self, w, g, extra: float = 1.0):
-        """A linear reading the normalised residual: absorb its norm weight g, then rotate (or slice)."""
-        return (w * (g.to(w.dtype) * (self.scale * extra))) @ self.q
+    def _write(self, t):
+        """A linear writing the residual: Q^T t, column block by column block (see `_read`)."""
+        import torch
+
+        if self.q is None:
+            return t
+        out = torch.empty((self.q.shape[1], t.shape[1]), dtype=t.dtype)
+        step = max(1, BLOCK // t.shape[0])
+        for a in range(0, t.shape[1], step):
+            out[:, a:a + step] = (self.q.T @ t[:, a:a + step].to(torch.float64)).to(t.dtype)
+        return out
 
     def _block(self, i: int, rest: str, w):
+        import torch
+
         q = self.q
         parts = rest.split(".")
         if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
@@ -279,18 +303,16 @@ class _Fold:
         rows = self._rows(i, proj)
         if proj in ("o_proj", "down_proj"):  # writes the residual: columns are heads / neurons
             if kind == "weight":
-                if rows is not None:
-                    w = w[:, torch_index(rows)]
-                return w if q is None else q.T @ w
-            return w if q is None else w @ q
+                return self._write(w if rows is None else w[:, torch_index(rows)])
+            return w if q is None else (w.to(torch.float64) @ q).to(w.dtype)
         if rows is not None:  # reads the residual: rows are heads / groups / neurons
             w = w[torch_index(rows)]
-        if kind == "weight" and q is not None:
+        if kind == "weight":
             norm = "input_layernorm" if parts[0] == "self_attn" else "post_attention_layernorm"
             extra = self.scale if (proj in ("q_proj", "k_proj") and self.lay.head_norms) else 1.0
-            w = self._reader(w, self.norms[f"model.layers.{i}.{norm}.weight"], extra)
-        elif kind == "bias" and q is not None and proj in ("q_proj", "k_proj") and self.lay.head_norms:
-            w = w * self.scale  # q_norm / k_norm see their input scaled like the weight's
+            return self._read(w, self.norms.get(f"model.layers.{i}.{norm}.weight"), extra)
+        if q is not None and proj in ("q_proj", "k_proj") and self.lay.head_norms:
+            return (w.to(torch.float64) * self.scale).to(w.dtype)  # q_norm / k_norm see inputs scaled like the weight's
         return w
 
 

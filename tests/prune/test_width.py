@@ -20,13 +20,14 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 77, 12, 8, 140, 33, 64, 7], [9, 1, 3
 
 @pytest.fixture(scope="module")
 def width_lake(qwen3_model, llama_model, corpus_dir, tmp_path_factory, ray_session):
-    """Both tiny models captured with inline per-unit statistics and stored resid_post vectors."""
+    """Both tiny models captured with inline per-unit statistics (Qwen3 with every layer's moments too,
+    Llama with the units alone) and stored resid_post vectors."""
     from tourray.capture import CaptureConfig, run_capture
 
     root = tmp_path_factory.mktemp("width_lake")
-    for run, model in (("q", qwen3_model), ("l", llama_model)):
+    for run, model, stats in (("q", qwen3_model, "moments"), ("l", llama_model, "units")):
         run_capture(CaptureConfig(model=str(model), samples=str(corpus_dir), lake=str(root), run=run, store_dtype="float32",
-                                  batch_size=2, group_size=3, stats=["moments"]), progress=False)
+                                  batch_size=2, group_size=3, stats=[stats]), progress=False)
     return root
 
 
@@ -177,6 +178,19 @@ def test_refusals(extra, message, width_lake, qwen3_model, request, tmp_path):
 
 
 def test_run_without_inline_statistics_is_refused(prune_lake, qwen3_model, tmp_path):
-    with pytest.raises(UserError, match="--stats moments"):
+    with pytest.raises(UserError, match="--stats units"):
         run_width(WidthConfig(model=str(qwen3_model), lake=str(prune_lake), run="full", keep_neurons=0.5,
                               out=str(tmp_path / "w")), progress=False)
+
+
+def test_cli_refusal_is_one_line(width_lake, qwen3_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, "-m", "tourray.cli", "prune", "width", "--model", str(qwen3_model), "--lake",
+                        str(width_lake), "--run", "q", "--keep-neurons", "1.5", "--out", str(tmp_path / "w")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2 and "--keep-neurons" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error:") and not (tmp_path / "w").exists()

@@ -32,6 +32,7 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
         batch_size=2, slice_widths=[96], width=[dict(keep_neurons=0.5, keep_heads=0.5)],
         depth=[dict(method="block-influence", remove=1), dict(method="block-influence", remove=1, patch="lstsq")],
         combined=[dict(method="block-influence", remove=1, patch="lstsq", target=0.55)], hidden_texts=2,
+        teacher=str(qwen3_model),  # the original as its own teacher: KL to the teacher = KL to the original
         workdir=str(tmp_path / "work"), reports=str(tmp_path / "reports"), criteria=Criteria(seen_category="seen").model_dump()),
         source="test")
     s = run_qa(cfg, progress=False)
@@ -49,6 +50,9 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
     assert by["slice-96"]["cos"][0] < 0.9999  # lossy by design
     assert len(by["depth-block-influence-r1"]["kept_blocks"]) == 2 and by["width-n0.5-h0.5"]["cos"][0] < 0.9999
     assert by["combined-0.55"]["parameter_fraction"] == pytest.approx(0.55, abs=0.02)
+    for r in s["variants"]:  # the in-process KL (first 2 texts) against the teacher and against the original
+        assert r["kl_teacher"] == pytest.approx(r["kl_original_inprocess"], rel=1e-9, abs=1e-12)
+    assert by["rotated"]["max_logprob_diff"] < 1e-4 < by["slice-96"]["max_logprob_diff"]
     md = (tmp_path / "reports" / "qa_t.md").read_text()
     assert "preserved the function" in md and "| combined-0.55 |" in md and "Bought the most" in md
     rows = list(csv.DictReader((tmp_path / "reports" / "qa_t.csv").open()))
@@ -69,7 +73,7 @@ def test_qa_refuses_before_building(qa_lake, prune_lake, qwen3_model, corpus_dir
                 reports=str(tmp_path / "r"))
     for extra, message in ((dict(lake=str(qa_lake), run="ev", slice_widths=[128]), "not below the hidden size"),
                            (dict(lake=str(qa_lake), run="nope"), "no run 'nope'"),
-                           (dict(lake=str(prune_lake), run="full", width=[dict(keep_neurons=0.5)]), "--stats moments")):
+                           (dict(lake=str(prune_lake), run="full", width=[dict(keep_neurons=0.5)]), "--stats units")):
         before = lake_snapshot(extra["lake"])
         with pytest.raises(UserError, match=message):
             run_qa(QAConfig.parse(base | extra, source="test"), progress=False)

@@ -1,7 +1,7 @@
 """`tourray prune width`: fewer FFN neurons, attention heads and (SliceGPT-style) residual channels in
 every block, chosen from the lake's statistics, written as a standard checkpoint by `tourray.fold`.
 
-Scores (per block, from the capture's inline statistics: `--stats moments` keeps per-channel moments of
+Scores (per block, from the capture's inline statistics: `--stats units` (or moments) keeps per-channel moments of
 the MLP activation, the down_proj input, and of each head's output norm, the o_proj input):
 - magnitude: mean |a| of the channel (neurons) / mean head-output norm (heads);
 - variance: the channel's variance over tokens;
@@ -41,7 +41,7 @@ class WidthConfig(BaseConfig):
 
     model: str = Field(description="The checkpoint folder the run captured (safetensors).")
     lake: str = Field("lake", description="Lake holding the run's statistics.")
-    run: str = Field(description="Run captured with --stats moments (per-channel MLP and per-head statistics); "
+    run: str = Field(description="Run captured with --stats units or moments (per-channel MLP and per-head statistics); "
                                  "--hidden also needs its stored resid_post vectors.")
     keep_heads: float = Field(1.0, gt=0, le=1, description="Fraction of query heads kept per block (per key/value group with --head-unit query).")
     keep_neurons: float = Field(1.0, gt=0, le=1, description="Fraction of FFN neurons kept per block.")
@@ -62,7 +62,7 @@ def unit_moments(lake: lk.Lake, run: str, layers: int) -> tuple[list, list]:
     from tourray.stats.tasks import read_moments
 
     if not lake.exists("moments"):
-        raise UserError(f"--run {run}: the lake has no statistics; capture the run with --stats moments")
+        raise UserError(f"--run {run}: the lake has no statistics; capture the run with --stats units (or moments)")
     source = source_digest(complete_samples(lake, run))
     sel = INLINE_SELECTION.key()
     mlp = [read_moments(lake, run, "mlp_act", sel, source, "mlp", i) for i in range(layers)]
@@ -70,7 +70,7 @@ def unit_moments(lake: lk.Lake, run: str, layers: int) -> tuple[list, list]:
     missing = [i for i in range(layers) if mlp[i] is None or heads[i] is None]
     if missing:
         raise UserError(f"--run {run}: no inline MLP / head statistics for block {missing[0]} (of its complete samples); "
-                        "capture it with `tourray capture --stats moments` (add --store none to keep no vectors)")
+                        "capture it with `tourray capture --stats units` (or moments; add --store none to keep no vectors)")
     return mlp, heads
 
 

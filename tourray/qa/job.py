@@ -73,8 +73,9 @@ class QAConfig(EvalSettings):
     name: str = Field("qa", description="Report name: reports/qa_<name>.md; runs are <run>.qa-<name>.<variant>.")
     model: str = Field(description="The original checkpoint folder (safetensors).")
     run: str = Field(description="Evidence run of the original: stored resid_post (slicing, plans) and resid_mid (patches).")
-    width_run: str | None = Field(None, description="Run with inline --stats moments (unit scores); default: --run.")
+    width_run: str | None = Field(None, description="Run with inline --stats units or moments (unit scores); default: --run.")
     teacher: str | None = Field(None, description="Teacher checkpoint with the same tokenizer: KL(teacher || variant) too.")
+    base_run: str | None = Field(None, description="An existing capture of the original on the same eval texts to compare with (e.g. a sweep's <run>.original); default: <run>.qa-<name>.base, captured once.")
     permutations: bool = Field(True, description="A variant with random FFN-neuron and head permutations folded in.")
     rotation: bool = Field(True, description="A variant with a random orthogonal residual rotation folded in (and the permutations).")
     slice_widths: list[int] = Field(default_factory=list, description="Residual widths of sliced variants.")
@@ -268,8 +269,9 @@ def agreement(orig: Side, var: Side, basis, kept: list[int], patched: bool, teac
         num = sum(float((p.exp() * (p - v)).sum()) for p, v in zip(ref.logp, var.logp))
         return num / sum(len(p) for p in ref.logp)
 
+    diff = max(float((p - v).abs().max()) for p, v in zip(orig.logp, var.logp))
     return dict(cos=cos, rms_ratio=rms, kl_original_inprocess=kl(orig), kl_teacher=kl(teacher) if teacher else None,
-                tokens_per_s=var.tokens_per_s)
+                max_logprob_diff=diff, tokens_per_s=var.tokens_per_s)
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     lake = lk.Lake(cfg.lake)
     n_eval = cfg.n_eval()
     prefix = f"{cfg.run}.qa-{cfg.name}"
-    base_run = f"{prefix}.base"
+    base_run = cfg.base_run or f"{prefix}.base"
     if not is_complete(lake, base_run, n_eval):
         capture_eval(cfg, cfg.model, base_run, None, progress=progress)
     texts = eval_texts(lake, base_run, cfg.hidden_texts)
@@ -357,7 +359,8 @@ def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     bar = tqdm(todo, unit="variant", disable=not progress, dynamic_ncols=True)
     for v in bar:
         bar.set_postfix_str(v.name)
-        results.append(evaluate(cfg, v, lay, work, f"{prefix}.{v.name}", base_run, n_eval, orig, teacher, base_params))
+        run = base_run if v.family == "base" else f"{prefix}.{v.name}"
+        results.append(evaluate(cfg, v, lay, work, run, base_run, n_eval, orig, teacher, base_params))
         log.info("qa %s: %s", v.name, summary_line(results[-1], cfg.criteria.seen_category))
     summary = dict(name=cfg.name, model=cfg.model, run=cfg.run, base_run=base_run, n_eval=n_eval, config=cfg.model_dump(mode="json"),
                    original_parameters=base_params, original_tokens_per_s=orig.tokens_per_s, variants=results,

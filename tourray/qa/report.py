@@ -35,6 +35,7 @@ def metrics(r: dict, seen: str) -> dict[str, float | None]:
     a = _row(r, "ALL")
     out |= dict(factual_mean_ratio=a.get("factual_mean_ratio"), factual_max_ratio=a.get("factual_max_ratio"),
                 kl_original=a.get("mean_kl"), kl_original_inprocess=r["kl_original_inprocess"],
+                max_logprob_diff=r["max_logprob_diff"],
                 kl_teacher=r.get("kl_teacher"), tokens_per_s=r["tokens_per_s"], tokens_per_s_ratio=r["tokens_per_s_ratio"],
                 verdict_pass=float(r["verdict"]["passed"]))
     for i, (c, m) in enumerate(zip(r["cos"], r["rms_ratio"])):
@@ -54,7 +55,8 @@ def findings(summary: dict) -> list[str]:
         if r["family"] == "fold":
             ok = kl is not None and kl < PRESERVED_KL and np.nanmin(r["cos"]) > PRESERVED_COS
             out.append(f"- **{r['variant']}** {'preserved the function' if ok else 'CHANGED the function'}: mean KL "
-                       f"{kl:.2e} nats/token, hidden-state cosine >= {np.nanmin(r['cos']):.6f} at every block "
+                       f"{kl:.2e} nats/token, max |log-prob difference| {r['max_logprob_diff']:.2e}, hidden-state cosine "
+                       f">= {np.nanmin(r['cos']):.6f} at every block "
                        f"(a fold saves no parameters; it changes the basis).")
     lossy = sorted((r for r in res if r["family"] != "fold" and _row(r, seen).get("ppl_ratio")),
                    key=lambda r: math.log(_row(r, seen)["ppl_ratio"]) / max(1e-9, 1 - r["parameter_fraction"]))
