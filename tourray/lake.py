@@ -264,6 +264,17 @@ def sql_quote(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def run_row(lake: "Lake", run: str, flag: str = "--run") -> dict:
+    """The run's `runs` row, or the one error that names the runs there are (`flag` is the option at fault)."""
+    if not lake.exists("runs"):
+        raise UserError(f"{flag}: no tourray tables under {lake.root}")
+    rows = lake.read("runs", filter=f"run = {sql_quote(run)}").to_pylist()
+    if not rows:
+        known = ", ".join(sorted(lake.read("runs", ["run"]).column(0).to_pylist())) or "none"
+        raise UserError(f"{flag}: no run {run!r} in {lake.root} (runs: {known})")
+    return rows[0]
+
+
 # -- vectors ---------------------------------------------------------------------------------
 def vectors_to_arrow(h, store_dtype: str) -> pa.FixedSizeListArray:
     """[n, d] numpy array, already in `store_dtype` -> FixedSizeList column for `h`.

@@ -199,16 +199,6 @@ def tie_groups(tie: str, n: int) -> list[list[int]]:
 
 
 # -- planning -------------------------------------------------------------------------------------
-def _run(lake: lk.Lake, run: str, flag: str) -> dict:
-    if not lake.exists("runs"):
-        raise UserError(f"{flag}: no tourray tables under {lake.root}")
-    rows = lake.read("runs", filter=f"run = {lk.sql_quote(run)}").to_pylist()
-    if not rows:
-        known = ", ".join(sorted(lake.read("runs", ["run"]).column(0).to_pylist())) or "none"
-        raise UserError(f"{flag}: no run {run!r} in {lake.root} (runs: {known})")
-    return rows[0]
-
-
 def _student_model(cfg: TransportConfig, row: dict) -> Path:
     """The checkpoint the student run captured: --student-model or the run's recorded model, checked
     against the run's model revision (folding another checkpoint would align the wrong basis)."""
@@ -232,8 +222,8 @@ def plan_transport(cfg: TransportConfig) -> TransportPlan:
 
     student, teacher = lk.Lake(cfg.student_lake), lk.Lake(cfg.teacher_lake)
     trun = cfg.teacher_run or cfg.run
-    row_s = _run(student, cfg.run, "--run")
-    row_t = _run(teacher, trun, "--teacher-run" if cfg.teacher_run else "--run")
+    row_s = lk.run_row(student, cfg.run, "--run")
+    row_t = lk.run_row(teacher, trun, "--teacher-run" if cfg.teacher_run else "--run")
     if student.root == teacher.root and trun == cfg.run:
         raise UserError(f"--teacher-lake: {teacher.root} run {trun} is the student run itself")
     site = cfg.site.value

@@ -76,13 +76,7 @@ class Evidence:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-def run_row(lake: lk.Lake, run: str) -> dict:
-    """The run's `runs` row, or the error naming the runs there are."""
-    rows = lake.read("runs", filter=f"run = {lk.sql_quote(run)}").to_pylist()
-    if not rows:
-        known = ", ".join(lake.read("runs", ["run"]).column(0).to_pylist()) or "none"
-        raise UserError(f"--run: no run {run!r} in {lake.root} (runs: {known})")
-    return rows[0]
+run_row = lk.run_row  # re-exported: plans, width and QA read the run's row through it
 
 
 def read_evidence(lake: lk.Lake, row: dict, method: str, n: int | None = None) -> Evidence:

@@ -151,11 +151,7 @@ def plan_stats(cfg: StatsConfig, site: Site) -> StatsPlan:
     lake = lk.Lake(cfg.lake)
     if not lake.exists("runs"):
         raise UserError(f"--lake: no tourray tables under {lake.root}")
-    rows = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist()
-    if not rows:
-        known = ", ".join(sorted(lake.read("runs", ["run"]).column(0).to_pylist())) or "none"
-        raise UserError(f"--run: no run {cfg.run!r} in {lake.root} (runs: {known})")
-    row = rows[0]
+    row = lk.run_row(lake, cfg.run)
     hooked, num_layers = sorted(row["layers"]), row["num_layers"]
     stored = stored_layers(row)
     if site.value not in row["sites"]:
