@@ -84,6 +84,19 @@ def test_from_yaml_refuses_unreadable_and_non_mapping(tmp_path):
         CaptureConfig.from_yaml(tmp_path / "list.yaml")
 
 
+def test_from_yaml_refuses_a_key_given_twice(tmp_path):
+    """YAML keeps the last of two equal keys silently; a job file with two `qa:` sections ran the wrong one."""
+    from tourray.demo_model import DemoConfig
+
+    f = tmp_path / "job.yaml"
+    f.write_text("capture: {model: m, samples: s, run: r}\nqa: {model: m, run: a}\nqa: {model: m, run: b}\n")
+    with pytest.raises(UserError, match=r"job.yaml: line 3: key 'qa' appears twice"):
+        DemoConfig.from_yaml(f)
+    (tmp_path / "flat.yaml").write_text("model: m\nsamples: s\nrun: r\nrun: q\n")
+    with pytest.raises(UserError, match="key 'run' appears twice"):
+        CaptureConfig.from_yaml(tmp_path / "flat.yaml")
+
+
 def test_shipped_job_configs_validate():
     """Every YAML in jobs/configs validates: a flat file as a CaptureConfig, a sectioned job file
     (demo.yaml: demo_model / capture / reports, read by jobs/demo.py) as a DemoConfig."""

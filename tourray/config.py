@@ -23,6 +23,20 @@ def comma_list(v):
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (YAML would "
+                                                        "keep the last silently)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 class BaseConfig(BaseModel):
     """Base for all configs: extra keys are an error, values are validated on assignment."""
 
@@ -33,7 +47,11 @@ class BaseConfig(BaseModel):
         """Load a YAML file; `overrides` (e.g. from command-line flags) win over the file."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except yaml.MarkedYAMLError as e:  # one line: where, then what
+            mark = e.problem_mark or e.context_mark
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise UserError(f"cannot read config {path}: {where}{e.problem or e.context}") from None
         except (OSError, yaml.YAMLError) as e:
             raise UserError(f"cannot read config {path}: {e}") from None
         if not isinstance(data, dict):
