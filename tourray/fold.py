@@ -150,6 +150,10 @@ class Surgery:
             if err > ORTH_TOL:
                 raise UserError(f"residual_rotation: not orthogonal: max |Q^T Q - I| = {err:.2e} > {ORTH_TOL:g}")
             upd["hidden_size"] = q.shape[1]
+            if q.shape[1] % lay.heads:  # transformers' config validation, even with an explicit head_dim
+                ok = [k for k in range(lay.heads, lay.hidden, lay.heads)][-3:]
+                raise UserError(f"residual width {q.shape[1]}: transformers refuses a hidden size that is not a multiple "
+                                f"of the {lay.heads} attention heads; e.g. {', '.join(map(str, ok))}")
             if q.shape[1] < lay.hidden:
                 upd["rms_norm_eps"] = lay.eps * lay.hidden / q.shape[1]
         for what, table, total, key in (("neurons", self.neurons, lay.ffn, "intermediate_size"),

@@ -161,6 +161,7 @@ BAD = [
     (dict(keep_heads=1.5), "--keep-heads"),
     (dict(), "nothing to prune"),
     (dict(hidden=128), "must be below"),
+    (dict(hidden=95), "not a multiple of the 2 attention heads"),
     (dict(keep_neurons=0.5, run="nope"), "no run 'nope'"),
     (dict(keep_neurons=0.5, model="llama_model"), "width scores must come from this model"),
 ]

@@ -178,6 +178,10 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
         raise UserError("nothing to prune: give --keep-heads or --keep-neurons below 1, or --hidden")
     if cfg.hidden is not None and cfg.hidden >= lay.hidden:
         raise UserError(f"--hidden {cfg.hidden}: must be below the model's hidden size {lay.hidden}")
+    if cfg.hidden is not None:
+        from tourray.fold import Surgery
+
+        Surgery(residual=np.eye(lay.hidden)[:, :cfg.hidden]).check(lay)  # a width transformers can reload
     lake = lk.Lake(cfg.lake)
     if not lake.exists("runs"):
         raise UserError(f"--lake {cfg.lake}: no runs table (not a tourray lake?)")
