@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, needs_smollm2, project_residual
 
 from tourray.errors import UserError
-from tourray.fold import Layout, Surgery, apply_surgery, read_config
+from tourray.fold import Layout, Surgery, apply_surgery, read_layout
 
 IDS = [[5, 17, 42, 99, 3, 250, 77, 12, 8, 140, 33, 64], [9, 1, 300, 45, 45, 2, 18, 27, 200, 11, 6, 91]]
 
@@ -63,7 +63,7 @@ def rotation(d: int, seed: int = 0) -> np.ndarray:
 
 
 def layout(folder) -> Layout:
-    return Layout.of(read_config(folder)[1], str(folder))
+    return read_layout(folder)
 
 
 def all_transforms(lay: Layout, seed: int = 0) -> Surgery:

@@ -96,18 +96,23 @@ class Layout:
                    head_norms=mt == "qwen3")
 
 
-def read_config(model: str | Path) -> tuple[Path, dict]:
+def read_layout(model: str | Path, flag: str = "--model") -> Layout:
+    """The Layout of checkpoint folder `model`, or the UserError (naming `flag`) saying why it has none."""
+    return Layout.of(read_config(model, flag)[1], f"{flag} {model}")
+
+
+def read_config(model: str | Path, flag: str = "--model") -> tuple[Path, dict]:
     """The checkpoint folder and its config.json, or a UserError saying why it cannot be folded."""
     src = Path(model).expanduser()
     if not (src / "config.json").is_file():
-        raise UserError(f"--model {model}: not a checkpoint folder (no config.json); fold works on local "
+        raise UserError(f"{flag} {model}: not a checkpoint folder (no config.json); fold works on local "
                         "safetensors checkpoints (import a GGUF with `tourray model import-gguf`)")
     try:
         cfg = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--model {model}: cannot read config.json: {e}") from None
+        raise UserError(f"{flag} {model}: cannot read config.json: {e}") from None
     if "text_config" in cfg:
-        raise UserError(f"--model {model}: a multimodal config (text_config): fold works on decoder-only LMs")
+        raise UserError(f"{flag} {model}: a multimodal config (text_config): fold works on decoder-only LMs")
     return src, cfg
 
 
@@ -491,9 +496,7 @@ def read_spec(path: str | Path, lay: Layout) -> Surgery:
 
 
 def run_fold(cfg: FoldConfig, progress: bool = True) -> dict:
-    src, mcfg = read_config(cfg.model)
-    lay = Layout.of(mcfg, f"--model {cfg.model}")
-    surgery = read_spec(cfg.spec, lay)
-    return apply_surgery(src, cfg.out, surgery, dict(kind="fold", spec=str(Path(cfg.spec).resolve()),
+    surgery = read_spec(cfg.spec, read_layout(cfg.model))
+    return apply_surgery(cfg.model, cfg.out, surgery, dict(kind="fold", spec=str(Path(cfg.spec).resolve()),
                                                       spec_text=json.loads(Path(cfg.spec).read_text())),
                          progress=progress)

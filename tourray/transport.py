@@ -33,15 +33,15 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, BaseConfig, Site, compact_layers
+from tourray.config import EMBED_LAYER, Site, compact_layers
 from tourray.errors import UserError
+from tourray.stats.solves import SplitSelection
 
 DESCRIPTION = """\
 Teacher-to-student basis transport (the rotation recipe): for each stored layer of the student run
@@ -80,8 +80,9 @@ EPILOG = """examples:
   tourray transport --student-lake lake-s --teacher-lake lake-t --run r --pairs 0:4,1:9,2:14 --tie stage:2 --out maps/"""
 
 
-class TransportConfig(BaseConfig):
-    """What `tourray transport` computes. Every field is also a flag."""
+class TransportConfig(SplitSelection):
+    """What `tourray transport` computes. Every field is also a flag (the token selection, --where and
+    --weight, is the student's)."""
 
     teacher_lake: str = Field(description="Lake root of the teacher run (the target basis).")
     student_lake: str = Field(description="Lake root of the student run; the maps are stored in its table solves.")
@@ -94,10 +95,6 @@ class TransportConfig(BaseConfig):
     whiten: bool = Field(False, description="Whiten each side by (C + ridge I)^(-1/2) before solving the rotation (not foldable).")
     ridge: float = Field(0.0, ge=0, description="With --whiten: absolute constant added to the covariances' eigenvalues.")
     center: bool = Field(True, description="Centre each layer's streams (a bias per layer); --no-center: about zero, b = 0.")
-    heldout: float = Field(0.1, gt=0, lt=1, description="Fraction of samples held out (by sha256 of the sample id) for the diagnostics.")
-    where: str | None = Field(None, description="SQL predicate over the student's samples/tokens columns selecting tokens.")
-    weight: Literal["none", "entropy"] = Field("none", description="Token weights: none, or entropy (the student's).")
-    text_only: bool = Field(True, description="Only text tokens (not system prompt or chat template).")
     fold_into: str | None = Field(None, description="Write the student with the tied rotation folded in to this new (or empty) folder; needs --tie all, one width, no --k < d, no --whiten.")
     student_model: str | None = Field(None, description="Student checkpoint folder for --fold-into (default: the student run's model, when it is a local folder).")
     out: str | None = Field(None, description="Also save each map (W, b) as .npy files and a transport.json to this folder.")
@@ -272,13 +269,12 @@ def plan_transport(cfg: TransportConfig) -> TransportPlan:
             raise UserError(f"--fold-into: --tie {cfg.tie} gives {len(groups) or len(pairs)} maps; only one rotation "
                             "tied over all layers folds (pass --tie all): a different rotation per layer or stage "
                             "would need Q_l^T Q_(l+1) between blocks, so the function would change")
-        from tourray.fold import Layout, read_config
+        from tourray.fold import read_layout
         from tourray.prune.checkpoint import check_out
 
         check_out(cfg.fold_into)
         plan.student_model = _student_model(cfg, row_s)
-        _, mcfg = read_config(plan.student_model)
-        Layout.of(mcfg, f"--student-model {plan.student_model}")  # a family the fold knows
+        read_layout(plan.student_model, "--student-model")  # a family the fold knows
         if cfg.center:
             plan.notes.append("the fold drops the per-layer biases (centred fit); 'bare R' is the folded student's "
                               "held-out cosine; --no-center fits the rotation to the raw vectors")

@@ -12,7 +12,7 @@ import torch
 
 from conftest import lake_snapshot, project_residual
 from tourray.errors import UserError
-from tourray.fold import Layout, read_config
+from tourray.fold import read_layout
 from tourray.prune.width import WidthConfig, run_width
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 77, 12, 8, 140, 33, 64, 7], [9, 1, 300, 45, 45, 2, 18, 27, 200, 11, 6, 91, 4]])
@@ -130,7 +130,7 @@ def test_hidden_slicing_is_the_projected_original(run, model, width_lake, reques
                   progress=False)
     sl = s["evidence"]["slicing"]
     assert s["config_changes"]["hidden_size"] == 96 and 0 < min(sl["kept_energy"].values()) <= 1
-    lay = Layout.of(read_config(src)[1], "x")
+    lay = read_layout(src)
     assert s["config_changes"]["rms_norm_eps"] == pytest.approx(lay.eps * 128 / 96)
     sliced, orig = load(tmp_path / "w"), load(src)
     q = sliced.model.embed_tokens.weight.double()  # E Q: recover Q by least squares from E

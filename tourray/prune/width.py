@@ -51,7 +51,8 @@ class WidthConfig(BaseConfig):
     out: str = Field(description="Checkpoint folder to write (new or empty).")
 
 
-def _count(frac: float, total: int) -> int:
+def kept_count(frac: float, total: int) -> int:
+    """How many of `total` units a keep fraction keeps (at least one): one rounding for every caller."""
     return max(1, min(total, int(round(frac * total))))
 
 
@@ -116,15 +117,15 @@ def choose(cfg: WidthConfig, lay, neuron_scores: np.ndarray, head_scores: np.nda
 
     s = Surgery()
     if cfg.keep_neurons < 1:
-        k = _count(cfg.keep_neurons, lay.ffn)
+        k = kept_count(cfg.keep_neurons, lay.ffn)
         s.neurons = {i: np.sort(np.argsort(-neuron_scores[i], kind="stable")[:k]) for i in range(lay.layers)}
     if cfg.keep_heads < 1:
         if cfg.head_unit == "group":
-            k = _count(cfg.keep_heads, lay.kv_heads)
+            k = kept_count(cfg.keep_heads, lay.kv_heads)
             by_group = head_scores.reshape(lay.layers, lay.kv_heads, lay.group).sum(-1)
             s.groups = {i: np.sort(np.argsort(-by_group[i], kind="stable")[:k]) for i in range(lay.layers)}
         else:
-            k = _count(cfg.keep_heads, lay.group)
+            k = kept_count(cfg.keep_heads, lay.group)
             if k == lay.group:
                 raise UserError(f"--keep-heads {cfg.keep_heads}: keeps all {lay.group} query heads of each key/value "
                                 "group; lower it, or use --head-unit group")
@@ -166,14 +167,13 @@ def slicing_basis(lake: lk.Lake, run: str, k: int, d: int) -> tuple[np.ndarray, 
 
 def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
     """Check, score, choose, fold: the narrower checkpoint and what was kept."""
-    from tourray.fold import Layout, apply_surgery, parameters, read_config
+    from tourray.fold import apply_surgery, parameters, read_layout
     from tourray.manifest import model_revision
     from tourray.prune.checkpoint import check_out
     from tourray.prune.plan import run_row
 
     check_out(cfg.out)
-    src, mcfg = read_config(cfg.model)
-    lay = Layout.of(mcfg, f"--model {cfg.model}")
+    lay = read_layout(cfg.model)
     if cfg.keep_heads == 1 and cfg.keep_neurons == 1 and cfg.hidden is None:
         raise UserError("nothing to prune: give --keep-heads or --keep-neurons below 1, or --hidden")
     if cfg.hidden is not None and cfg.hidden >= lay.hidden:
@@ -207,8 +207,8 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
     prov = dict(kind="prune width", run=cfg.run, lake=lake.root, method=cfg.method, keep_heads=cfg.keep_heads,
                 keep_neurons=cfg.keep_neurons, head_unit=cfg.head_unit, hidden=cfg.hidden, evidence=info,
                 table_versions={t: lake.dataset(t).version for t in ("runs", "samples", "moments") if lake.exists(t)})
-    out = apply_surgery(src, cfg.out, surgery, prov, progress=progress)
-    before = parameters(src)
+    out = apply_surgery(cfg.model, cfg.out, surgery, prov, progress=progress)
+    before = parameters(cfg.model)
     log.info("width-pruned %s: %.2fM -> %.2fM parameters (%.1f%%)", cfg.model, before / 1e6, out["parameters"] / 1e6,
              100 * out["parameters"] / before)
     return dict(out, parameters_before=before, evidence=info, residual=surgery.residual)

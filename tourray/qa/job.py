@@ -163,14 +163,14 @@ def _depth(cfg: QAConfig, v: Variant, out: Path) -> dict:
 def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original_params: int) -> None:
     """Width-prune the depth-pruned checkpoint `out` in place to the parameter target: neuron scores of
     the original's kept blocks; FFN width chosen by counting (3 d d_ff weights per neuron column)."""
-    from tourray.fold import Layout, apply_surgery, parameters, read_config
-    from tourray.prune.width import WidthConfig, choose, scores, unit_moments
+    from tourray.fold import apply_surgery, parameters, read_layout
+    from tourray.prune.width import WidthConfig, choose, kept_count, scores, unit_moments
 
     deep = out.parent / f"{out.name}.depth"
     out.rename(deep)
     now, target = parameters(deep), v.params["target"] * original_params
-    dlay = Layout.of(read_config(deep)[1], str(deep))
-    head_cost = dlay.layers * 2 * dlay.hidden * dlay.head_dim * (1 - _kept_frac(v.params["keep_heads"], lay.group))
+    dlay = read_layout(deep)
+    head_cost = dlay.layers * 2 * dlay.hidden * dlay.head_dim * (1 - kept_count(v.params["keep_heads"], lay.group) / lay.group)
     per_neuron = dlay.layers * 3 * dlay.hidden
     keep = (dlay.ffn - max(0.0, now - head_cost - target) / per_neuron) / dlay.ffn
     if keep <= 0:
@@ -184,10 +184,6 @@ def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original
     apply_surgery(deep, out, s, dict(kind="qa combined", keep_neurons=keep, scores_from=wcfg.run, kept_blocks=kept))
     shutil.rmtree(deep)
     v.params["keep_neurons"] = round(keep, 4)
-
-
-def _kept_frac(keep_heads: float, group: int) -> float:
-    return 1.0 if keep_heads >= 1 else max(1, round(keep_heads * group)) / group
 
 
 # -- the in-process pass ----------------------------------------------------------------------------
@@ -277,11 +273,10 @@ def agreement(orig: Side, var: Side, basis, kept: list[int], patched: bool, teac
 # -- the job -----------------------------------------------------------------------------------------
 def check(cfg: QAConfig):
     """Refuse what cannot run before anything is built."""
-    from tourray.fold import Layout, read_config
+    from tourray.fold import read_layout
     from tourray.prune.plan import run_row
 
-    _, mcfg = read_config(cfg.model)
-    lay = Layout.of(mcfg, f"--model {cfg.model}")
+    lay = read_layout(cfg.model)
     lake = lk.Lake(cfg.lake)
     if not lake.exists("runs"):
         raise UserError(f"--lake {cfg.lake}: no runs table (not a tourray lake?)")

@@ -67,10 +67,24 @@ pca: eigenvectors of --from's covariance, k (default: all) kept; the full spectr
   rel_residual is the held-out reconstruction error of the k-dim projection."""
 
 
+class SplitSelection(BaseConfig):
+    """The token selection of a fitted solve judged on held-out samples: `tourray solve` and
+    `tourray transport` (which runs one such solve per layer pair) share these fields."""
+
+    heldout: float = Field(0.1, gt=0, lt=1, description="Fraction of samples held out (by sha256 of the sample id) for the diagnostics; the solve is fitted on the rest.")
+    where: str | None = Field(None, description="SQL predicate over samples/tokens columns selecting tokens, e.g. \"category = 'seen_cities'\".")
+    weight: Literal["none", "entropy"] = Field("none", description="Token weights: none, or entropy (high-entropy tokens weigh more).")
+    text_only: bool = Field(True, description="Only text tokens (not system prompt or chat template).")
+
+    def selection(self, split: str) -> Selection:
+        return Selection(where=self.where, weight=self.weight, text_only=self.text_only, split=split,
+                         heldout=self.heldout)
+
+
 # `from` and `to` are Python keywords, so these two fields are declared through create_model: the
 # flags add_config_flags generates are then exactly --from / --to, and YAML keys `from:` / `to:`.
 _Streams = create_model(
-    "_Streams", __base__=BaseConfig,
+    "_Streams", __base__=SplitSelection,
     **{"from": (str, Field(description="Stream x: RUN:LAYER[:SITE]; LAYER a block index or 'embed', SITE resid_post "
                                        "(default) or resid_mid.")),
        "to": (str | None, Field(None, description="Stream y for procrustes / lstsq: [LAKE:]RUN:LAYER[:SITE]; another "
@@ -87,10 +101,6 @@ class SolveConfig(_Streams):
     whiten: bool = Field(False, description="procrustes: whiten each side by (C + ridge I)^(-1/2) before solving the rotation.")
     ridge: float = Field(0.0, ge=0, description="procrustes with --whiten: absolute constant added to the covariances' eigenvalues; lstsq: ridge penalty ridge*||W||_F^2 (units of x's variance).")
     center: bool = Field(True, description="Centre the streams (procrustes) / fit an intercept (lstsq); b = 0 without.")
-    heldout: float = Field(0.1, gt=0, lt=1, description="Fraction of samples held out (by sha256 of the sample id) for the diagnostics; the solve is fitted on the rest.")
-    where: str | None = Field(None, description="SQL predicate over samples/tokens columns selecting tokens, e.g. \"category = 'seen_cities'\".")
-    weight: Literal["none", "entropy"] = Field("none", description="Token weights: none, or entropy (high-entropy tokens weigh more).")
-    text_only: bool = Field(True, description="Only text tokens (not system prompt or chat template).")
     out: str | None = Field(None, description="Also save the matrix (W [d_x, d_y]; pca: the components [d, k]) to this .npy file.")
     recompute: bool = Field(False, description="Solve again even when table solves already holds this solve.")
     batch_rows: int = Field(4096, gt=0, description="Token rows per batch read from the lake.")
@@ -103,11 +113,6 @@ class SolveConfig(_Streams):
     @property
     def to_stream(self) -> str | None:
         return getattr(self, "to")
-
-    def selection(self, split: str) -> Selection:
-        return Selection(where=self.where, weight=self.weight, text_only=self.text_only, split=split,
-                         heldout=self.heldout)
-
 
 @dataclass(frozen=True)
 class Stream:
