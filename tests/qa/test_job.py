@@ -31,14 +31,15 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
         name="t", model=str(qwen3_model), lake=str(qa_lake), run="ev", eval_samples=str(corpus_dir / "eval"),
         batch_size=2, slice_widths=[96], width=[dict(keep_neurons=0.5, keep_heads=0.5)],
         depth=[dict(method="block-influence", remove=1), dict(method="block-influence", remove=1, patch="lstsq")],
-        combined=[dict(method="block-influence", remove=1, patch="lstsq", target=0.55)], hidden_texts=2,
+        combined=[dict(method="block-influence", remove=1, patch="lstsq", target=0.55),
+                  dict(method="block-influence", remove=1, target=0.45, keep_heads=0.5)], hidden_texts=2,
         teacher=str(qwen3_model),  # the original as its own teacher: KL to the teacher = KL to the original
         workdir=str(tmp_path / "work"), reports=str(tmp_path / "reports"), criteria=Criteria(seen_category="seen").model_dump()),
         source="test")
     s = run_qa(cfg, progress=False)
     by = {r["variant"]: r for r in s["variants"]}
     assert list(by) == ["base", "permuted", "rotated", "slice-96", "width-n0.5-h0.5", "depth-block-influence-r1",
-                        "depth-block-influence-r1-lstsq", "combined-0.55"]
+                        "depth-block-influence-r1-lstsq", "combined-0.55", "combined-0.45"]
     kl = lambda r: r["comparison"][-1]["mean_kl"]  # noqa: E731
     assert by["base"]["comparison"][-1]["ppl_ratio"] == 1 and min(by["base"]["cos"]) == pytest.approx(1)
     for name in ("permuted", "rotated"):  # function-preserving: KL ~0, cosine 1 in the original's basis
@@ -50,6 +51,7 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
     assert by["slice-96"]["cos"][0] < 0.9999  # lossy by design
     assert len(by["depth-block-influence-r1"]["kept_blocks"]) == 2 and by["width-n0.5-h0.5"]["cos"][0] < 0.9999
     assert by["combined-0.55"]["parameter_fraction"] == pytest.approx(0.55, abs=0.02)
+    assert by["combined-0.45"]["parameter_fraction"] == pytest.approx(0.45, abs=0.02)  # heads counted in the target
     for r in s["variants"]:  # the in-process KL (first 2 texts) against the teacher and against the original
         assert r["kl_teacher"] == pytest.approx(r["kl_original_inprocess"], rel=1e-9, abs=1e-12)
     assert by["rotated"]["max_logprob_diff"] < 1e-4 < by["slice-96"]["max_logprob_diff"]

@@ -162,7 +162,8 @@ def _depth(cfg: QAConfig, v: Variant, out: Path) -> dict:
 
 def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original_params: int) -> None:
     """Width-prune the depth-pruned checkpoint `out` in place to the parameter target: neuron scores of
-    the original's kept blocks; FFN width chosen by counting (3 d d_ff weights per neuron column)."""
+    the original's kept blocks; FFN width chosen by counting (3 d weights per neuron, after the dropped
+    query heads' 2 d head_dim each)."""
     from tourray.fold import apply_surgery, parameters, read_layout
     from tourray.prune.width import WidthConfig, choose, kept_count, scores, unit_moments
 
@@ -170,7 +171,9 @@ def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original
     out.rename(deep)
     now, target = parameters(deep), v.params["target"] * original_params
     dlay = read_layout(deep)
-    head_cost = dlay.layers * 2 * dlay.hidden * dlay.head_dim * (1 - kept_count(v.params["keep_heads"], lay.group) / lay.group)
+    dropped_heads = 0 if v.params["keep_heads"] >= 1 else \
+        dlay.heads - dlay.kv_heads * kept_count(v.params["keep_heads"], lay.group)
+    head_cost = dlay.layers * dropped_heads * dlay.head_dim * 2 * dlay.hidden  # q_proj rows + o_proj columns
     per_neuron = dlay.layers * 3 * dlay.hidden
     keep = (dlay.ffn - max(0.0, now - head_cost - target) / per_neuron) / dlay.ffn
     if keep <= 0:
