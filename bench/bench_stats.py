@@ -578,7 +578,8 @@ def profile_inline_sink(out: Path, args) -> dict:
     import torch
 
     from tourray.config import Site
-    from tourray.engine import INNER_SITES, HFEngine
+    from tourray.capture.engine import INNER_SITES
+    from tourray.capture.hf import HFEngine
     from tourray.stats.inline import InlineStats
 
     model_dir = out / "model"

@@ -9,7 +9,7 @@ import torch
 
 from conftest import lake_snapshot
 from tourray.capture import CaptureConfig, CaptureStage, run_capture
-from tourray.engine import find_blocks
+from tourray.capture.engine import find_blocks
 from tourray.errors import UserError
 from tourray.lake import Lake, arrow_to_numpy
 from tourray.prompt import SEGMENTS, PromptFormat

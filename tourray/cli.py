@@ -71,13 +71,17 @@ PLAN_HELP = ("evidence-guided block-influence (ShortGPT), angular (Gromov et al.
 
 
 # -- config-backed flags ---------------------------------------------------------------------
-def add_config_flags(p: argparse.ArgumentParser, model) -> None:
-    """One flag per field of `model` (a BaseConfig): `store_dtype` -> `--store-dtype`."""
-    p.add_argument("--config", metavar="FILE.yaml", help="Load fields from a YAML file; flags override it.")
+def add_config_flags(p: argparse.ArgumentParser, model, prefix: str = "") -> None:
+    """One flag per field of `model` (a BaseConfig): `store_dtype` -> `--store-dtype`; a nested config's
+    fields get its name as prefix (`vllm.enforce_eager` -> `--vllm-enforce-eager`)."""
+    if not prefix:
+        p.add_argument("--config", metavar="FILE.yaml", help="Load fields from a YAML file; flags override it.")
     for name, field in model.model_fields.items():
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseConfig):
-            continue  # a nested config (e.g. the sweep's verdict criteria) is set in the YAML file
-        flag = "--" + name.replace("_", "-")
+            add_config_flags(p, field.annotation, prefix=f"{prefix}{name}.")
+            continue
+        flag = "--" + (prefix + name).replace("_", "-").replace(".", "-")
+        name = prefix + name
         ann = typing.get_args(field.annotation) or (field.annotation,)
         default = field.default if field.default is not None else "none"
         default = getattr(default, "value", default)
@@ -95,11 +99,18 @@ def add_config_flags(p: argparse.ArgumentParser, model) -> None:
             continue
         if enums:
             kw["choices"] = [e.value for e in enums[0]]
-        p.add_argument(flag, metavar=name.upper() if not enums else None, **kw)
+        p.add_argument(flag, metavar=name.split(".")[-1].upper() if not enums else None, **kw)
 
 
 def config_from_args(model, args: argparse.Namespace):
-    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    given: dict = {}
+    for k, v in vars(args).items():  # "vllm.enforce_eager" -> {"vllm": {"enforce_eager": ...}}
+        *parents, leaf = k.split(".")
+        if parents and parents[0] in model.model_fields or not parents and k in model.model_fields:
+            node = given
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = v
     if getattr(args, "config", None):
         return model.from_yaml(args.config, **given)
     return model.parse(given)

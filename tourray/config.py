@@ -37,6 +37,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """`over` wins key by key, into nested mappings too (a flag sets one field of a nested config)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class BaseConfig(BaseModel):
     """Base for all configs: extra keys are an error, values are validated on assignment."""
 
@@ -56,7 +64,7 @@ class BaseConfig(BaseModel):
             raise UserError(f"cannot read config {path}: {e}") from None
         if not isinstance(data, dict):
             raise UserError(f"config {path} must be a mapping of field: value")
-        return cls.parse(data | overrides, source=str(path))
+        return cls.parse(_merged(data, overrides), source=str(path))
 
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "flags"):
@@ -68,7 +76,7 @@ class BaseConfig(BaseModel):
             for err in e.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "(config)"
                 if source == "flags":
-                    field = "--" + field.replace("_", "-")
+                    field = "--" + field.replace("_", "-").replace(".", "-")
                 lines.append(f"  {field}: {err['msg']}")
             raise UserError(f"invalid {cls.__name__} from {source}:\n" + "\n".join(lines)) from None
 
@@ -101,6 +109,7 @@ class Engine(str, enum.Enum):
     """Which runtime runs the model."""
 
     hf = "hf"
+    vllm = "vllm"
 
 
 EMBED_LAYER = -1

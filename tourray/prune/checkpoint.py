@@ -57,7 +57,7 @@ def _num_layers(model) -> int:
 
 def _blocks(model):
     """(path, ModuleList) of the decoder blocks."""
-    from tourray.engine import find_blocks
+    from tourray.capture.engine import find_blocks
 
     return find_blocks(model, _num_layers(model))
 

