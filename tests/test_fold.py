@@ -256,3 +256,18 @@ def test_cli_refuses_bad_files_and_families(gqa_qwen3, tmp_path):
     with pytest.raises(UserError, match="sandwich norms"):
         apply_surgery(gemma, tmp_path / "out", Surgery(residual=np.eye(4)), {})
     assert not (tmp_path / "out").exists()
+
+
+def test_stray_weight_files_are_not_copied(qwen3_model, tmp_path):
+    """Weights the surgery does not rewrite (a consolidated copy, pickles, a GGUF) would ship the
+    unfolded model beside the folded one: only the tokenizer and other small files travel."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen3_model, src)
+    for name in ("consolidated.safetensors", "pytorch_model.bin", "weights.pt", "model.Q4.gguf", "extra.gguf"):
+        (src / name).write_bytes(b"stale")
+    apply_surgery(src, tmp_path / "out", Surgery(residual=rotation(128)), {})
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not names & {"consolidated.safetensors", "pytorch_model.bin", "weights.pt", "model.Q4.gguf", "extra.gguf"}
+    assert {"config.json", "tokenizer.json", "tourray_fold.json"} <= names

@@ -42,6 +42,8 @@ log = logging.getLogger("tourray")
 
 #: The provenance file a folded / width-pruned checkpoint carries.
 PROVENANCE = "tourray_fold.json"
+#: Files of weights the surgery does not rewrite: copying them would ship the unfolded model beside the folded one.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 #: Pre-norm families whose blocks are exactly: RMSNorm -> attention -> add, RMSNorm -> gated MLP -> add.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 #: Why the other families are refused, where it is known.
@@ -387,8 +389,8 @@ def apply_surgery(model: str | Path, out_dir: str | Path, surgery: Surgery, prov
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         for p in src.iterdir():  # tokenizer, chat template, generation config, earlier provenance
-            if p.is_file() and p.name != "config.json" and not p.name.startswith("model") and p.suffix != ".bin":
-                shutil.copy2(p, tmp / p.name)
+            if p.is_file() and p.name != "config.json" and not p.name.startswith("model") and p.suffix not in WEIGHT_SUFFIXES:
+                shutil.copy2(p, tmp / p.name)  # never stray weights (consolidated.safetensors, *.bin, *.gguf): stale
         new_cfg = {**cfg, **updates}
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         from tourray.manifest import model_revision

@@ -159,6 +159,7 @@ def test_slicing_basis_is_the_numpy_eigenbasis(width_lake):
 BAD = [
     (dict(keep_neurons=0), "--keep-neurons"),
     (dict(keep_heads=1.5), "--keep-heads"),
+    (dict(keep_heads=0.6, head_unit="group"), "keeps all 1 key/value groups once rounded"),  # not silently all
     (dict(), "nothing to prune"),
     (dict(hidden=128), "must be below"),
     (dict(hidden=95), "not a multiple of the 2 attention heads"),

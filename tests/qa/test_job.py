@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tourray import lake as lk
+
 from conftest import lake_snapshot
 
 
@@ -24,6 +26,7 @@ def qa_lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
 
 
 def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path):
+    from tourray.errors import UserError
     from tourray.prune.verdict import Criteria
     from tourray.qa import QAConfig, run_qa
 
@@ -39,7 +42,9 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
     s = run_qa(cfg, progress=False)
     by = {r["variant"]: r for r in s["variants"]}
     assert list(by) == ["base", "permuted", "rotated", "slice-96", "width-n0.5-h0.5", "depth-block-influence-r1",
-                        "depth-block-influence-r1-lstsq", "combined-0.55", "combined-0.45"]
+                        "depth-block-influence-r1-lstsq", "combined-0.55-block-influence-r1-lstsq",
+                        "combined-0.45-block-influence-r1-h0.5"]
+    by["combined-0.55"], by["combined-0.45"] = by["combined-0.55-block-influence-r1-lstsq"], by["combined-0.45-block-influence-r1-h0.5"]
     kl = lambda r: r["comparison"][-1]["mean_kl"]  # noqa: E731
     assert by["base"]["comparison"][-1]["ppl_ratio"] == 1 and min(by["base"]["cos"]) == pytest.approx(1)
     for name in ("permuted", "rotated"):  # function-preserving: KL ~0, cosine 1 in the original's basis
@@ -56,7 +61,8 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
         assert r["kl_teacher"] == pytest.approx(r["kl_original_inprocess"], rel=1e-9, abs=1e-12)
     assert by["rotated"]["max_logprob_diff"] < 1e-4 < by["slice-96"]["max_logprob_diff"]
     md = (tmp_path / "reports" / "qa_t.md").read_text()
-    assert "preserved the function" in md and "| combined-0.55 |" in md and "Bought the most" in md
+    assert "preserved the function" in md and "| combined-0.55-block-influence-r1-lstsq |" in md and "Bought the most" in md
+    assert "more parameters (a tied LM head is written untied)" in md  # the rotated fold grows: not "saves none"
     rows = list(csv.DictReader((tmp_path / "reports" / "qa_t.csv").open()))
     assert {r["metric"] for r in rows} >= {"kl_original", "ppl_ratio_seen", "cos_block_2", "tokens_per_s", "parameters"}
     assert json.loads((tmp_path / "reports" / "qa_t.json").read_text())["variants"][0]["variant"] == "base"
@@ -65,6 +71,9 @@ def test_qa_matrix_report_and_resume(qa_lake, qwen3_model, corpus_dir, tmp_path)
     again = run_qa(cfg, progress=False)  # complete eval runs are judged again, not captured again
     assert lake_snapshot(qa_lake) == before
     assert [r["verdict"] for r in again["variants"]] == [r["verdict"] for r in s["variants"]]
+    with pytest.raises(UserError, match="variant permuted: .*captured with settings"):  # another seed = other folds
+        run_qa(cfg.model_copy(update=dict(seed=1)), progress=False)
+    assert lake_snapshot(qa_lake) == before
 
 
 def test_qa_refuses_before_building(qa_lake, prune_lake, qwen3_model, corpus_dir, tmp_path):
@@ -90,3 +99,19 @@ def test_state_depths():
     assert state_depths([0, 3, 4], 5, False) == [0, 3, 4]  # blocks 1-2 removed, no patch: block 0 is block 0
     assert state_depths([0, 3, 4], 5, True) == [2, 3, 4]   # block 0's patch maps onto the end of span 1-2
     assert state_depths([0, 1, 2], 5, True) == [0, 1, 4]   # the last kept block replaces the removed tail
+
+
+def test_in_process_pass_with_text_at_position_0(qwen3_model, corpus_dir, tmp_path):
+    """No system prompt, no chat template: the text starts at position 0, which has no prediction; the
+    log-probs start at position 1 (a crash, or a wrapped-around slice, before)."""
+    from tourray.capture import CaptureConfig, run_capture
+    from tourray.qa.job import Side, eval_texts
+
+    root = tmp_path / "lake"
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir / "eval"), lake=str(root), run="p0",
+                              chat_template=False, layers="none"), progress=False, executor="local")
+    texts = [(ids[a:], 0, e - a) for ids, a, e in eval_texts(lk.Lake(str(root)), "p0", 2)]  # drop the BOS
+    assert texts and all(e > 1 for _, _, e in texts)
+    side = Side(str(qwen3_model), texts, repeats=1)
+    assert [len(p) for p in side.logp] == [e - 1 for _, _, e in texts]
+    assert [len(h[0]) for h in side.states] == [e for _, _, e in texts]

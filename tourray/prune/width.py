@@ -122,6 +122,9 @@ def choose(cfg: WidthConfig, lay, neuron_scores: np.ndarray, head_scores: np.nda
     if cfg.keep_heads < 1:
         if cfg.head_unit == "group":
             k = kept_count(cfg.keep_heads, lay.kv_heads)
+            if k == lay.kv_heads:
+                raise UserError(f"--keep-heads {cfg.keep_heads} --head-unit group: keeps all {lay.kv_heads} key/value "
+                                "groups once rounded; lower it, or use --head-unit query")
             by_group = head_scores.reshape(lay.layers, lay.kv_heads, lay.group).sum(-1)
             s.groups = {i: np.sort(np.argsort(-by_group[i], kind="stable")[:k]) for i in range(lay.layers)}
         else:

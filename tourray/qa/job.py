@@ -109,7 +109,8 @@ def variants(cfg: QAConfig) -> list[Variant]:
     for d in cfg.depth:
         out.append(Variant(f"depth-{d.method}-r{d.remove}" + ("" if d.patch == "none" else f"-{d.patch}"), "depth", d.model_dump()))
     for c in cfg.combined:
-        out.append(Variant(f"combined-{c.target:g}", "combined", c.model_dump()))
+        out.append(Variant(f"combined-{c.target:g}-{c.method}-r{c.remove}" + ("" if c.patch == "none" else f"-{c.patch}")
+                           + ("" if c.keep_heads >= 1 else f"-h{c.keep_heads:g}"), "combined", c.model_dump()))
     return out
 
 
@@ -199,8 +200,13 @@ def eval_texts(lake: lk.Lake, base_run: str, n: int) -> list[tuple[list[int], in
     toks = lake.read("tokens", ["sample_id", "pos", "token_id"], filter=f"run = {q}").to_pandas()
     out = []
     for s in samples:
+        if s["text_end"] - max(s["text_start"], 1) < 1:
+            continue  # no text token with a prediction (truncated away, or a one-token text at position 0)
         t = toks[toks.sample_id == s["sample_id"]].sort_values("pos")
         out.append((t.token_id.tolist(), s["text_start"], s["text_end"]))
+    if not out:
+        raise UserError(f"run {base_run}: none of its first {n} samples has a text token after position 0 "
+                        "(all truncated?); raise --max-length")
     return out
 
 
@@ -223,7 +229,8 @@ class Side:
             model(torch.tensor([texts[0][0]]))  # warm-up: first-call allocations are not throughput
             for ids, a, e in texts:
                 states.clear()
-                logits = model(torch.tensor([ids])).logits[0, a - 1:e - 1].double()
+                a0 = max(a, 1)  # position 0 has no prediction: the log-probs start at the first predicted text token
+                logits = model(torch.tensor([ids])).logits[0, a0 - 1:e - 1].double()
                 self.logp.append(torch.log_softmax(logits, -1))
                 self.states.append([s[0, a:e].double() for s in states])
             for h in hooks:
@@ -306,7 +313,10 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
     from tourray.fold import parameters
 
     tv = time.perf_counter()
-    cache, spec = work / f"{v.name}.json", dict(v.params)
+    # everything the cached in-process figures depend on (the eval texts are pinned by the run's identity)
+    spec = dict(v.params) | dict(model=cfg.model, hidden_texts=cfg.hidden_texts, teacher=cfg.teacher) \
+        | (dict(seed=cfg.seed) if v.family == "fold" else {})
+    cache = work / f"{v.name}.json"
     if is_complete(lk.Lake(cfg.lake), run, n_eval) and cache.is_file():
         r = json.loads(cache.read_text())
         if r["spec"] != spec:

@@ -43,6 +43,19 @@ def metrics(r: dict, seen: str) -> dict[str, float | None]:
     return out
 
 
+def saved_fraction(r: dict) -> float:
+    return 1 - r["parameter_fraction"]
+
+
+def _size_change(r: dict) -> str:
+    """A fold or slice of a tied-head model unties the head: it GROWS; say so rather than "saves none"."""
+    f = r["parameter_fraction"]
+    if abs(f - 1) < 1e-9:
+        return "same parameter count"
+    return (f"{100 * (f - 1):.1f}% more parameters (a tied LM head is written untied)" if f > 1
+            else f"{100 * (1 - f):.1f}% fewer parameters")
+
+
 def findings(summary: dict) -> list[str]:
     """Which toggle bought what and which hurt, in sentences computed from the table."""
     seen = summary["config"]["criteria"]["seen_category"]
@@ -50,19 +63,20 @@ def findings(summary: dict) -> list[str]:
     out = []
     for r in res:
         kl = _row(r, "ALL").get("mean_kl")
-        saved = 1 - r["parameter_fraction"]
         ratio = _row(r, seen).get("ppl_ratio")
         if r["family"] == "fold":
             ok = kl is not None and kl < PRESERVED_KL and np.nanmin(r["cos"]) > PRESERVED_COS
             out.append(f"- **{r['variant']}** {'preserved the function' if ok else 'CHANGED the function'}: mean KL "
                        f"{kl:.2e} nats/token, max |log-prob difference| {r['max_logprob_diff']:.2e}, hidden-state cosine "
-                       f">= {np.nanmin(r['cos']):.6f} at every block "
-                       f"(a fold saves no parameters; it changes the basis).")
-    lossy = sorted((r for r in res if r["family"] != "fold" and _row(r, seen).get("ppl_ratio")),
-                   key=lambda r: math.log(_row(r, seen)["ppl_ratio"]) / max(1e-9, 1 - r["parameter_fraction"]))
+                       f">= {np.nanmin(r['cos']):.6f} at every block ({_size_change(r)}; a fold changes the basis).")
+    shrunk = [r for r in res if r["family"] != "fold" and _row(r, seen).get("ppl_ratio")]
+    if grown := [r for r in shrunk if saved_fraction(r) <= 0]:  # no cost per parameter saved to rank them by
+        out.append("- Saves no parameters: " + "; ".join(f"{r['variant']} ({_size_change(r)})" for r in grown) + ".")
+    lossy = sorted((r for r in shrunk if saved_fraction(r) > 0),
+                   key=lambda r: math.log(_row(r, seen)["ppl_ratio"]) / saved_fraction(r))
     if lossy:
         out.append(f"- Cost per parameter saved (log {seen} perplexity ratio / fraction of parameters removed), best first: "
-                   + "; ".join(f"{r['variant']} {math.log(_row(r, seen)['ppl_ratio']) / max(1e-9, 1 - r['parameter_fraction']):.2f}"
+                   + "; ".join(f"{r['variant']} {math.log(_row(r, seen)['ppl_ratio']) / saved_fraction(r):.2f}"
                                for r in lossy) + ".")
         best = lossy[0]
         out.append(f"- Bought the most: **{best['variant']}** removed {100 * (1 - best['parameter_fraction']):.1f}% of the "
