@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, find_blocks, kl_divergence, surprisal_entropy
+from tourray.capture.engine import INNER_SITES, Captured, _submodule, find_blocks, kl_divergence, surprisal_entropy
 from tourray.config import Site
 from tourray.errors import UserError
 
