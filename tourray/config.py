@@ -77,7 +77,9 @@ class BaseConfig(BaseModel):
                 field = ".".join(str(p) for p in err["loc"]) or "(config)"
                 if source == "flags":
                     field = "--" + field.replace("_", "-").replace(".", "-")
-                lines.append(f"  {field}: {err['msg']}")
+                got = err.get("input")
+                shown = "" if isinstance(got, (dict, list)) or got is None or len(repr(got)) > 80 else f" (got {got!r})"
+                lines.append(f"  {field}: {err['msg']}{shown}")
             raise UserError(f"invalid {cls.__name__} from {source}:\n" + "\n".join(lines)) from None
 
 
