@@ -264,3 +264,28 @@ def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tm
     with pytest.raises(UserError, match="--reference .*tokenizer differs"):
         capture(qwen3_model, corpus_dir, tmp_path / "lake", run="bad", layers="none", reference=str(llama_model))
     assert lake_snapshot(tmp_path / "lake") == before
+
+
+def test_only_forward_passes_run_on_the_forward_thread(qwen3_model, corpus_dir, tmp_path, monkeypatch):
+    """Checksums, Arrow building and token tables run on the stage's own thread, so the model thread
+    never waits on them (a mutation moving them back into the producer fails this)."""
+    import threading
+
+    seen = {"capture": set(), "arrow": set()}
+    orig_batch, orig_tokens = CaptureStage._activations_batch, CaptureStage._tokens_table
+
+    def spy(kind, fn):
+        def wrapped(*a, **k):
+            seen[kind].add(threading.current_thread().name)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(CaptureStage, "_activations_batch", spy("arrow", orig_batch))
+    monkeypatch.setattr(CaptureStage, "_tokens_table", spy("arrow", orig_tokens))
+    from tourray.capture.hf import HFEngine
+
+    monkeypatch.setattr(HFEngine, "capture", spy("capture", HFEngine.capture))
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(tmp_path / "lake"), run="t",
+                              batch_size=2, group_size=4), progress=False, executor="local")
+    assert seen["capture"] and all(n.startswith("capture-forward") for n in seen["capture"])
+    assert seen["arrow"] and not any(n.startswith("capture-forward") for n in seen["arrow"])

@@ -73,13 +73,17 @@ class CaptureStage(Stage):
         spans = [self._text_span(e) for e in enc]  # once per sample: the inline sink and `samples` use them
         tokens, layer_rows, blocks, nbytes = [], [], [], [0]
 
-        def activation_batches() -> Iterator[pa.RecordBatch]:
-            pending, size = [], 0
+        def forwards():  # on the forward thread: the model and nothing else
             for a in range(0, len(order), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
                 sink = None if self.inline is None else \
                     (lambda t, n, idx=idx: self.inline(t, n, [spans[i] for i in idx]))
-                for i, cap in zip(idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink)):
+                yield idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink)
+
+        def activation_batches(captured) -> Iterator[pa.RecordBatch]:  # here: checksums, Arrow, token tables
+            pending, size = [], 0
+            for idx, caps in captured:
+                for i, cap in zip(idx, caps):
                     sid, e = rows[i]["sample_id"], enc[i]
                     if cap.not_finite:
                         layer, site = cap.not_finite
@@ -102,7 +106,9 @@ class CaptureStage(Stage):
                 yield self._activations_batch(pending)
 
         frags = {}
-        with overlapped(activation_batches(), self._forward_thread) as acts:  # forward passes run while Lance writes
+        # forward passes run ahead on their own thread while this one hashes, builds Arrow and Lance writes
+        with overlapped(forwards(), self._forward_thread) as captured:
+            acts = activation_batches(captured)
             if self.engine.stored_keys:
                 frags["activations"] = self.lake.write_fragments("activations", acts, self.schemas["activations"])
             else:
