@@ -35,8 +35,9 @@ def types(con, view):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_view_types(lakes, dtype):
     con = connect(str(lakes[dtype]))
+    per_sample = ["activations", "blocks", "token_layers", "tokens"]
     assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
-        ["activations", "blocks", "runs", "samples", "token_layers", "tokens"])
+        per_sample + ["runs", "samples"] + [f"raw_{t}" for t in per_sample])
     a = types(con, "activations")
     assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
     t = types(con, "tokens")
@@ -97,7 +98,8 @@ def test_layer_filter_is_pushed_into_lance(lakes, monkeypatch):
     assert scans, calls
     assert all(c["filter"] is not None and "layer" in c["filter"] for c in scans), scans
     assert sum(c["rows"] for c in scans) == layer0  # Lance returned only layer 0's rows
-    assert all(c["columns"] is not None and set(c["columns"]) <= {"h", "layer"} for c in scans), scans
+    # run and sample_id are the join keys that keep only complete samples (narrow columns)
+    assert all(c["columns"] is not None and set(c["columns"]) <= {"h", "layer", "run", "sample_id"} for c in scans), scans
 
 
 def numpy_layer_similarity(lake, run: str = "r") -> dict[int, dict]:
@@ -158,3 +160,26 @@ def test_perplexity_by_category_query(lakes):
     for cat, samples, tokens, mean_s, ppl, mean_e in rows:
         assert ppl > 1 and ppl == pytest.approx(np.exp(mean_s), rel=1e-9)
         assert mean_e > 0
+
+
+def test_views_show_only_complete_samples(lakes, tmp_path):
+    """Rows of a sample with no samples row (a killed capture's leftovers) are not counted."""
+    import shutil
+
+    lake = Lake(str(shutil.copytree(lakes["float16"], tmp_path / "lake")))
+    con = connect(lake)
+    per_sample = ("tokens", "activations", "token_layers", "blocks")
+    before = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in per_sample}
+    ppl = run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall()
+    src = lake.read("samples").column("sample_id")[0].as_py()
+    for t in per_sample:
+        rows = lake.read(t, filter=f"sample_id = '{src}'")
+        rows = rows.set_column(rows.schema.get_field_index("sample_id"), "sample_id", pa.array(["orphan"] * rows.num_rows))
+        lake.append(t, rows, lake.dataset(t).schema)
+    con = connect(lake)
+    for t in per_sample:
+        assert lake.dataset(t).count_rows(filter="sample_id = 'orphan'") > 0
+        assert con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] == before[t]
+        raw = con.execute(f"SELECT count(*) FROM raw_{t}").fetchall()[0][0]
+        assert raw == lake.dataset(t).count_rows() > before[t]
+    assert run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall() == ppl

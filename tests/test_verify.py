@@ -6,15 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import lance
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from conftest import REPO
 from tourray.capture import CaptureConfig, run_capture
 from tourray.lake import Lake, vectors_to_arrow
-from tourray.verify import verify
+from tourray.errors import UserError
+from tourray.verify import verify, verify_lake
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,12 @@ def test_fresh_capture_verifies(lake):
     checked, problems = verify(lake)
     assert problems == []
     assert checked == lake.dataset("blocks").count_rows() == 6 * 2  # 6 samples x (embed, block 0)
-    assert verify(lake, run="r") == (12, []) and verify(lake, run="other") == (0, [])
+    assert verify(lake, run="r") == (12, [])
+    with pytest.raises(UserError, match="no run 'other'"):
+        verify(lake, run="other")
+    report = verify_lake(lake)
+    assert report.samples == 6 and report.token_rows == lake.dataset("tokens").count_rows()
+    assert any("tokens have no stored checksum" in n for n in report.notes)
 
 
 def test_changed_checksum_names_the_block(lake):
@@ -94,3 +102,124 @@ def test_cli_verify_exits_1_and_prints_the_problem(lake):
     shutil.rmtree(lake.root)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 2 and "error: --lake: no tourray tables" in p.stderr and "Traceback" not in p.stderr
+
+
+def append_orphan(lake, sid="00orphan00sample"):
+    """Rows of a sample with no samples row (what a capture killed before its last commit leaves),
+    copied from a real sample and given a new id, in tokens, activations, token_layers and blocks."""
+    src = a_sample(lake)
+    for table in ("tokens", "activations", "token_layers", "blocks"):
+        t = lake.read(table, filter=f"sample_id = '{src}'")
+        t = t.set_column(t.schema.get_field_index("sample_id"), "sample_id", pa.array([sid] * t.num_rows))
+        if table == "blocks":  # and a wrong checksum: verify must not even look at it
+            t = t.set_column(t.schema.get_field_index("sha256"), "sha256", pa.array(["00"] * t.num_rows))
+        lake.append(table, t, lake.dataset(table).schema)
+    return sid
+
+
+def test_orphan_rows_are_ignored(lake):
+    before = verify_lake(lake)
+    append_orphan(lake)
+    report = verify_lake(lake)
+    assert report.problems == [] and report.blocks == before.blocks == 12
+    assert report.token_rows == before.token_rows
+    assert any("ignored rows of 1 incomplete sample" in n for n in report.notes)
+
+
+def test_missing_block_record_and_duplicates_are_named(lake):
+    sid = a_sample(lake)
+    blk = lake.read("blocks", filter=f"sample_id = '{sid}' AND layer = 0")
+    lake.dataset("blocks").delete(f"sample_id = '{sid}' AND layer = 0")
+    _, problems = verify(lake)
+    k = f"run r sample {sid} layer 0 site resid_post"
+    assert sorted(problems) == sorted([f"{k}: expected by the run but not recorded in blocks",
+                                       f"{k}: rows with no record in blocks"])
+    lake.append("blocks", blk, lake.dataset("blocks").schema)
+    lake.append("blocks", blk, lake.dataset("blocks").schema)
+    assert verify(lake)[1] == [f"{k}: recorded more than once in blocks"]
+
+
+def test_duplicated_block_and_tokens_are_named(lake):
+    sid = a_sample(lake)
+    n = lake.read("samples", filter=f"sample_id = '{sid}'").column("n_tokens")[0].as_py()
+    for table in ("activations", "tokens"):
+        t = lake.read(table, filter=f"sample_id = '{sid}'" + (" AND layer = 0" if table == "activations" else ""))
+        lake.append(table, t.sort_by("pos"), lake.dataset(table).schema)
+    _, problems = verify(lake)
+    assert sorted(problems) == sorted([
+        f"run r sample {sid} layer 0 site resid_post: rows are not contiguous (block appears twice)",
+        f"run r sample {sid} tokens: rows are not contiguous or duplicated (the sample's rows appear twice)"]), problems
+    assert n > 0
+
+
+def test_missing_tokens_are_named(lake):
+    sid = a_sample(lake)
+    n = lake.read("samples", filter=f"sample_id = '{sid}'").column("n_tokens")[0].as_py()
+    lake.dataset("tokens").delete(f"sample_id = '{sid}' AND pos = 2")
+    _, problems = verify(lake)
+    assert sorted(problems) == sorted([
+        f"run r sample {sid} tokens: positions out of order or missing at pos 2 (found 3)",
+        f"run r sample {sid} tokens: {n - 1} rows, samples says n_tokens {n}"]), problems
+
+
+def data_files(lake, table):
+    return sorted((Path(lake.root) / f"{table}.lance" / "data").glob("*.lance"), key=lambda p: p.stat().st_size)
+
+
+# a flipped byte inside tokens' values is not detectable (no stored checksum, schema owned elsewhere);
+# one in any file's structure is, and any in the activations payload fails its block's sha256
+@pytest.mark.parametrize("table,where", [("activations", "middle"), ("activations", "footer"), ("tokens", "footer")])
+def test_flipped_byte_is_caught(lake, table, where):
+    victim = data_files(lake, table)[-1]  # the biggest file of the table
+    raw = bytearray(victim.read_bytes())
+    at = len(raw) // 2 if where == "middle" else len(raw) - 20  # -20: inside Lance's footer
+    raw[at] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    _, problems = verify(lake)
+    assert problems, "a flipped byte went unnoticed"
+    if where == "footer":
+        assert any(f"data/{victim.name}" in p and "unreadable" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("table", ["activations", "tokens"])
+def test_deleted_data_file_is_named(lake, table):
+    victim = data_files(lake, table)[0]
+    victim.unlink()
+    _, problems = verify(lake)
+    assert any(f"table {table} " in p and f"data/{victim.name}" in p and "unreadable" in p for p in problems), problems
+
+
+def stream_sums(lake, sel):
+    from tourray.stats.stream import Selection, layer_stream, resolve
+
+    mask = resolve(lake, "r", Selection(**sel))
+    rows, total = 0, np.zeros(2)
+    for c in layer_stream(lake, "r", "resid_post", [-1, 0], mask, batch_rows=16, prefetch=0):
+        w = np.ones(len(c)) if c.weights is None else c.weights
+        rows += len(c)
+        total += [float(w @ c.h[-1].sum(1)), float(w @ c.h[0].sum(1))]
+    return rows, total
+
+
+@pytest.mark.parametrize("sel", [{}, {"weight": "entropy"}, {"where": "surprisal > 1"}])
+def test_statistics_ignore_orphan_rows(lake, sel):
+    before = stream_sums(lake, sel)
+    append_orphan(lake)
+    # and leftovers in one layer only, which would also break the layers' row-for-row alignment
+    t = lake.read("activations", filter=f"sample_id = '{a_sample(lake)}' AND layer = 0")
+    t = t.set_column(t.schema.get_field_index("sample_id"), "sample_id", pa.array(["00one00layer0000"] * t.num_rows))
+    lake.append("activations", t, lake.dataset("activations").schema)
+    after = stream_sums(lake, sel)
+    assert after[0] == before[0] > 0 and np.array_equal(after[1], before[1])
+
+
+def test_blocks_split_across_fragments_verify(lake):
+    """Blocks cut across fragment (and so Ray task) boundaries, as a rewrite into big files can do."""
+    ds = lake.dataset("activations")
+    t = ds.to_table()
+    lance.write_dataset(t, ds.uri, mode="overwrite", max_rows_per_file=37, max_rows_per_group=37)
+    assert len(lake.dataset("activations").get_fragments()) == -(-t.num_rows // 37)
+    assert verify(lake) == (12, [])
+    sid = a_sample(lake)
+    lake.dataset("blocks").update({"sha256": "'00'"}, where=f"sample_id = '{sid}' AND layer = 0")
+    assert verify(lake)[1] == [f"run r sample {sid} layer 0 site resid_post: sha256 differs from the recorded checksum"]

@@ -215,17 +215,20 @@ def cmd_model_import_gguf(args) -> int:
 
 def cmd_verify(args) -> int:
     from tourray.lake import Lake
-    from tourray.verify import verify
+    from tourray.verify import verify_lake
 
     lake = Lake(args.lake)
     if not lake.tables():
         raise UserError(f"--lake: no tourray tables under {lake.root}")
-    checked, problems = verify(lake, args.run, progress=not args.no_progress)
-    for p in problems:
+    r = verify_lake(lake, args.run, progress=not args.no_progress)
+    for p in r.problems:
         print(p)
-    print(f"verified {checked} blocks in {lake.root}{' run ' + args.run if args.run else ''}: "
-          + ("all match" if not problems else f"{len(problems)} problem(s)"))
-    return 1 if problems else 0
+    for n in r.notes:
+        print(f"note: {n}")
+    print(f"verified {r.blocks} blocks, {r.samples} samples, {r.token_rows} token rows in {lake.root}"
+          f"{' run ' + args.run if args.run else ''}: "
+          + ("all match" if not r.problems else f"{len(r.problems)} problem(s)"))
+    return 1 if r.problems else 0
 
 
 def cmd_runs(args) -> int:
@@ -404,7 +407,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(p, FoldConfig)
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
-    p = command("verify", cmd_verify, "Recompute every activation block's checksum; name each that differs (exit 1).")
+    p = command("verify", cmd_verify, "Check every committed sample is complete, unduplicated and intact (activation checksums, token positions, readable data files); name each problem (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
     p.add_argument("--run", help="Only this run.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
@@ -427,6 +430,9 @@ def parser() -> argparse.ArgumentParser:
 
     add_qa_parser(sub, command)
     add_transport_parser(sub, command)
+    from tourray.optimize import add_parser as add_optimize_parser
+
+    add_optimize_parser(sub, command)
     return top
 
 

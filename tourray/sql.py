@@ -1,5 +1,8 @@
 """DuckDB over the lake: every table is a view; `activations.h` is always FLOAT[hidden_size].
 
+Per-sample tables (tokens, activations, token_layers, blocks) show only complete samples: rows
+whose sample has a `samples` row (the capture commits it last). `raw_<table>` shows every row.
+
 DuckDB cannot read Arrow half floats (and Lance's bfloat16 reaches it as blobs), so each table is
 exposed through `LakeView`, a LanceDataset whose schema shows float32 vectors and whose scanner
 converts them batch by batch. DuckDB hands its projection and filters to that scanner, so they run
@@ -81,7 +84,15 @@ def connect(lake: str | Lake, database: str = ":memory:"):
         ds = lake.dataset(t)
         # only tables with vectors need the converting view; the others are scanned by DuckDB's own
         # Arrow dataset scan (no Python in the loop: token_layers, tokens, samples read ~1.5x faster)
-        con.register(t, LakeView(ds) if any(_needs_view(f.type) for f in ds.schema) else ds)
+        source = LakeView(ds) if any(_needs_view(f.type) for f in ds.schema) else ds
+        if t == "samples" or not {"run", "sample_id"} <= set(ds.schema.names) or "samples" not in tables:
+            con.register(t, source)
+            continue
+        # per-sample rows count only once their sample is complete (its samples row, committed last,
+        # exists): a killed capture's leftovers stay visible as raw_<table> for inspection only
+        con.register(f"raw_{t}", source)
+        con.execute(f"CREATE VIEW {t} AS SELECT x.* FROM raw_{t} AS x SEMI JOIN samples AS s "
+                    "ON x.run = s.run AND x.sample_id = s.sample_id")
     return con
 
 

@@ -8,8 +8,9 @@ position weights read from the narrow `tokens` table.
 `layer_stream` reads several layers of one run side by side: one Lance scan per layer (a layer
 filter reads only that layer's bytes), re-chunked to common row counts, keys checked (sample_id and
 pos must agree across layers, row for row; they are not assumed from physical order), masked and
-weighted. Memory is one batch per layer, flat in corpus size; reading and conversion run on a
-background thread so that they overlap the caller's compute.
+weighted; rows of samples outside the selection (including a killed capture's leftovers, which
+have no `samples` row) are dropped before alignment. Memory is one batch per layer, flat in corpus
+size; reading and conversion run on a background thread so that they overlap the caller's compute.
 """
 
 from __future__ import annotations
@@ -199,6 +200,14 @@ class _Rechunker:
         return head
 
 
+def _selected(batches: Iterator[pa.RecordBatch], ids: pa.Array) -> Iterator[pa.RecordBatch]:
+    """Only rows of selected (hence complete) samples, before layers are aligned: rows a killed
+    capture left without a `samples` row must neither count nor break the row-for-row alignment."""
+    for b in batches:
+        keep = pc.is_in(b.column("sample_id"), value_set=ids)
+        yield b if pc.all(keep).as_py() else b.filter(keep)
+
+
 def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: TokenMask, batch_rows: int = 4096,
                  dtype=np.float64, prefetch: int = 2) -> Iterator[Chunk]:
     """Selected rows of `layers` (one run, one site), aligned row for row, as `dtype` arrays."""
@@ -209,8 +218,8 @@ def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: Token
 
     def chunks() -> Iterator[Chunk]:
         q = f"run = {sql_quote(run)} AND site = {sql_quote(site)}"
-        streams = {l: _Rechunker(iter(lake.scan("activations", ["sample_id", "pos", "h"], f"{q} AND layer = {l}",
-                                                batch_rows, dataset=ds))) for l in layers}
+        streams = {l: _Rechunker(_selected(lake.scan("activations", ["sample_id", "pos", "h"], f"{q} AND layer = {l}",
+                                                     batch_rows, dataset=ds), mask.ids)) for l in layers}
         while True:
             for s in streams.values():
                 s.fill(batch_rows)
