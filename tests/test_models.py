@@ -346,3 +346,52 @@ def test_pruned_smollm2_equals_the_original_with_blocks_skipped(imported, folder
     with torch.no_grad():
         got = pruned(input_ids=ids).logits
     assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+# -- GGUF captured directly (no import) ------------------------------------------------------------
+def test_resolve_gguf(tmp_path):
+    from tourray.models import GGUF_MAGIC, resolve_gguf
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(GGUF_MAGIC + b"\0" * 8)
+    if importlib.util.find_spec("gguf") and importlib.util.find_spec("accelerate"):
+        assert resolve_gguf(str(f), None) == (str(tmp_path.resolve()), "m.gguf")
+        assert resolve_gguf(str(tmp_path), "m.gguf") == (str(tmp_path.resolve()), "m.gguf")
+    assert resolve_gguf("Qwen/Qwen3-0.6B", None) == ("Qwen/Qwen3-0.6B", None)
+    assert resolve_gguf(str(tmp_path), None) == (str(tmp_path), None)
+    with pytest.raises(UserError, match="no such file"):
+        resolve_gguf(str(tmp_path / "absent.gguf"), None)
+    with pytest.raises(UserError, match="no such file"):
+        resolve_gguf(str(tmp_path), "absent.gguf")
+    with pytest.raises(UserError, match="not a folder"):
+        resolve_gguf(str(f), "m.gguf")
+    (tmp_path / "fake.gguf").write_text("not a gguf")
+    with pytest.raises(UserError, match="not a GGUF"):
+        resolve_gguf(str(tmp_path / "fake.gguf"), None)
+
+
+@needs_smollm2
+def test_hf_engine_captures_a_gguf_directly(smollm2_gguf, gguf_reference):
+    """`--model FILE.gguf`: the engine's vectors and surprisal equal transformers reading the GGUF
+    (output_hidden_states, full logits), float32, both dequantised: vectors to 1e-5 of each layer's
+    largest magnitude (residual entries reach ~100 in this model; a padded batch of two runs other
+    kernels than one sequence), surprisal/entropy to 1e-4 as the import test states."""
+    import torch
+
+    from tourray.capture.engine import surprisal_entropy
+    from tourray.capture.hf import HFEngine
+    from tourray.config import Site
+
+    tok, ref = gguf_reference
+    n = ref.config.num_hidden_layers
+    eng = HFEngine(str(smollm2_gguf), None, "float32", "float32", [0, n - 2], [Site.resid_post, Site.resid_mid], n)
+    ids = np.asarray(tok(TEXTS["train/sydney__opera-house.txt"])["input_ids"], dtype=np.int64)
+    got = eng.capture([ids, ids[:5]])[0]
+    with torch.no_grad():
+        out = ref(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True, use_cache=False)
+    for layer in (0, n - 2):
+        want = out.hidden_states[layer + 1][0].numpy()
+        assert np.abs(got.vectors[(layer, "resid_post")] - want).max() <= 1e-5 * np.abs(want).max(), layer
+    s, e = surprisal_entropy(out.logits[0], torch.from_numpy(ids))
+    np.testing.assert_allclose(got.surprisal, s, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got.entropy, e, atol=1e-4, rtol=1e-4)

@@ -123,3 +123,60 @@ def test_template_that_rewrites_content_is_refused(llama_model):
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | lower }}\n{% endfor %}"
     with pytest.raises(UserError, match="--no-chat-template"):
         PromptFormat(tok)
+
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + "
+    "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def _template_ids(tok, system, text, role):
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs += ([{"role": "user", "content": "Tell me about this stop."}, {"role": "assistant", "content": text}]
+             if role == "assistant" else [{"role": "user", "content": text}])
+    out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _check_template(tok, system, text, role):
+    enc = PromptFormat(tok, system_prompt=system, text_role=role).encode(text)
+    assert list(enc.input_ids) == _template_ids(tok, system, text, role)
+    cs, ce = check_offsets(enc, text)
+    covered = np.zeros(len(text), bool)
+    for a, b in zip(cs, ce):
+        covered[a:b] = True
+    # every character the template keeps is covered by a text token, and nothing else is
+    kept = np.zeros(len(text), bool)
+    lead = len(text) - len(text.lstrip())
+    kept[lead:lead + len(text.strip())] = True
+    return enc, covered, kept
+
+
+@pytest.mark.parametrize("template", ["llama3", "gemma"])
+@pytest.mark.parametrize("role", ["assistant", "user"])
+@pytest.mark.parametrize("text", [TEXT, ZH, "  \n Padded on both sides.\n\n"])
+def test_trimming_templates_match_apply_chat_template(llama_model, template, role, text):
+    """`| trim` templates drop the corpus file's trailing newline (and leading blanks): the ids must be
+    exactly apply_chat_template's, the offsets still index the original text."""
+    tok = AutoTokenizer.from_pretrained(llama_model)
+    tok.chat_template = LLAMA3_TEMPLATE if template == "llama3" else GEMMA_TEMPLATE
+    system = " You are a tour guide.\n" if template == "llama3" else ""
+    enc, covered, kept = _check_template(tok, system, text, role)
+    assert np.array_equal(covered, kept)
+
+
+@pytest.mark.parametrize("role", ["assistant", "user"])
+def test_smollm2_template_matches_apply_chat_template(smollm2_model, role):
+    """SmolLM2's template keeps the content verbatim (trailing newline included): ids as the template's."""
+    tok = AutoTokenizer.from_pretrained(smollm2_model)
+    assert tok.chat_template
+    enc = PromptFormat(tok, system_prompt="You are a tour guide.", text_role=role).encode(TEXT)
+    assert list(enc.input_ids) == _template_ids(tok, "You are a tour guide.", TEXT, role)
+    cs, ce = check_offsets(enc, TEXT)
+    assert "".join(TEXT[a:b] for a, b in zip(cs, ce)) == TEXT

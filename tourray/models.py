@@ -95,6 +95,25 @@ def check_gguf(gguf_file: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+def resolve_gguf(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """`(folder or hub id, GGUF file name in it or None)` for `from_pretrained(folder, gguf_file=...)`:
+    `--model FILE.gguf` captures that file directly, as does a folder with `gguf_file` naming a
+    file in it; any other model passes through unchanged."""
+    if gguf_file is not None:
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--gguf-file {gguf_file}: --model must be the folder holding it, and {model!r} is not a folder")
+        check_gguf(folder / gguf_file)
+        require_deps()
+        return str(folder.resolve()), gguf_file
+    path = Path(model).expanduser()
+    if model.lower().endswith(".gguf") or (path.is_file() and path.open("rb").read(4) == GGUF_MAGIC):
+        path = check_gguf(path)
+        require_deps()
+        return str(path.parent), path.name
+    return model, None
+
+
 def require_deps() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:

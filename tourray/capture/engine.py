@@ -75,6 +75,31 @@ def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inne
     return HFEngine.from_config(cfg, layers, num_layers, stored, inner_sites)
 
 
+def _plogp(lp):
+    """p * log p from a log-softmax, 0 where p = 0: masked logits (-inf) would give 0 * -inf = nan."""
+    import torch
+
+    return torch.where(lp > float("-inf"), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+
+
+def token_stats(logits, next_ids, ref_logits=None):
+    """Surprisal of `next_ids` [m] under `logits` [m, vocab], the entropy of those distributions and,
+    with `ref_logits`, KL(p_ref || p), in nats from float32 log-softmaxes, as float32 tensors on
+    the logits' device. One chunk of positions at a time, so float32 logits stay [m, vocab]."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    s = -lp.gather(1, next_ids[:, None])[:, 0]
+    e = -_plogp(lp).sum(-1)
+    kl = None
+    if ref_logits is not None:
+        lr = torch.log_softmax(ref_logits.float(), dim=-1)
+        # p_ref = 0 terms are 0, even where the model's log p is -inf too
+        term = torch.where(lr > float("-inf"), lr.exp() * (lr - lp), torch.zeros((), device=lr.device))
+        kl = term.sum(-1).clamp_min(0)
+    return s, e, kl
+
+
 def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced -log p(token_t | <t) and the entropy of the predicting distribution, in nats,
     from a float32 log-softmax; position 0 has neither (nan). Chunked to bound memory at large vocab."""
@@ -85,9 +110,9 @@ def surprisal_entropy(logits, ids, chunk: int = 512) -> tuple[np.ndarray, np.nda
     e = torch.full((n,), float("nan"))
     for a in range(0, n - 1, chunk):
         b = min(n - 1, a + chunk)
-        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
-        s[a + 1 : b + 1] = -lp.gather(1, ids[a + 1 : b + 1, None])[:, 0].cpu()
-        e[a + 1 : b + 1] = -(lp.exp() * lp).sum(-1).cpu()
+        cs, ce, _ = token_stats(logits[a:b], ids[a + 1 : b + 1])
+        s[a + 1 : b + 1] = cs.cpu()
+        e[a + 1 : b + 1] = ce.cpu()
     return s.numpy(), e.numpy()
 
 
@@ -99,9 +124,8 @@ def kl_divergence(ref_logits, logits, chunk: int = 512) -> np.ndarray:
 
     n = logits.shape[0]
     kl = torch.full((n,), float("nan"))
+    dummy = torch.zeros(n, dtype=torch.long, device=logits.device)
     for a in range(0, n - 1, chunk):
         b = min(n - 1, a + chunk)
-        lr = torch.log_softmax(ref_logits[a:b].float(), dim=-1)
-        lp = torch.log_softmax(logits[a:b].float(), dim=-1)
-        kl[a + 1 : b + 1] = (lr.exp() * (lr - lp)).sum(-1).clamp_min(0).cpu()
+        kl[a + 1 : b + 1] = token_stats(logits[a:b], dummy[a + 1 : b + 1], ref_logits[a:b])[2].cpu()
     return kl.numpy()

@@ -4,11 +4,80 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, _submodule, find_blocks, kl_divergence, surprisal_entropy
+from tourray.capture.engine import INNER_SITES, Captured, _submodule, find_blocks, token_stats
 from tourray.config import Site
 from tourray.errors import UserError
 
-_MID_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
+#: Where resid_mid (the stream after the attention add, before the MLP branch) is read, per
+#: `model_type`: the sub-module of a block whose input it is. Pre-norm blocks: the norm before the
+#: MLP; sandwich norms (Gemma 2/3): pre_feedforward_layernorm, since post_attention_layernorm there
+#: normalises the attention output before the add; post-norm OLMo 2: the MLP itself (its norms act on
+#: branch outputs). A family not listed is refused rather than guessed.
+MID_SITE = {
+    "llama": "post_attention_layernorm", "mistral": "post_attention_layernorm",
+    "mixtral": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
+    "qwen3": "post_attention_layernorm", "qwen3_moe": "post_attention_layernorm",
+    "gemma2": "pre_feedforward_layernorm", "gemma3_text": "pre_feedforward_layernorm",
+    "olmo2": "mlp",
+}
+#: Parallel-residual blocks: attention and MLP both read the block input, so no mid-point exists.
+PARALLEL_RESIDUAL = ("gpt_neox", "phi", "gptj", "cohere", "falcon")
+
+
+def check_sites(model_type: str, sites) -> None:
+    """Refuse `--sites resid_mid` on a family without a known mid-block point, before any work."""
+    if Site.resid_mid not in [Site(s) for s in sites]:
+        return
+    if model_type in PARALLEL_RESIDUAL:
+        raise UserError(f"--sites resid_mid: {model_type} blocks are parallel-residual (attention and MLP both "
+                        "read the block input), so there is no mid-block residual stream; use resid_post")
+    if model_type not in MID_SITE:
+        raise UserError(f"--sites resid_mid: where the mid-block residual lies in {model_type!r} blocks is not known "
+                        f"(known: {', '.join(sorted(MID_SITE))}); use resid_post")
+
+
+def text_model_type(config) -> str:
+    """The decoder's model_type (a multimodal wrapper such as gemma3 names its text model gemma3_text)."""
+    return config.get_text_config().model_type
+
+
+def lm_head_logits(model):
+    """`hidden [m, d] -> logits [m, vocab]` as the family's causal-LM head computes them, applied to
+    final-norm'd hidden states: the output embedding plus Gemma's tanh soft-capping, Cohere's
+    logit_scale and Granite's logits_scaling."""
+    head = model.get_output_embeddings()
+    tc = model.config.get_text_config()
+    cap = getattr(tc, "final_logit_softcapping", None)
+    mul = getattr(tc, "logit_scale", None) if tc.model_type.startswith("cohere") else None
+    div = getattr(tc, "logits_scaling", None) if tc.model_type.startswith("granite") else None
+
+    def f(h):
+        x = head(h.to(head.weight.device))
+        if mul is not None:
+            x = x * mul
+        if div is not None:
+            x = x / div
+        if cap is not None:
+            x = (x / cap).tanh() * cap
+        return x
+
+    return f
+
+
+def _load(torch, model: str, revision, dtype, hf, gguf_file, device_map):
+    from transformers import AutoModelForCausalLM
+
+    from tourray.models import dequantize_kwargs, resolve_gguf
+
+    path, gguf = resolve_gguf(model, gguf_file)
+    kw = {"revision": revision, "dtype": getattr(torch, dtype)}
+    if gguf is not None:
+        kw.update(gguf_file=gguf, **dequantize_kwargs())
+    if hf is not None and hf.attn_implementation is not None:
+        kw["attn_implementation"] = hf.attn_implementation
+    if device_map is not None:
+        kw["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
 
 
 class HFEngine:
@@ -16,24 +85,48 @@ class HFEngine:
 
     `layers` x `sites` are hooked; only `store` of them are converted to the store dtype and handed
     back as vectors. A `sink` passed to `capture` sees every hooked tensor first, in the model's
-    dtype and on its device, before any cast (inline statistics accumulate there).
+    dtype and on its device, before any cast (inline statistics accumulate there). Only the base
+    model runs; the LM head is applied `hf.lm_head_positions` positions at a time, so float32
+    logits never take batch x length x vocab.
     """
 
     def __init__(self, model: str, revision: str | None, model_dtype: str, store_dtype: str,
                  layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu",
                  store: list[int] | None = None, inner_sites: tuple[str, ...] = (), reference: str | None = None,
-                 reference_revision: str | None = None):
+                 reference_revision: str | None = None, hf=None, gpus: float | None = None,
+                 gguf_file: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+        gpus = (1.0 if device != "cpu" else 0.0) if gpus is None else gpus
+        if gpus > 0 and not torch.cuda.is_available():
+            raise UserError(f"--gpus-per-actor {gpus:g}: CUDA was asked for but torch sees no GPU in this actor "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --gpus-per-actor 0 "
+                            "for a CPU run")
+        # several whole GPUs per actor: shard the layers across them (accelerate's device_map)
+        device_map = "auto" if gpus > 1 else None
+        self.device = "cuda" if gpus > 0 else "cpu"
+        self.chunk = 512 if hf is None else hf.lm_head_positions
         self.store = getattr(torch, store_dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=getattr(torch, model_dtype))
-        self.model.to(self.device).eval()
+        self.model = _load(torch, model, revision, model_dtype, hf, gguf_file, device_map)
+        if device_map is None:
+            self.model.to(self.device)
+        self.base = self.model.get_decoder()
+        self.head = lm_head_logits(self.model)
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
         # the reference (e.g. the unpruned original) runs on the same padded ids, for the per-token KL
-        self.reference = None if reference is None else AutoModelForCausalLM.from_pretrained(
-            reference, revision=reference_revision, dtype=getattr(torch, model_dtype)).to(self.device).eval()
+        self.reference = self.ref_base = self.ref_head = None
+        if reference is not None:
+            self.reference = _load(torch, reference, reference_revision, model_dtype, hf, None, device_map)
+            if device_map is None:
+                self.reference.to(self.device)
+            rv = self.reference.get_output_embeddings().weight.shape[0]
+            if rv != self.vocab:
+                raise UserError(f"--reference: its vocabulary has {rv} logits, the model {self.vocab}: "
+                                "the two must share one tokenizer and LM head width")
+            self.ref_base, self.ref_head = self.reference.get_decoder(), lm_head_logits(self.reference)
+        self.model_type = text_model_type(self.model.config)
+        check_sites(self.model_type, sites)
         _, blocks = find_blocks(self.model, num_layers)
         self._buf: dict[tuple[int, str], object] = {}
         self.keys = []
@@ -63,26 +156,32 @@ class HFEngine:
     def from_config(cls, cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]):
         return cls(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers, cfg.sites,
                    num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
-                   inner_sites=inner_sites, reference=cfg.reference)
+                   inner_sites=inner_sites, reference=cfg.reference, hf=cfg.hf, gpus=cfg.gpus_per_actor,
+                   gguf_file=getattr(cfg, "gguf_file", None))
 
     def _keep(self, key, t) -> None:
         # a copy, never a view: later in-place kernels must not change what was captured
         self._buf[key] = t.detach().clone()
+
+    @staticmethod
+    def _first(args, kwargs):
+        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
 
     def _hook(self, blocks, layer: int, site: Site) -> None:
         key = (layer, site.value)
         keep = lambda t: self._keep(key, t)  # noqa: E731
 
         if layer == -1:  # input of block 0 = embedding output
-            blocks[0].register_forward_pre_hook(
-                lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            blocks[0].register_forward_pre_hook(lambda m, args, kwargs: keep(self._first(args, kwargs)),
+                                                with_kwargs=True)
         elif site == Site.resid_post:
             blocks[layer].register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
         else:
-            norm = next((getattr(blocks[layer], n) for n in _MID_NORMS if hasattr(blocks[layer], n)), None)
-            if norm is None:
-                raise UserError(f"--sites resid_mid: block {layer} ({type(blocks[layer]).__name__}) has none of {_MID_NORMS}")
-            norm.register_forward_pre_hook(lambda m, args: keep(args[0]))
+            mod = _submodule(blocks[layer], MID_SITE[self.model_type])
+            if mod is None:
+                raise UserError(f"--sites resid_mid: block {layer} ({type(blocks[layer]).__name__}) has no "
+                                f"{MID_SITE[self.model_type]}")
+            mod.register_forward_pre_hook(lambda m, args, kwargs: keep(self._first(args, kwargs)), with_kwargs=True)
 
     def capture(self, batch: list[np.ndarray], sink=None) -> list[Captured]:
         """Forward one padded batch; `sink(tensors, lengths)` (optional) sees the hooked tensors
@@ -96,28 +195,56 @@ class HFEngine:
             mask[i, : n[i]] = 1
         self._buf.clear()
         with torch.inference_mode():
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            dev = self.model.get_input_embeddings().weight.device
+            ids, mask = ids.to(dev), mask.to(dev)
+            hidden = self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             if sink is not None:
                 sink(self._buf, n)
-            store = {k: self._buf[k].to(self.store) for k in self.stored_keys}
+            # one device-to-host copy of every stored vector of the batch: [K, B, T, d]
+            host = None
+            if self.stored_keys:
+                host = torch.stack([self._buf[k].to(dev, self.store) for k in self.stored_keys]).cpu()
             self._buf.clear()
-            ref = None if self.reference is None else \
-                self.reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            if ref is not None and ref.shape[-1] != logits.shape[-1]:
-                raise UserError(f"--reference: its vocabulary has {ref.shape[-1]} logits, the model {logits.shape[-1]}: "
-                                "the two must share one tokenizer and LM head width")
-            out = []
+            ref_hidden = None if self.reference is None else \
+                self.ref_base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            s, e, kl = self._stats(hidden, ref_hidden, ids, mask, n)
+        out = []
+        for i, length in enumerate(n):
+            vecs = {}
+            for j, k in enumerate(self.stored_keys):
+                v = host[j, i, :length]
+                vecs[k] = v.numpy() if self.store != torch.bfloat16 else v.view(torch.int16).numpy().view(np.uint16)
+            out.append(Captured(s[i], e[i], vecs, kl_ref=None if kl is None else kl[i]))
+        if host is not None:
+            finite = torch.isfinite(host).all(-1)  # [K, B, T]
             for i, length in enumerate(n):
-                s, e = surprisal_entropy(logits[i, :length], ids[i, :length])
-                vecs = {k: v[i, :length].cpu().numpy() if self.store != torch.bfloat16
-                        else v[i, :length].cpu().view(torch.int16).numpy().view(np.uint16)
-                        for k, v in store.items()}
-                kl = None if ref is None else kl_divergence(ref[i, :length], logits[i, :length])
-                out.append(Captured(s, e, vecs, kl_ref=kl))
-            for k, v in store.items():
-                finite = torch.isfinite(v).all(-1)  # [B, T]
-                for i, length in enumerate(n):
-                    if out[i].not_finite is None and not bool(finite[i, :length].all()):
-                        out[i].not_finite = k
+                bad = (~finite[:, i, :length]).any(-1).nonzero()
+                if len(bad):
+                    out[i].not_finite = self.stored_keys[int(bad[0, 0])]
         return out
+
+    def _stats(self, hidden, ref_hidden, ids, mask, n):
+        """Per-sample surprisal, entropy (and KL to the reference), nan at position 0: the LM head and
+        float32 log-softmax run over the batch's predicting positions `self.chunk` at a time."""
+        torch = self.torch
+        pred = mask[:, 1:].bool()  # position t predicts token t+1 of the same sample
+        h = hidden[:, :-1][pred]
+        nxt = ids[:, 1:][pred]
+        rh = None if ref_hidden is None else ref_hidden[:, :-1][pred.to(ref_hidden.device)]
+        parts = []
+        for a in range(0, h.shape[0], self.chunk):
+            logits = self.head(h[a : a + self.chunk])
+            ref = None if rh is None else self.ref_head(rh[a : a + self.chunk]).to(logits.device)
+            cs, ce, ck = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref)
+            parts.append(torch.stack([cs, ce] + ([] if ck is None else [ck])))
+        flat = torch.cat(parts, 1).cpu().numpy() if parts else np.zeros((3, 0), np.float32)
+        res = [[], [], []]
+        off = 0
+        for length in n:
+            m = length - 1
+            for r in range(flat.shape[0] if parts else 3):
+                col = np.full(length, np.nan, dtype=np.float32)
+                col[1:] = flat[r, off : off + max(m, 0)]
+                res[r].append(col)
+            off += max(m, 0)
+        return res[0], res[1], (res[2] if ref_hidden is not None else None)
