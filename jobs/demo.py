@@ -13,6 +13,8 @@ combined (depth + patch + width) variant, in reports/qa_demo.md.
 """
 
 import argparse
+import os
+import shlex
 import sys
 import time
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from tourray.capture import run_capture
 from tourray.cli import guarded, print_result
 from tourray.demo_model import DemoConfig
+from tourray.lake import Lake
 from tourray.report import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
 from tourray.sql import connect, query_file, run_query
 from tourray.stats.tasks import run_stats
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
                 section.run = args.run
         if cfg.qa is not None and cfg.qa.base_run and cfg.sweep is not None:
             cfg.qa.base_run = f"{args.run}.original"  # the sweep's capture of the original
-    run, lake, reports = cfg.capture.run, cfg.capture.lake, Path(cfg.reports)
+    run, reports = cfg.capture.run, Path(cfg.reports)
+    lake = Lake(cfg.capture.lake, cfg.capture.storage_options)  # a local folder or a URI (s3://...)
     t0 = time.perf_counter()
 
     def step(title: str) -> None:
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     step(f"1. model ({cfg.model})")
     print(cfg.resolve_model())
 
-    step(f"2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake} (run {run}, inline {cfg.capture.stats or 'no'} statistics)")
+    step(f"2. capture {cfg.capture.samples} {cfg.capture.include or ''} -> {lake.root} (run {run}, inline {cfg.capture.stats or 'no'} statistics)")
     s = run_capture(cfg.capture)
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
@@ -111,10 +115,24 @@ def main(argv=None) -> int:
         print(f"report: {qa['report']}")
 
     step("done")
-    print(f"Outputs: lake {Path(lake).resolve()} (tables: {', '.join(t.stem for t in sorted(Path(lake).glob('*.lance')))}); "
-          f"plots and reports in {reports.resolve()}.\nExplore: tourray runs --lake {lake} --run {run}; "
-          f"tourray sql --lake {lake} \"SELECT ...\"")
+    tourray, root = shlex.quote(tourray_command()), shlex.quote(lake.root)
+    print(f"Outputs: lake {lake.root} (tables: {', '.join(lake.tables())}); "
+          f"plots and reports in {reports.resolve()}.\nExplore: {tourray} runs --lake {root} --run {shlex.quote(run)}; "
+          f"{tourray} sql --lake {root} \"SELECT ...\"")
     return 0 if not problems else 1
+
+
+def tourray_command() -> str:
+    """How to run the `tourray` command from the current directory: the console script beside this
+    interpreter (.venv/bin/tourray after `make setup`, which is not on PATH), else `tourray`."""
+    script = Path(sys.executable).parent / "tourray"
+    if not script.is_file():
+        return "tourray"
+    try:
+        rel = os.path.relpath(script, Path.cwd())
+    except ValueError:  # another drive
+        return str(script)
+    return rel if not rel.startswith("..") else str(script)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_skip_invalid_captures_the_good_and_lists_the_bad(base):
 
 @pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "model", "prune", "prune plan", "prune apply",
                                      "prune verdict", "prune sweep", "prune width", "fold", "transport", "qa", "generate",
-                                     "verify", "runs", "demo-model", "index", "optimize"])
+                                     "verify", "runs", "demo-model", "index", "optimize", "repair"])
 def test_help_exits_0(command):
     p = tourray(*(command.split() if command else []), "--help", timeout=120)
     assert p.returncode == 0, p.stderr
@@ -131,7 +131,7 @@ def test_every_subcommand_has_a_help_test():
 
     sub = next(a for a in parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"capture", "sql", "stats", "solve", "model", "prune", "fold", "transport", "qa", "generate",
-                                "verify", "runs", "demo-model", "index", "optimize"}
+                                "verify", "runs", "demo-model", "index", "optimize", "repair"}
 
 
 HEAVY = ("torch", "transformers", "ray")

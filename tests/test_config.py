@@ -144,3 +144,13 @@ def test_a_checkpoint_named_relative_or_absolute_is_one_model(tmp_path, monkeypa
     old = {k: 0 for k in IDENTITY} | {"model": "ckpt", "tokenizer": "ckpt", "manifest": manifest}
     assert run_changes(old, old | {"model": str(tmp_path / "ckpt"), "tokenizer": str(tmp_path / "ckpt")}) == []
     assert run_changes(old, old | {"model": str(tmp_path / "other")}) == [f"model: 'ckpt' in the lake, '{tmp_path / 'other'}' now"]
+
+
+def test_storage_options_never_reach_dumps_or_reprs():
+    """A dump is what the run manifest stores and the CLI logs: credentials must not be in it."""
+    import pickle
+
+    c = CaptureConfig(model="m", samples="s", run="r", storage_options="aws_secret_access_key=SECRET,allow_http=true")
+    assert c.storage_options == {"aws_secret_access_key": "SECRET", "allow_http": "true"}
+    assert "SECRET" not in str(c.model_dump(mode="json")) and "SECRET" not in repr(c)
+    assert pickle.loads(pickle.dumps(c)).storage_options == c.storage_options  # actors still get them

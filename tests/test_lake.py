@@ -172,3 +172,30 @@ def test_a_lake_of_an_older_schema_is_refused_by_version(tmp_path):
     lake.ensure("tokens", old)
     with pytest.raises(UserError, match=r"written by an older tourray \(schema version 1, this one writes version 2"):
         lake.ensure("tokens", schema("tokens"))
+
+
+def test_model_revision_is_cheap_but_tells_weights_apart(qwen3_model, tmp_path):
+    """Headers, sizes and sampled tensor bytes: a rewritten identical checkpoint keeps its revision,
+    perturbed weights (same shapes) change it, and the old full hash stays available for old lakes."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tourray.manifest import model_revision
+
+    rev = model_revision(str(qwen3_model), None)
+    assert rev.startswith("st-sha256:") and model_revision(str(qwen3_model), None, full=True).startswith("sha256:")
+    m = AutoModelForCausalLM.from_pretrained(str(qwen3_model))
+    same, other = tmp_path / "same", tmp_path / "other"
+    m.save_pretrained(same)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.01)
+    m.save_pretrained(other)
+    for d in (same, other):
+        for f in qwen3_model.iterdir():
+            if f.name.startswith("tokenizer") and not (d / f.name).exists():
+                shutil.copy(f, d / f.name)
+    assert model_revision(str(same), None) == rev
+    assert model_revision(str(other), None) != rev

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import time
 
 import lance
 import pyarrow as pa
@@ -82,19 +83,19 @@ def test_optimize_compacts_and_keeps_every_reading(lake, qwen3_model, corpus_dir
     assert {k: v for k, v in after.items() if k != "runs"} == {k: v for k, v in before.items() if k != "runs"}
 
 
-def leases(lake: Lake, expires: dt.datetime):
-    lance.write_dataset(pa.table({"run": ["r"], "expires_at": pa.array([expires], pa.timestamp("us", tz="UTC"))}),
-                        lake.uri("leases"))
-
-
 def test_optimize_refuses_a_held_lake(lake):
-    leases(lake, dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5))
-    snap = lake_snapshot(lake.root)
-    with pytest.raises(UserError, match="held by a running capture .1 live lease"):
-        optimize(lake, older_than=dt.timedelta(0))
-    assert lake_snapshot(lake.root) == snap
-    shutil.rmtree(lake.uri("leases"))
-    leases(lake, dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5))  # expired: no longer holds it
+    """The capture's own lease (tourray.lake.RunLease) holds the lake; an expired one does not."""
+    from tourray.lake import RunLease
+
+    with RunLease(lake, "r", ttl_s=60):
+        snap = lake_snapshot(lake.root)
+        with pytest.raises(UserError, match="held by a running capture .1 live lease"):
+            optimize(lake, older_than=dt.timedelta(0))
+        assert lake_snapshot(lake.root) == snap
+    stale = RunLease(lake, "r2", ttl_s=0.5).acquire()  # a driver that died holding it: expires, no longer holds
+    stale._stop.set()  # its heartbeat stops, as when the process is killed
+    stale._thread.join()
+    time.sleep(1.5)
     assert {r.table: r.fragments_after for r in optimize(lake, older_than=dt.timedelta(0))}["activations"] == 1
 
 

@@ -223,3 +223,12 @@ def test_blocks_split_across_fragments_verify(lake):
     sid = a_sample(lake)
     lake.dataset("blocks").update({"sha256": "'00'"}, where=f"sample_id = '{sid}' AND layer = 0")
     assert verify(lake)[1] == [f"run r sample {sid} layer 0 site resid_post: sha256 differs from the recorded checksum"]
+
+
+def test_both_sites_with_the_embedding_verify_clean(qwen3_model, corpus_dir, tmp_path, ray_session):
+    """The embedding has resid_post only (no mid-block site): verify must not expect its resid_mid."""
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir / "train"), lake=str(tmp_path / "l"),
+                              run="b", layers="embed,0", sites="resid_post,resid_mid", group_size=4),
+                progress=False, executor="local")
+    r = verify_lake(Lake(str(tmp_path / "l")), "b")
+    assert r.problems == [] and r.blocks == r.samples * 3  # embed post + block 0 post and mid

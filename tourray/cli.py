@@ -433,6 +433,9 @@ def parser() -> argparse.ArgumentParser:
     from tourray.optimize import add_parser as add_optimize_parser
 
     add_optimize_parser(sub, command)
+    from tourray.repair import add_parser as add_repair_parser
+
+    add_repair_parser(sub, command)
     return top
 
 

@@ -7,9 +7,14 @@ commits (`commit`), one Lance `Append` per table, so a table only ever grows by 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import os
 import re
+import socket
+import threading
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -24,8 +29,9 @@ from tourray.runtime import resolve_uri
 
 log = logging.getLogger("tourray")
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-TABLES = ("runs", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats", "moments", "solves")
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # tourray/schemas -> ../schemas in a checkout; package data when installed
+TABLES = ("runs", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats", "moments", "solves",
+          "leases")
 
 _SCALARS = {
     "string": pa.string(),
@@ -112,7 +118,9 @@ class Lake:
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None):
         self.root = resolve_uri(root)
-        self.storage_options = storage_options
+        # Lance wants a str -> str mapping (YAML gives bools and numbers); {} means "the environment".
+        self.storage_options = ({str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                                 for k, v in storage_options.items()} or None) if storage_options else None
 
     def __repr__(self) -> str:
         return f"Lake({self.root!r})"
@@ -127,8 +135,15 @@ class Lake:
         """The table's dataset, or None when it has not been created yet."""
         try:
             return self.dataset(table)
-        except (FileNotFoundError, ValueError, OSError):
+        except FileNotFoundError:
             return None
+        except (ValueError, OSError) as e:
+            msg = str(e)
+            if "was not found" in msg and "LanceError(IO)" not in msg:  # no such dataset (yet)
+                return None
+            # an object-store failure (unreachable endpoint, no bucket, bad credentials) is not "missing"
+            msg = " ".join(re.sub(r",\s*/\S+\.rs:\d+:\d+", "", msg).split())[:600]
+            raise UserError(f"lake {self.root}: cannot read {self.uri(table)} from its store: {msg}") from None
 
     def dataset(self, table: str, version: int | None = None) -> lance.LanceDataset:
         return lance.dataset(self.uri(table), version=version, storage_options=self.storage_options)
@@ -139,12 +154,16 @@ class Lake:
     def ensure(self, table: str, expected: pa.Schema) -> None:
         """Create `table` empty with `expected` schema, or check the existing one matches it."""
         if not self.exists(table):
-            lance.write_dataset(
-                empty_table(expected), self.uri(table), schema=expected, mode="create",
-                storage_options=self.storage_options,
-            )
-            log.info("lake: created %s", self.uri(table))
-            return
+            try:
+                lance.write_dataset(
+                    empty_table(expected), self.uri(table), schema=expected, mode="create",
+                    storage_options=self.storage_options,
+                )
+                log.info("lake: created %s", self.uri(table))
+                return
+            except Exception:  # noqa: BLE001 - a concurrent driver created it first: check its schema
+                if not self.exists(table):
+                    raise
         have = self.dataset(table).schema
         diffs = [
             f"{f.name}: lake has {have.field(f.name).type if f.name in have.names else 'nothing'}, "
@@ -313,3 +332,110 @@ def arrow_to_numpy(col: pa.FixedSizeListArray | pa.ChunkedArray, dtype=None):
         out = values.to_numpy(zero_copy_only=False)
     out = out.reshape(len(col), d)
     return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+#: Seconds without a heartbeat after which a driver's lease is stale (it crashed): long enough for a
+#: slow object store, short enough that a killed capture can be resumed soon.
+LEASE_TTL_S = float(os.environ.get("TOURRAY_LEASE_TTL_S", "120"))
+
+
+class RunLease:
+    """Exclusive right to write one run, kept as rows of the Lance table `leases`.
+
+    Why rows and not a lock file: Lance commits are atomic and ordered on a local folder and on
+    s3:// alike, so "append a pending row, then the earliest-committed live row wins" needs no
+    conditional put. A driver that loses deletes its row and is refused; the winner marks its row
+    `held` (so later askers see it whatever its position) and refreshes `expires` from a thread."""
+
+    def __init__(self, lake: Lake, run: str, ttl_s: float | None = None):
+        self.lake, self.run, self.ttl_s = lake, run, LEASE_TTL_S if ttl_s is None else ttl_s
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _where(self, mine: bool = False) -> str:
+        w = f"run = {sql_quote(self.run)}"
+        return w + f" AND holder = {sql_quote(self.holder)}" if mine else w
+
+    def _row(self, state: str) -> pa.Table:
+        now = dt.datetime.now(dt.timezone.utc)
+        return pa.Table.from_pylist([dict(run=self.run, holder=self.holder, state=state, heartbeat=now,
+                                          expires=now + dt.timedelta(seconds=self.ttl_s))], schema=schema("leases"))
+
+    def live(self) -> list[dict]:
+        """Unexpired rows of this run, in commit order (row address)."""
+        ds = self.lake._open("leases")
+        if ds is None:
+            return []
+        t = ds.to_table(filter=self._where(), with_row_address=True).to_pylist()
+        now = dt.datetime.now(dt.timezone.utc)
+        return sorted((r for r in t if r["expires"] > now), key=lambda r: r["_rowaddr"])
+
+    def acquire(self) -> "RunLease":
+        sch = schema("leases")
+        try:
+            self.lake.ensure("leases", sch)
+        except Exception:  # noqa: BLE001 - another driver created it in the meantime
+            if not self.lake.exists("leases"):
+                raise
+        self.lake.append("leases", self._row("pending"), sch)
+        live = self.live()
+        others_held = [r for r in live if r["state"] == "held" and r["holder"] != self.holder]
+        first = next((r for r in live if r["state"] == "pending"), None)
+        if others_held or first is None or first["holder"] != self.holder:
+            self.lake.delete("leases", self._where(mine=True))
+            other = (others_held or [r for r in live if r["holder"] != self.holder])[0]
+            raise UserError(f"run {self.run!r} in {self.lake.root} is being captured by another driver ({other['holder']}, "
+                            f"alive until {other['expires']:%H:%M:%S} UTC); wait for it, or use another --run. A crashed "
+                            f"driver's lease goes stale {self.ttl_s:.0f} s after its last heartbeat")
+        # one atomic commit turns our row into `held` (never a moment without it); then drop stale rows
+        self.lake.dataset("leases").update({"state": "'held'"}, where=self._where(mine=True))
+        now = sql_quote(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
+        self.lake.delete("leases", f"{self._where()} AND holder != {sql_quote(self.holder)} AND "
+                                   f"expires < CAST({now} AS TIMESTAMP)")
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                now = dt.datetime.now(dt.timezone.utc)
+                exp = (now + dt.timedelta(seconds=self.ttl_s)).strftime("%Y-%m-%d %H:%M:%S.%f")
+                res = self.lake.dataset("leases").update(
+                    {"heartbeat": f"CAST({sql_quote(now.strftime('%Y-%m-%d %H:%M:%S.%f'))} AS TIMESTAMP)",
+                     "expires": f"CAST({sql_quote(exp)} AS TIMESTAMP)"}, where=self._where(mine=True))
+                if not (res or {}).get("num_rows_updated", 1):
+                    self.lost = True
+                    log.error("lease on run %s lost (stale and taken over?)", self.run)
+            except Exception as e:  # noqa: BLE001 - a missed beat is retried; expiry is the safety net
+                log.warning("lease heartbeat for run %s failed: %s", self.run, e)
+
+    def check(self) -> None:
+        """Refuse to commit after the lease was lost (another driver took the run over)."""
+        if self.lost:
+            raise UserError(f"run {self.run!r}: this driver's lease went stale and was taken over; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.lake.delete("leases", self._where(mine=True))
+        except Exception as e:  # noqa: BLE001 - the row then goes stale by itself
+            log.warning("could not release lease on run %s: %s", self.run, e)
+
+    def __enter__(self) -> "RunLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def live_leases(lake: Lake) -> list[dict]:
+    """Unexpired lease rows of every run: drivers that may have fragments in flight."""
+    if (ds := lake._open("leases")) is None:
+        return []
+    now = dt.datetime.now(dt.timezone.utc)
+    return [r for r in ds.to_table(columns=["run", "holder", "expires"]).to_pylist() if r["expires"] > now]

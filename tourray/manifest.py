@@ -26,6 +26,7 @@ class ModelInfo:
     hidden_size: int
     model_revision: str
     tokenizer_sha256: str
+    model_type: str = ""  # the decoder's family (gemma3 -> gemma3_text): what resid_mid means depends on it
 
 
 def require_folder(flag: str, name: str) -> None:
@@ -38,10 +39,13 @@ def require_folder(flag: str, name: str) -> None:
 def load_tokenizer(cfg: CaptureConfig):
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer or cfg.model
+    from tourray.models import resolve_gguf
+
+    name, gguf = (cfg.tokenizer, None) if cfg.tokenizer else resolve_gguf(cfg.model, getattr(cfg, "gguf_file", None))
     require_folder("--tokenizer" if cfg.tokenizer else "--model", name)
+    kw = {"gguf_file": gguf} if gguf else {"revision": cfg.revision if not cfg.tokenizer else None}
     try:
-        return AutoTokenizer.from_pretrained(name, revision=cfg.revision if not cfg.tokenizer else None)
+        return AutoTokenizer.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer/--model: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -50,22 +54,54 @@ def inspect_model(cfg: CaptureConfig, tokenizer) -> ModelInfo:
     """Read depth, width and revision from the config and files, without loading weights."""
     from transformers import AutoConfig
 
-    require_folder("--model", cfg.model)
+    from tourray.capture.hf import text_model_type
+    from tourray.models import resolve_gguf
+
+    path, gguf = resolve_gguf(cfg.model, getattr(cfg, "gguf_file", None))
+    require_folder("--model", path)
     try:
-        mc = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+        mc = AutoConfig.from_pretrained(path, revision=cfg.revision, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as e:
         raise UserError(
             f"--model: {cfg.model!r} is not a checkpoint folder, and no hub model of that name could be "
             f"loaded ({str(e).splitlines()[0]})"
         ) from None
     tc = mc.get_text_config()
-    return ModelInfo(tc.num_hidden_layers, tc.hidden_size, model_revision(cfg.model, cfg.revision), tokenizer_sha256(tokenizer))
+    return ModelInfo(tc.num_hidden_layers, tc.hidden_size, model_revision(cfg.model, cfg.revision, gguf_file=gguf and path + "/" + gguf),
+                     tokenizer_sha256(tokenizer), text_model_type(mc))
 
 
-def model_revision(model: str, revision: str | None) -> str:
+#: Bytes of each safetensors file's tensor data hashed by `model_revision` (in 64 evenly spaced
+#: blocks): with the headers (names, dtypes, shapes, offsets) and sizes this tells checkpoints apart
+#: (any retraining or pruning rewrites far more than the gaps between samples) at ~1 ms per file
+#: instead of reading every weight byte (64 GB for Qwen3-32B).
+SAMPLED_BYTES, SAMPLED_BLOCKS = 4 << 20, 64
+
+
+def _safetensors_digest(f: Path, h) -> None:
+    import struct
+
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        h.update(size.to_bytes(8, "little") + fh.read(n))
+        start, span = 8 + n, size - 8 - n
+        block = max(1, SAMPLED_BYTES // SAMPLED_BLOCKS)
+        for i in range(SAMPLED_BLOCKS):
+            fh.seek(start + (span - block) * i // max(SAMPLED_BLOCKS - 1, 1) if span > block else start)
+            h.update(fh.read(block))
+
+
+def model_revision(model: str, revision: str | None, full: bool = False, gguf_file: str | None = None) -> str:
     """Hub commit for hub models; `gguf-sha256:<hex>` for a folder `tourray model import-gguf` wrote
-    (its files as the import left them); else sha256 of config + weight files for a local folder
-    (so a re-written pruned checkpoint with the same weights keeps its revision)."""
+    (its files as the import left them); else, for a local folder, `st-sha256:` over config/index
+    files, each safetensors file's header, size and sampled tensor bytes (see SAMPLED_BYTES; so a
+    re-written checkpoint with the same weights keeps its revision and a start reads ~MBs, not the
+    weights). `full=True` gives the older `sha256:` of every byte (to compare lakes made before)."""
+    if gguf_file:  # a GGUF captured directly: the file is the checkpoint
+        from tourray.models import file_sha256
+
+        return "gguf-sha256:" + file_sha256(Path(gguf_file))
     path = Path(model)
     if path.is_dir():
         from tourray.models import folder_files, read_provenance
@@ -78,10 +114,13 @@ def model_revision(model: str, revision: str | None) -> str:
             # tourray_*.json record where the weights came from (and when), not what they compute
             if f.suffix in (".json", ".safetensors", ".bin") and not f.name.startswith(("tokenizer", "tourray_")):
                 h.update(f.name.encode())
+                if f.suffix == ".safetensors" and not full:
+                    _safetensors_digest(f, h)
+                    continue
                 with f.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 24), b""):
                         h.update(chunk)
-        return "sha256:" + h.hexdigest()
+        return ("sha256:" if full else "st-sha256:") + h.hexdigest()
     from transformers.utils import cached_file
 
     cfg_path = Path(cached_file(model, "config.json", revision=revision))
@@ -133,7 +172,9 @@ def run_changes(old: dict, new: dict) -> list[str]:
     out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY
            if old[k] != new[k] and not (k in ("model", "tokenizer") and _same_folder(old[k], new[k]))]
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
-    for k, default in (("store", "all"), ("stats", []), ("reference", None)):  # what is stored and accumulated must not change mid-run
+    # what is stored and accumulated must not change mid-run; nor the batching: groups are fixed slices
+    # of the sample order and padding inside a forward batch changes activations (~1e-6)
+    for k, default in (("store", "all"), ("stats", []), ("reference", None), ("group_size", 32), ("batch_size", 8)):
         a, b = om["config"].get(k, default), nm["config"].get(k, default)
         if a != b:
             out.append(f"{k}: {a!r} in the lake, {b!r} now")

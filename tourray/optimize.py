@@ -11,9 +11,8 @@ plan pinned to an activations version, keeps working if it finishes within that 
 
 Never while a capture holds the lake: its workers write data files before the driver commits
 them, and a commit of a compaction racing orphan deletes, or a cleanup with `delete_unverified`,
-would lose them. The rule, checked here: if the lake has a `leases` table, a row is a live hold
-unless it has `expires_at` in the past (or `released` true); any live row refuses the command.
-A `leases` table without `expires_at` counts every row as live.
+would lose them: any unexpired row of the lake's `leases` table (`tourray.lake.live_leases`, the
+capture's lease) refuses the command.
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ import re
 from dataclasses import dataclass
 
 from tourray.errors import UserError
-from tourray.lake import Lake
-
-LEASES = "leases"
+from tourray.lake import Lake, live_leases
 
 
 @dataclass
@@ -37,26 +34,6 @@ class TableResult:
     versions_before: int
     versions_after: int
     bytes_removed: int
-
-
-def live_leases(lake: Lake) -> list[dict]:
-    """Rows of the lake's `leases` table that still hold it (see the module's rule)."""
-    import lance
-
-    try:
-        ds = lance.dataset(lake.uri(LEASES), storage_options=lake.storage_options)
-    except (FileNotFoundError, ValueError, OSError):
-        return []
-    now = dt.datetime.now(dt.timezone.utc)
-    live = []
-    for r in ds.to_table().to_pylist():
-        exp = r.get("expires_at")
-        if isinstance(exp, dt.datetime) and exp.tzinfo is None:
-            exp = exp.replace(tzinfo=dt.timezone.utc)
-        if r.get("released") is True or (isinstance(exp, dt.datetime) and exp <= now):
-            continue
-        live.append(r)
-    return live
 
 
 def parse_age(text: str) -> dt.timedelta:

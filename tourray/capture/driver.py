@@ -12,6 +12,7 @@ of samples that never got theirs (a killed run), then captures only what is miss
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from typing import Iterator, Literal
@@ -23,6 +24,8 @@ from tourray.capture.config import CaptureConfig
 from tourray.capture.plan import Plan, groups, plan_capture, prepare_lake
 from tourray.capture.stage import COMMIT_ORDER, CaptureStage
 from tourray.config import compact_layers
+from tourray.errors import UserError
+from tourray.lake import RunLease
 from tourray.manifest import record_summary
 from tourray.stats.inline import finalize
 
@@ -30,45 +33,87 @@ log = logging.getLogger("tourray")
 
 
 
+#: Tries of one group before the capture fails: an actor that dies on it (out of memory, a crash) is
+#: restarted and the group retried this many times in all; a Python error in the stage fails at once
+#: (it would fail the same way again). Without a bound Ray Data restarts actors forever.
+MAX_TRIES = 3
+
+
+def group_name(group: pa.Table) -> str:
+    """A group as a user can find it: its first and last sample sources."""
+    src = group.column("source").to_pylist()
+    return f"{src[0]} .. {src[-1]} ({len(src)} samples)" if len(src) > 1 else src[0]
+
+
+class NamedCaptureStage(CaptureStage):
+    """CaptureStage whose failures name the group (Ray's error would only name the actor)."""
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        try:
+            out = super().process(batch)
+            # which samples this row commits: on a failure the driver names the groups still missing
+            return out.append_column("sample_ids", pa.array([json.dumps(batch.column("sample_id").to_pylist())]))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the group's name, as a one-line error
+            raise UserError(f"group {group_name(batch)} failed: {type(e).__name__}: {e}; fix or --include "
+                            "around the text, or lower --batch-size / --max-length if it ran out of memory") from e
+
+
 def _stage_kwargs(plan: Plan) -> dict:
     return dict(cfg=plan.cfg, lake_root=plan.lake.root, layers=plan.layers, hidden_size=plan.info.hidden_size,
                 num_layers=plan.info.num_layers, stored=plan.stored)
 
 
-def build_capture(plan: Plan, pending: list[corpus.Sample]):
+def build_capture(plan: Plan, done: set[str]):
     """The lazy Ray Data pipeline: one block per group of samples -> CaptureStage actor pool."""
     import ray
 
     cfg = plan.cfg
-    return ray.data.from_arrow(groups(plan, pending)).map_batches(
-        CaptureStage,
+    return ray.data.from_arrow(groups(plan, done)).map_batches(
+        NamedCaptureStage,
         fn_constructor_kwargs=_stage_kwargs(plan),
         batch_size=cfg.group_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
+        max_restarts=MAX_TRIES - 1, max_task_retries=MAX_TRIES - 1,  # Ray Data passes them to the actors
     )
 
 
-def local_capture(plan: Plan, pending: list[corpus.Sample]) -> Iterator[pa.Table]:
+def local_capture(plan: Plan, done: set[str]) -> Iterator[pa.Table]:
     """The same stage run in this process, group by group: the executor for a capture that is itself
     one Ray task (e.g. a pruning sweep's variant), where an actor pool per task would oversubscribe."""
-    stage = CaptureStage(**_stage_kwargs(plan))
-    for group in groups(plan, pending):
+    stage = NamedCaptureStage(**_stage_kwargs(plan))
+    for group in groups(plan, done):
         yield stage(group)
 
 
 def run_capture(cfg: CaptureConfig, progress: bool = True, executor: Literal["ray", "local"] = "ray") -> dict:
     """Plan, then capture what is missing, committing each group as its result arrives. `executor`
     "local" runs the stage in this process instead of a Ray Data actor pool (same tables, same commits)."""
+    t0 = time.perf_counter()
+    plan = plan_capture(cfg)
+    if executor == "ray" and (cfg.address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray is one node
+        from tourray.runtime import check_lake_placement, init_ray
+
+        init_ray(cfg.address)
+        check_lake_placement(plan.lake.root, cfg.lake_shared)  # before the lake is touched
+    # one driver per run: a second one would delete the first's fresh rows as orphans (see RunLease)
+    lease = RunLease(plan.lake, cfg.run).acquire()
+    try:
+        return _capture(cfg, plan, lease, t0, progress, executor)
+    finally:
+        lease.release()
+
+
+def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progress: bool, executor: str) -> dict:
     from tqdm import tqdm
 
     from tourray.runtime import init_ray, user_error_in
 
-    t0 = time.perf_counter()
-    plan = plan_capture(cfg)
-    done = prepare_lake(plan)
+    done = prepare_lake(plan, lease.holder)
     pending = [s for s in plan.samples if s.sample_id not in done]
     summary = dict(run=cfg.run, lake=plan.lake.root, samples=len(plan.samples), already_done=len(plan.samples) - len(pending),
                    captured=0, tokens=0, bytes=0, groups=0, truncated=[], skipped_invalid=plan.skipped)
@@ -77,21 +122,23 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, executor: Literal["ra
              compact_layers(plan.layers), ",".join(s.value for s in cfg.sites), cfg.store_dtype.value)
     if pending:
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
-        t1 = time.perf_counter()
+        t1, committed = time.perf_counter(), set()
         try:
             if executor == "local":
-                results = local_capture(plan, pending)
+                results = local_capture(plan, done)
             else:
                 init_ray(cfg.address)
                 # prefetch_batches=0: commit each group as soon as it arrives (a prefetching iterator
                 # holds a result back until the next one, so a kill would lose two groups, not one)
-                results = build_capture(plan, pending).iter_batches(batch_size=None, prefetch_batches=0,
+                results = build_capture(plan, done).iter_batches(batch_size=None, prefetch_batches=0,
                                                                     batch_format="pyarrow")
             for row in (r for b in results for r in b.to_pylist()):
                 frags = json.loads(row["fragments"])
+                lease.check()
                 for table in COMMIT_ORDER:
                     plan.lake.commit(table, frags.get(table, []))
                 summary["groups"] += 1
+                committed |= set(json.loads(row["sample_ids"]))
                 summary["captured"] += row["n_samples"]
                 summary["tokens"] += row["n_tokens"]
                 summary["bytes"] += row["bytes"]
@@ -102,7 +149,12 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, executor: Literal["ra
                 bar.update(row["n_samples"])
                 bar.set_postfix_str(f"{summary['captured'] / dt_s:.2f} samples/s, {summary['tokens'] / dt_s:,.0f} tokens/s")
         except Exception as e:  # noqa: BLE001 - surface a user error raised inside an actor as itself
-            raise user_error_in(e) or e
+            if err := user_error_in(e):
+                raise err from None
+            left = [group_name(g) for g in groups(plan, done | committed)]
+            raise UserError(f"capture failed after {MAX_TRIES} tries on one of the group(s) not committed: "
+                            f"{'; '.join(left[:4])}{' ...' if len(left) > 4 else ''} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
         finally:
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)

@@ -12,9 +12,11 @@ import pyarrow as pa
 
 from tourray import corpus, lake as lk
 from tourray.capture.config import CaptureConfig
+from tourray.capture.hf import check_sites
 from tourray.config import compact_layers, parse_layers
 from tourray.errors import UserError
-from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, require_folder, run_changes, run_row,
+from tourray.repair import remove_unreferenced
+from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, model_revision, require_folder, run_changes, run_row,
                               tokenizer_sha256)
 from tourray.stats.inline import incomplete_parts
 
@@ -44,10 +46,15 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     if in_ray_job() and "://" not in cfg.lake and not Path(cfg.lake).is_absolute():
         raise UserError(f"--lake {cfg.lake!r} is relative, but this is a Ray job running in a temporary copy of "
                         "the working dir: pass an absolute path or a URI (s3://...) so the lake outlives the job")
+    if cfg.engine.value == "vllm":
+        from tourray.capture.vllm import check_available
+
+        check_available()  # the install line, before the lake or the model is touched
     samples, skipped = corpus.load_samples(cfg.samples, cfg.skip_invalid, cfg.include)
     system_prompt = corpus.read_system_prompt(cfg.system_prompt)
     tok = load_tokenizer(cfg)
     info = inspect_model(cfg, tok)
+    check_sites(info.model_type, cfg.sites)  # e.g. resid_mid on a parallel-residual block: no such point
     if cfg.reference:  # KL per token compares the two models' distributions over one vocabulary
         from transformers import AutoConfig
 
@@ -72,10 +79,12 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
         unused = compact_layers([l for l in layers if l not in stored])
         raise UserError(f"--layers hooks {unused} but --store does not keep them and no --stats use them; "
                         "add --stats moments or store them")
-    lake = lk.Lake(cfg.lake)
+    lake = lk.Lake(cfg.lake, cfg.storage_options)
     row = run_row(cfg, info, layers, samples, system_prompt)
     existing = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist()
     if existing:
+        if existing[0]["model_revision"].startswith("sha256:") and row["model_revision"].startswith("st-sha256:"):
+            row["model_revision"] = model_revision(cfg.model, cfg.revision, full=True)  # a lake from before
         changes = run_changes(existing[0], row)
         if changes:
             raise UserError(f"run {cfg.run!r} already exists in {lake.root} with other inputs; use a new --run.\n  "
@@ -86,32 +95,46 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     return Plan(cfg, lake, samples, skipped, layers, stored, info, row, bool(existing), schemas)
 
 
-def prepare_lake(plan: Plan) -> set[str]:
-    """Create missing tables and the run row, delete rows of half-committed samples (a killed
-    run), and return the ids of samples already complete."""
+def all_groups(plan: Plan) -> list[list[corpus.Sample]]:
+    """Fixed slices of the full, deterministic sample order. Groups (and so the padded forward
+    batches inside them) never depend on what is still pending: a resumed run batches every text
+    exactly as an uninterrupted one, so its activations are byte-identical."""
+    g = plan.cfg.group_size
+    return [plan.samples[i : i + g] for i in range(0, len(plan.samples), g)]
+
+
+def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
+    """Create missing tables and the run row, delete every row of groups that are not complete (a
+    killed run, possibly with groups committed out of order), and return the ids of samples in
+    complete groups. A group is the unit of resume: a partial one is captured again whole. `own`:
+    this driver's lease holder id (never-committed files are removed only with it)."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
     for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
                   + ("runs", "samples", "tokens", "blocks")):
         lake.ensure(table, plan.schemas[table])
-    if not plan.run_exists:
+    if not lake.read("runs", ["run"], filter=f"run = {q}").num_rows:  # again: another driver may have made it
         runs = plan.schemas["runs"]
         lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=runs), runs)
-    done = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
-    started = set()
+    committed = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
+    done = {s.sample_id for grp in all_groups(plan) if all(s.sample_id in committed for s in grp) for s in grp}
+    started = set(committed)
     for table in ("blocks", "tokens"):
         started |= set(lake.read(table, ["sample_id"], filter=f"run = {q}").column(0).unique().to_pylist())
     orphans = sorted(started - done)
     if orphans:
-        log.warning("run %s: removing rows of %d sample(s) whose capture was interrupted", cfg.run, len(orphans))
+        log.warning("run %s: removing rows of %d sample(s) whose group was not completely committed", cfg.run,
+                    len(orphans))
         ids = ", ".join(lk.sql_quote(s) for s in orphans)
-        for table in ("activations", "token_layers", "tokens", "blocks"):
+        for table in ("activations", "token_layers", "tokens", "blocks", "samples"):
             lake.delete(table, f"run = {q} AND sample_id IN ({ids})")
     if parts := incomplete_parts(lake, cfg.run, done):  # inline statistics of groups that never completed
         log.warning("run %s: removing partial statistics of %d interrupted group(s)", cfg.run, len(parts))
         lake.delete("moments", f"run = {q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
+    if own is not None:  # fragment files of killed runs' uncommitted groups, when no other driver is live
+        remove_unreferenced(lake, {own})
     return done
 
 
-def groups(plan: Plan, pending: list[corpus.Sample]) -> list[pa.Table]:
-    g = plan.cfg.group_size
-    return [corpus.to_table(pending[i : i + g]) for i in range(0, len(pending), g)]
+def groups(plan: Plan, done: set[str]) -> list[pa.Table]:
+    """The groups still to capture: whole fixed groups (see `all_groups`) not all in `done`."""
+    return [corpus.to_table(grp) for grp in all_groups(plan) if not all(s.sample_id in done for s in grp)]

@@ -40,7 +40,7 @@ class CaptureStage(Stage):
                  stored: list[int] | None = None):
         super().__init__()
         self.cfg, self.layers = cfg, layers
-        self.lake = lk.Lake(lake_root)
+        self.lake = lk.Lake(lake_root, cfg.storage_options)
         self.tok = load_tokenizer(cfg)
         self.fmt = PromptFormat(self.tok, corpus.read_system_prompt(cfg.system_prompt), cfg.text_role,
                                 cfg.user_prompt, cfg.chat_template)

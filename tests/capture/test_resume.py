@@ -1,0 +1,116 @@
+"""Exact resume: a run killed at any instant (groups committed out of order by several actors, a group
+half committed) and resumed stores activations byte-identical to an uninterrupted run, because groups
+and their padded forward batches are fixed slices of the full sample order, not of what is pending."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lance
+import pyarrow.compute as pc
+import pytest
+
+from tests.conftest import TEXTS, write_corpus
+from tourray import lake as lk
+from tourray.capture import CaptureConfig, run_capture
+from tourray.capture.plan import all_groups, plan_capture
+from tourray.errors import UserError
+
+# 8 texts of different lengths: batches of 3 pad, so a different batching would change activations
+MORE = dict(TEXTS, **{"train/sydney__ferry.txt": "Manly ferries have crossed the harbour since 1855.\n",
+                      "train/xian__muslim-quarter.txt": "The Muslim Quarter's Great Mosque dates from 742, and "
+                      "its courtyards mix Chinese roofs with Arabic inscriptions carved in stone.\n"})
+OPTS = dict(actors=2, batch_size=3, group_size=3, store_dtype="float32", stats=[])
+
+
+def _cfg(model, samples, lake):
+    return CaptureConfig(model=str(model), samples=str(samples), lake=str(lake), run="r", **OPTS)
+
+
+def _acts(lake: Path) -> dict:
+    """(sample, layer, site, pos) -> raw bytes of h, plus the tokens' surprisal bytes."""
+    t = lance.dataset(str(lake / "activations.lance")).to_table()
+    t = t.sort_by([("sample_id", "ascending"), ("layer", "ascending"), ("site", "ascending"), ("pos", "ascending")])
+    tok = lance.dataset(str(lake / "tokens.lance")).to_table(columns=["sample_id", "pos", "surprisal"])
+    tok = tok.sort_by([("sample_id", "ascending"), ("pos", "ascending")])
+    return dict(keys=t.select(["sample_id", "layer", "site", "pos"]).to_pylist(),
+                h=pc.list_flatten(t.column("h")).to_numpy().tobytes(),
+                surprisal=tok.column("surprisal").to_numpy(zero_copy_only=False).tobytes(),
+                samples=sorted(lance.dataset(str(lake / "samples.lance")).to_table(columns=["sample_id"])
+                               .column(0).to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_model, tmp_path_factory, ray_session):
+    samples = write_corpus(tmp_path_factory.mktemp("samples8"), MORE)
+    lake = tmp_path_factory.mktemp("ref") / "lake"
+    s = run_capture(_cfg(qwen3_model, samples, lake), progress=False)
+    assert s["captured"] == 8 and s["groups"] == 3
+    return samples, lake, _acts(lake)
+
+
+def test_groups_are_fixed_slices_of_the_full_order(qwen3_model, reference):
+    samples, lake, _ = reference
+    plan = plan_capture(_cfg(qwen3_model, samples, lake))
+    got = [[s.sample_id for s in g] for g in all_groups(plan)]
+    assert [len(g) for g in got] == [3, 3, 2] and sum(got, []) == [s.sample_id for s in plan.samples]
+
+
+def test_resume_after_out_of_order_and_partial_commits_is_exact(qwen3_model, reference, tmp_path):
+    """Group 0 was never committed, group 1 is complete (committed first by the faster actor), and
+    group 2 got its tokens/activations but not all its `samples` rows: resume redoes 0 and 2 whole."""
+    samples, ref_lake, ref = reference
+    lake = tmp_path / "lake"
+    shutil.copytree(ref_lake, lake)
+    plan = plan_capture(_cfg(qwen3_model, samples, lake))
+    g0, _, g2 = [[s.sample_id for s in g] for g in all_groups(plan)]
+    L = lk.Lake(str(lake))
+    ids0 = ", ".join(lk.sql_quote(s) for s in g0)
+    for table in ("activations", "token_layers", "tokens", "blocks", "samples"):
+        L.delete(table, f"sample_id IN ({ids0})")
+    L.delete("samples", f"sample_id = {lk.sql_quote(g2[0])}")  # a partially committed group
+    s = run_capture(_cfg(qwen3_model, samples, lake), progress=False)
+    assert s["already_done"] == 3 and s["captured"] == 5 and s["groups"] == 2
+    assert _acts(lake) == ref
+
+
+def test_resume_after_sigkill_is_exact(qwen3_model, reference, tmp_path):
+    """A real `tourray capture` (2 actors) killed with SIGKILL once a group is committed, then resumed."""
+    samples, _, ref = reference
+    lake = tmp_path / "lake"
+    cmd = [sys.executable, "-m", "tourray.cli", "capture", "--model", str(qwen3_model), "--samples", str(samples),
+           "--lake", str(lake), "--run", "r", "--actors", "2", "--batch-size", "3", "--group-size", "3",
+           "--store-dtype", "float32", "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="10")  # the killed driver's lease goes stale soon
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, killed = time.time() + 150, False
+    try:
+        while time.time() < deadline and p.poll() is None:
+            try:
+                n = lance.dataset(str(lake / "samples.lance")).count_rows()
+            except (ValueError, OSError, RuntimeError):
+                n = 0
+            if n >= 1:
+                os.killpg(p.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert killed, "the capture finished or stalled before a group was committed"
+    done = lance.dataset(str(lake / "samples.lance")).count_rows()
+    assert 0 < done < 8
+    with pytest.raises(UserError, match="being captured by another driver"):
+        run_capture(_cfg(qwen3_model, samples, lake), progress=False)  # its lease is still live
+    time.sleep(10.5)
+    s = run_capture(_cfg(qwen3_model, samples, lake), progress=False)
+    assert s["already_done"] == done and s["captured"] == 8 - done
+    assert _acts(lake) == ref

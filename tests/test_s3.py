@@ -1,0 +1,200 @@
+"""s3:// lakes end to end against moto's S3 server on loopback: capture, resume, SQL, verify, runs,
+statistics; credentials from the environment or from storage_options; store errors reported as such.
+
+Each scenario runs in a fresh Python process: Ray workers inherit the environment of the process that
+starts Ray, so the S3 settings must be in place before the embedded Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+moto_server = pytest.importorskip("moto.server")
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "tourray-lake"
+KEYS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+            AWS_REGION="us-east-1")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+def clean_env(**extra) -> dict:
+    """This environment without any AWS_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def s3_env(endpoint: str) -> dict:
+    return clean_env(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT=endpoint, AWS_ALLOW_HTTP="true", **KEYS)
+
+
+SCENARIO = """
+import json, os, sys
+from tourray.capture import CaptureConfig, run_capture
+from tourray.lake import Lake
+from tourray.runs import list_runs, describe_run
+from tourray.sql import connect
+from tourray.stats.tasks import StatsConfig, run_stats
+from tourray.verify import verify
+
+lake_uri, model, corpus, so = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+kw = dict(model=model, samples=corpus, lake=lake_uri, run="s3run", group_size=2, batch_size=2, stats=["moments"])
+if so:
+    kw["storage_options"] = so
+cfg = CaptureConfig(**kw)
+first = run_capture(cfg, progress=False)
+lake = Lake(lake_uri, so or None)
+# simulate a kill after the first groups: drop the last committed sample's rows so a re-run redoes it
+last = sorted(lake.read("samples", ["sample_id"]).column(0).to_pylist())[-1]
+for t in ("samples",):
+    lake.delete(t, f"sample_id = '{last}'")
+again = run_capture(cfg, progress=False)
+third = run_capture(cfg, progress=False)
+checked, problems = verify(lake, "s3run")
+con = connect(lake)
+n_tok = con.execute("SELECT count(*) FROM tokens WHERE run = 's3run'").fetchone()[0]
+n_samp = con.execute("SELECT count(DISTINCT sample_id) FROM samples WHERE run = 's3run'").fetchone()[0]
+n_act = con.execute("SELECT count(*) FROM token_layers WHERE run = 's3run'").fetchone()[0]
+out = dict(first=first["captured"], again=[again["captured"], again["already_done"]], third=third["captured"],
+           samples=first["samples"], checked=checked, problems=problems, n_tok=n_tok, n_samp=n_samp, n_act=n_act,
+           runs=list_runs(lake), describe=describe_run(lake, "s3run"), tables=lake.tables())
+if not so:  # StatsConfig has no storage_options: statistics read the lake with environment credentials
+    st = run_stats(StatsConfig(lake=lake_uri, run="s3run", pairs="consecutive", workers=1), progress=False)
+    out["stat_layers"] = len(st["sites"]["resid_post"]["layers"])
+    con = connect(lake)
+    out["layer_stats_rows"] = con.execute("SELECT count(*) FROM layer_stats WHERE run = 's3run'").fetchone()[0]
+print(json.dumps(out, default=str))
+"""
+
+
+def check_scenario(out: dict, n_samples: int) -> None:
+    assert out["first"] == n_samples == out["samples"]
+    redone, kept = out["again"]
+    assert 1 <= redone <= 2 and redone + kept == n_samples  # only the "killed" sample's group (size 2) was redone
+    assert out["third"] == 0
+    assert out["problems"] == [] and out["checked"] > 0
+    assert out["n_samp"] == n_samples and out["n_tok"] > 0 and out["n_act"] > 0
+    assert "s3run" in out["runs"] and "s3run" in out["describe"]
+    assert {"runs", "samples", "tokens", "activations", "blocks"} <= set(out["tables"])
+
+
+def scenario(env: dict, lake_uri: str, model, corpus, storage_options: dict | None = None) -> dict:
+    p = subprocess.run([sys.executable, "-c", SCENARIO, lake_uri, str(model), str(corpus),
+                        json.dumps(storage_options or {})], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, f"rc {p.returncode}\nstderr:\n{p.stderr[-6000:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_s3_lake_env_credentials(s3, qwen3_model, corpus_dir):
+    n = len(list(Path(corpus_dir).rglob("*.txt")))
+    out = scenario(s3_env(s3), f"s3://{BUCKET}/env-lake", qwen3_model, corpus_dir)
+    check_scenario(out, n)
+    assert out["stat_layers"] == 4 and out["layer_stats_rows"] >= 4  # embed + 3 blocks
+
+
+def storage_options(endpoint: str) -> dict:
+    return dict(aws_access_key_id="testing", aws_secret_access_key="testing", aws_region="us-east-1",
+                aws_endpoint=endpoint, allow_http="true")
+
+
+# until the capture planner and stage hand cfg.storage_options to their Lake, a capture with
+# credentials only in storage_options cannot work
+def test_s3_lake_storage_options_only(s3, qwen3_model, corpus_dir):
+    """No AWS_* in the environment: everything the capture, SQL, verify and runs need comes from
+    storage_options."""
+    n = len(list(Path(corpus_dir).rglob("*.txt")))
+    out = scenario(clean_env(AWS_EC2_METADATA_DISABLED="true"), f"s3://{BUCKET}/opts-lake", qwen3_model, corpus_dir,
+                   storage_options(s3))
+    check_scenario(out, n)
+
+
+def test_lake_with_storage_options_only_reads_and_writes(s3, monkeypatch):
+    """Lake itself, with the environment cleared: create, append, read, SQL through storage_options."""
+    import pyarrow as pa
+
+    from tourray import lake as lk
+    from tourray.sql import connect
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    so = storage_options(s3) | {"allow_http": True}  # YAML gives a bool: the Lake makes it a string
+    lake = lk.Lake(f"s3://{BUCKET}/opts-only/", so)
+    assert lake.root == f"s3://{BUCKET}/opts-only" and lake.storage_options["allow_http"] == "true"
+    assert not lake.exists("runs") and lake.tables() == []
+    s = lk.schema("samples")
+    assert lake.read("samples").num_rows == 0
+    lake.ensure("samples", s)
+    assert lake.exists("samples") and lake.tables() == ["samples"]
+    con = connect(lake)
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 0
+
+
+def test_capture_config_storage_options_forms():
+    from tourray.capture import CaptureConfig
+
+    base = dict(model="m", samples="s", run="r")
+    flag = CaptureConfig.parse({**base, "storage_options": "aws_region=eu-west-1, allow_http=true,aws_endpoint=http://h:9"})
+    assert flag.storage_options == {"aws_region": "eu-west-1", "allow_http": "true", "aws_endpoint": "http://h:9"}
+    yaml_form = CaptureConfig.parse({**base, "storage_options": {"allow_http": True, "timeout": 30}}, source="yaml")
+    assert yaml_form.storage_options == {"allow_http": "true", "timeout": "30"}
+    assert CaptureConfig(**base).storage_options == {} and CaptureConfig(**base).lake_shared is False
+    from tourray.errors import UserError
+
+    with pytest.raises((UserError, ValueError), match="key=value"):
+        CaptureConfig.parse({**base, "storage_options": "aws_region"})
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no_bucket"])
+def test_store_errors_are_not_missing_tables(s3, case, monkeypatch):
+    from tourray.errors import UserError
+    from tourray.lake import Lake
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    so = storage_options(s3)
+    uri = f"s3://{BUCKET}/lake"
+    if case == "unreachable":
+        so["aws_endpoint"] = "http://127.0.0.1:9"  # discard port: nothing listens
+        want = "error sending request"
+    else:
+        uri = "s3://no-such-bucket-here/lake"
+        want = "NoSuchBucket"
+    lake = Lake(uri, so)
+    with pytest.raises(UserError) as e:
+        lake.exists("runs")
+    msg = str(e.value)
+    assert uri in msg and want in msg and "\n" not in msg
+
+
+def test_cli_reports_store_error(s3, tmp_path):
+    """`tourray runs` on an unreachable store: one error line naming the URI, exit 2 (not "no tables")."""
+    env = clean_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ENDPOINT="http://127.0.0.1:9", AWS_ALLOW_HTTP="true",
+                    **KEYS)
+    uri = f"s3://{BUCKET}/lake"
+    p = subprocess.run([sys.executable, "-m", "tourray.cli", "runs", "--lake", uri], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and uri in lines[0] and "no tourray tables" not in lines[0], p.stderr

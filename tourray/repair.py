@@ -1,0 +1,139 @@
+"""`tourray repair`: remove what killed writers leave behind, without touching live writers' work.
+
+Two kinds of debris: rows of samples that never got their `samples` row (a driver killed between a
+group's table commits), and fragment files written by actors whose group was never committed (no
+version's manifest references them; they cost storage and nothing else). A run's rows are only
+deleted while this process holds the run's lease, and files only while no other lease in the lake is
+live and the file is older than a lease's lifetime (a writer without a lease is still that fresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import pyarrow.fs as pafs
+
+from tourray import lake as lk
+from tourray.errors import UserError
+
+log = logging.getLogger("tourray")
+
+#: Tables whose rows belong to one sample of a run (deleted when the sample is not complete).
+SAMPLE_TABLES = ("activations", "token_layers", "tokens", "blocks")
+
+
+def orphan_samples(lake: lk.Lake, run: str) -> list[str]:
+    """Sample ids of `run` with rows in the per-sample tables but no `samples` row."""
+    q = f"run = {lk.sql_quote(run)}"
+    done = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
+    started = set()
+    for table in ("blocks", "tokens"):
+        started |= set(lake.read(table, ["sample_id"], filter=q).column(0).unique().to_pylist())
+    return sorted(started - done)
+
+
+def delete_orphan_rows(lake: lk.Lake, run: str) -> int:
+    """Delete rows of `run`'s incomplete samples and partial inline statistics; the caller holds the lease."""
+    from tourray.stats.inline import incomplete_parts
+
+    q = f"run = {lk.sql_quote(run)}"
+    orphans = orphan_samples(lake, run)
+    if orphans:
+        ids = ", ".join(lk.sql_quote(s) for s in orphans)
+        for table in SAMPLE_TABLES:
+            lake.delete(table, f"{q} AND sample_id IN ({ids})")
+    done = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
+    if parts := incomplete_parts(lake, run, done):
+        lake.delete("moments", f"{q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
+    return len(orphans)
+
+
+def referenced_files(lake: lk.Lake, table: str) -> set[str]:
+    """Data file names (under data/) referenced by any version of `table` (time travel keeps old ones)."""
+    ds = lake.dataset(table)
+    out = set()
+    for v in ds.versions():
+        for frag in lake.dataset(table, version=v["version"]).get_fragments():
+            out |= {d.path for d in frag.data_files()}
+    return out
+
+
+def unreferenced_files(lake: lk.Lake, table: str, min_age_s: float) -> list[str]:
+    """Full paths of `table`'s data files that no version references, older than `min_age_s`."""
+    if not lake.exists(table):
+        return []
+    fs, root = pafs.FileSystem.from_uri(lake.uri(table))
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/data", allow_not_found=True))
+    keep = referenced_files(lake, table)  # listed after the files: a file committed meanwhile is kept
+    now = time.time()
+    return [i.path for i in infos if i.type == pafs.FileType.File and i.base_name not in keep
+            and i.mtime is not None and now - i.mtime.timestamp() >= min_age_s]
+
+
+def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: float | None = None) -> dict[str, int]:
+    """Remove never-committed fragment files of every table, unless a lease other than `own`
+    (holder ids) is live: that writer's in-flight fragments look exactly like debris."""
+    others = [r for r in lk.live_leases(lake) if r["holder"] not in own]
+    if others:
+        log.info("repair: not removing unreferenced files: %d other driver(s) live (%s)", len(others),
+                 ", ".join(sorted({r["run"] for r in others})))
+        return {}
+    age = lk.LEASE_TTL_S if min_age_s is None else min_age_s
+    removed = {}
+    for table in lake.tables():
+        files = unreferenced_files(lake, table, age)
+        if files:
+            fs, _ = pafs.FileSystem.from_uri(lake.uri(table))
+            for f in files:
+                fs.delete_file(f)
+            removed[table] = len(files)
+            log.info("repair: %s: removed %d never-committed fragment file(s)", table, len(files))
+    return removed
+
+
+def run_repair(lake_root: str, run: str | None = None, min_age_s: float | None = None) -> dict:
+    """Repair `run` (or every run): orphan rows of runs whose lease this process can take, then files."""
+    lake = lk.Lake(lake_root)
+    if not lake.exists("runs"):
+        raise UserError(f"--lake {lake.root}: no lake here (no runs table)")
+    runs = sorted(set(lake.read("runs", ["run"]).column(0).to_pylist()))
+    if run is not None and run not in runs:
+        raise UserError(f"--run {run!r}: no such run in {lake.root} (runs: {', '.join(runs) or 'none'})")
+    out = dict(rows={}, busy=[], files={})
+    leases = []
+    try:
+        for r in [run] if run else runs:
+            try:
+                leases.append(lk.RunLease(lake, r).acquire())
+            except UserError:
+                out["busy"].append(r)
+                log.warning("repair: run %s is being captured; left alone", r)
+                continue
+            out["rows"][r] = delete_orphan_rows(lake, r)
+        out["files"] = remove_unreferenced(lake, {l.holder for l in leases}, min_age_s)
+    finally:
+        for l in leases:
+            l.release()
+    return out
+
+
+def cmd_repair(args) -> int:
+    s = run_repair(args.lake, args.run, args.min_age)
+    rows = sum(s["rows"].values())
+    print(f"repaired {len(s['rows'])} run(s): {rows} incomplete sample(s) removed, "
+          f"{sum(s['files'].values())} never-committed file(s) removed"
+          + (f"; busy (left alone): {', '.join(s['busy'])}" if s["busy"] else ""))
+    return 0
+
+
+def add_parser(sub, command) -> argparse.ArgumentParser:
+    """Add `tourray repair`; `command(name, fn, help)` is `tourray.cli.parser`'s helper."""
+    p = command("repair", cmd_repair, "Remove rows of incomplete samples and never-committed fragment files "
+                                      "(what killed captures leave); runs being captured are left alone.")
+    p.add_argument("--lake", default="lake", help="Lake root (folder or URI).")
+    p.add_argument("--run", help="Only this run's rows (files are shared by all runs).")
+    p.add_argument("--min-age", type=float, default=None,
+                   help=f"Only remove files older than this many seconds (default: the lease lifetime, {lk.LEASE_TTL_S:.0f}).")
+    return p
