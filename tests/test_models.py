@@ -235,7 +235,7 @@ def test_model_revision_trusts_the_import_record_only_while_files_are_unchanged(
     assert model_revision(str(d), None) == f"gguf-sha256:{sha}"
     (d / "model.safetensors").write_bytes(b"\0" * 128)  # weights replaced after the import
     rev = model_revision(str(d), None)
-    assert rev.startswith("sha256:") and len(rev) == 7 + 64
+    assert rev.startswith("st-sha256:") and len(rev) == 10 + 64
 
 
 # -- bad input through the CLI: one `error:` line, exit 2, nothing written ---------------------------

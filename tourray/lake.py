@@ -370,7 +370,7 @@ class RunLease:
             return []
         t = ds.to_table(filter=self._where(), with_row_address=True).to_pylist()
         now = dt.datetime.now(dt.timezone.utc)
-        return sorted((r for r in t if r["expires"] > now), key=lambda r: r["_rowaddr"])
+        return sorted((r for r in t if holds(r, now)), key=lambda r: r["_rowaddr"])
 
     def acquire(self) -> "RunLease":
         sch = schema("leases")
@@ -438,4 +438,22 @@ def live_leases(lake: Lake) -> list[dict]:
     if (ds := lake._open("leases")) is None:
         return []
     now = dt.datetime.now(dt.timezone.utc)
-    return [r for r in ds.to_table(columns=["run", "holder", "expires"]).to_pylist() if r["expires"] > now]
+    return [r for r in ds.to_table(columns=["run", "holder", "expires"]).to_pylist() if holds(r, now)]
+
+
+def holds(row: dict, now: dt.datetime) -> bool:
+    """A lease row still holds unless it expired, or its holder ran on this host and that process is
+    gone (a killed driver on this machine: resuming need not wait for the expiry)."""
+    if row["expires"] <= now:
+        return False
+    host, _, rest = row["holder"].partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

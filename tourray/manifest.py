@@ -83,7 +83,11 @@ def _safetensors_digest(f: Path, h) -> None:
 
     size = f.stat().st_size
     with f.open("rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
+        n = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else size
+        if n > size - 8:  # not a safetensors file (a stray, a truncated copy): small or broken, hash it whole
+            fh.seek(0)
+            h.update(size.to_bytes(8, "little") + fh.read())
+            return
         h.update(size.to_bytes(8, "little") + fh.read(n))
         start, span = 8 + n, size - 8 - n
         block = max(1, SAMPLED_BYTES // SAMPLED_BLOCKS)

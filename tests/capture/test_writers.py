@@ -193,3 +193,16 @@ def test_group_that_always_raises_names_the_group(qwen3_model, corpus_dir, tmp_p
     except UserError as e:
         assert "group train/" in str(e) and "xian__city-wall.txt" in str(e) and "always breaks" in str(e)
     assert lk.Lake(str(tmp_path / "lake")).read("leases").num_rows == 0  # the lease was released
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    """SIGKILL leaves the row unexpired; its pid is gone, so a resume need not wait for the expiry."""
+    import subprocess
+
+    L = lk.Lake(str(tmp_path / "lake"))
+    code = ("import sys, os; from tourray import lake as lk; l = lk.RunLease(lk.Lake(sys.argv[1]), 'r', ttl_s=600)"
+            ".acquire(); os._exit(0)")  # exits without releasing, heartbeat thread and all
+    subprocess.run([sys.executable, "-c", code, L.root], check=True, timeout=120)
+    assert L.read("leases").num_rows == 1  # the dead holder's row is still there, unexpired
+    with lk.RunLease(L, "r", ttl_s=600) as lease:
+        assert lease.holder in {r["holder"] for r in L.read("leases").to_pylist()}

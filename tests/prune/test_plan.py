@@ -35,7 +35,7 @@ def test_block_influence_and_angular_match_numpy(prune_lake, prune_vectors):
     best = int(np.argmin(ang))
     assert p["removed"] == list(range(best, best + n))
     assert set(p["table_versions"]) >= {"runs", "samples", "token_layers", "tokens", "activations"}
-    assert p["run"] == "full" and p["model_revision"].startswith("sha256:")
+    assert p["run"] == "full" and p["model_revision"].startswith("st-sha256:")
 
 
 def test_entropy_weighted_and_magnitude(prune_lake, prune_vectors):

@@ -151,6 +151,8 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
         except Exception as e:  # noqa: BLE001 - surface a user error raised inside an actor as itself
             if err := user_error_in(e):
                 raise err from None
+            if not type(e).__module__.startswith("ray"):
+                raise  # the driver's own failure (a commit, the lease): not a group that kept failing
             left = [group_name(g) for g in groups(plan, done | committed)]
             raise UserError(f"capture failed after {MAX_TRIES} tries on one of the group(s) not committed: "
                             f"{'; '.join(left[:4])}{' ...' if len(left) > 4 else ''} ({type(e).__name__}: "
