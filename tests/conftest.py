@@ -3,6 +3,7 @@ tokenizer trained on local text), a tiny corpus, and one embedded Ray for the wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -197,3 +198,21 @@ def project_residual(model, basis) -> None:
     for b in model.model.layers:
         b.self_attn.o_proj.register_forward_hook(hook)
         b.mlp.down_proj.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """A local S3-compatible server (moto) on loopback with `bucket` created; yields its endpoint."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield endpoint
+    finally:
+        server.stop()

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TEXTS, write_corpus
+from conftest import REPO, TEXTS, moto_s3, write_corpus
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 BUCKET = "tourray-cluster"
 
@@ -56,16 +56,8 @@ def _ports(n: int) -> list[str]:
 
 @pytest.fixture
 def s3_endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_s3(BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores; still part of `make test`
