@@ -64,11 +64,11 @@ def test_optimize_compacts_and_keeps_every_reading(lake, qwen3_model, corpus_dir
     assert frags["activations"] >= 6 and frags["tokens"] >= 6 and frags["samples"] >= 6
     # a reader that opened an old snapshot keeps it while it is younger than --older-than
     results = {r.table: r for r in optimize(lake, older_than=dt.timedelta(hours=1))}
-    assert all(r.fragments_after == 1 for r in results.values()), results
+    assert all(r.fragments_after == 1 for r in results.values() if r.table != "leases"), results
     assert lake.dataset("tokens", version=1).count_rows() == 0  # version 1 (the empty table) still there
     assert readings(lake) == before
     results = {r.table: r for r in optimize(lake, older_than=dt.timedelta(0))}
-    for t in lake.tables():
+    for t in (t for t in lake.tables() if t != "leases"):  # bookkeeping, its rows deleted on release
         ds = lake.dataset(t)
         assert len(ds.get_fragments()) == 1 < frags[t] or frags[t] == 1, t
         assert [v["version"] for v in ds.versions()] == [ds.version] and ds.version >= old[t]

@@ -75,6 +75,12 @@ def unreferenced_files(lake: lk.Lake, table: str, min_age_s: float) -> list[str]
 def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: float | None = None) -> dict[str, int]:
     """Remove never-committed fragment files of every table, unless a lease other than `own`
     (holder ids) is live: that writer's in-flight fragments look exactly like debris."""
+    if "://" in lake.root and not lake.root.startswith("file://"):
+        # object stores: listing needs the store's own credentials (storage_options) in pyarrow.fs, not
+        # wired yet; such debris costs storage only (no version references it): `tourray optimize
+        # --delete-unverified` removes it through Lance
+        log.info("repair: unreferenced files on %s are left to `tourray optimize --delete-unverified`", lake.root)
+        return {}
     others = [r for r in lk.live_leases(lake) if r["holder"] not in own]
     if others:
         log.info("repair: not removing unreferenced files: %d other driver(s) live (%s)", len(others),
