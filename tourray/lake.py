@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -384,16 +385,16 @@ class RunLease:
         others_held = [r for r in live if r["state"] == "held" and r["holder"] != self.holder]
         first = next((r for r in live if r["state"] == "pending"), None)
         if others_held or first is None or first["holder"] != self.holder:
-            self.lake.delete("leases", self._where(mine=True))
+            _retrying(lambda: self.lake.delete("leases", self._where(mine=True)))
             other = (others_held or [r for r in live if r["holder"] != self.holder])[0]
             raise UserError(f"run {self.run!r} in {self.lake.root} is being captured by another driver ({other['holder']}, "
                             f"alive until {other['expires']:%H:%M:%S} UTC); wait for it, or use another --run. A crashed "
                             f"driver's lease goes stale {self.ttl_s:.0f} s after its last heartbeat")
         # one atomic commit turns our row into `held` (never a moment without it); then drop stale rows
-        self.lake.dataset("leases").update({"state": "'held'"}, where=self._where(mine=True))
+        _retrying(lambda: self.lake.dataset("leases").update({"state": "'held'"}, where=self._where(mine=True)))
         now = sql_quote(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
-        self.lake.delete("leases", f"{self._where()} AND holder != {sql_quote(self.holder)} AND "
-                                   f"expires < CAST({now} AS TIMESTAMP)")
+        _retrying(lambda: self.lake.delete("leases", f"{self._where()} AND holder != {sql_quote(self.holder)} AND "
+                                                     f"expires < CAST({now} AS TIMESTAMP)"))
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run}", daemon=True)
         self._thread.start()
         return self
@@ -439,6 +440,18 @@ def live_leases(lake: Lake) -> list[dict]:
         return []
     now = dt.datetime.now(dt.timezone.utc)
     return [r for r in ds.to_table(columns=["run", "holder", "expires"]).to_pylist() if holds(r, now)]
+
+
+def _retrying(fn, tries: int = 8):
+    """Run a mutation of the small `leases` table again when a concurrent driver's commit conflicts
+    with it (Lance rebases appends, not deletes/updates racing each other)."""
+    for i in range(tries):
+        try:
+            return fn()
+        except (OSError, RuntimeError, ValueError) as e:  # how Lance reports a commit conflict varies
+            if "onflict" not in str(e) or i == tries - 1:
+                raise
+            time.sleep(0.05 * (i + 1))
 
 
 def holds(row: dict, now: dt.datetime) -> bool:
