@@ -24,30 +24,29 @@ log = logging.getLogger("tourray")
 SAMPLE_TABLES = ("activations", "token_layers", "tokens", "blocks")
 
 
-def orphan_samples(lake: lk.Lake, run: str) -> list[str]:
-    """Sample ids of `run` with rows in the per-sample tables but no `samples` row."""
-    q = f"run = {lk.sql_quote(run)}"
-    done = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
-    started = set()
-    for table in ("blocks", "tokens"):
-        started |= set(lake.read(table, ["sample_id"], filter=q).column(0).unique().to_pylist())
-    return sorted(started - done)
-
-
-def delete_orphan_rows(lake: lk.Lake, run: str) -> int:
-    """Delete rows of `run`'s incomplete samples and partial inline statistics; the caller holds the lease."""
+def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None) -> list[str]:
+    """Delete every row of `run`'s samples that are not `complete` (default: those with a `samples`
+    row; a resuming capture passes the samples of its complete groups) and the partial inline
+    statistics of groups that never completed; return the ids removed. The caller holds the lease."""
     from tourray.stats.inline import incomplete_parts
 
     q = f"run = {lk.sql_quote(run)}"
-    orphans = orphan_samples(lake, run)
+    committed = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
+    complete = committed if complete is None else complete
+    started = set(committed)
+    for table in ("blocks", "tokens"):
+        started |= set(lake.read(table, ["sample_id"], filter=q).column(0).unique().to_pylist())
+    orphans = sorted(started - complete)
     if orphans:
+        log.warning("run %s: removing rows of %d sample(s) whose group was not completely committed", run, len(orphans))
         ids = ", ".join(lk.sql_quote(s) for s in orphans)
-        for table in SAMPLE_TABLES:
-            lake.delete(table, f"{q} AND sample_id IN ({ids})")
-    done = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
-    if parts := incomplete_parts(lake, run, done):
+        for table in (*SAMPLE_TABLES, "samples"):
+            if lake.exists(table):
+                lake.delete(table, f"{q} AND sample_id IN ({ids})")
+    if parts := incomplete_parts(lake, run, complete):
+        log.warning("run %s: removing partial statistics of %d interrupted group(s)", run, len(parts))
         lake.delete("moments", f"{q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
-    return len(orphans)
+    return orphans
 
 
 def referenced_files(lake: lk.Lake, table: str) -> set[str]:
@@ -117,7 +116,7 @@ def run_repair(lake_root: str, run: str | None = None, min_age_s: float | None =
                 out["busy"].append(r)
                 log.warning("repair: run %s is being captured; left alone", r)
                 continue
-            out["rows"][r] = delete_orphan_rows(lake, r)
+            out["rows"][r] = len(delete_incomplete(lake, r))
         out["files"] = remove_unreferenced(lake, {l.holder for l in leases}, min_age_s)
     finally:
         for l in leases:

@@ -15,10 +15,9 @@ from tourray.capture.config import CaptureConfig
 from tourray.capture.hf import check_sites
 from tourray.config import compact_layers, parse_layers
 from tourray.errors import UserError
-from tourray.repair import remove_unreferenced
+from tourray.repair import delete_incomplete, remove_unreferenced
 from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, model_revision, require_folder, run_changes, run_row,
                               tokenizer_sha256)
-from tourray.stats.inline import incomplete_parts
 
 log = logging.getLogger("tourray")
 
@@ -117,19 +116,7 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
         lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=runs), runs)
     committed = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
     done = {s.sample_id for grp in all_groups(plan) if all(s.sample_id in committed for s in grp) for s in grp}
-    started = set(committed)
-    for table in ("blocks", "tokens"):
-        started |= set(lake.read(table, ["sample_id"], filter=f"run = {q}").column(0).unique().to_pylist())
-    orphans = sorted(started - done)
-    if orphans:
-        log.warning("run %s: removing rows of %d sample(s) whose group was not completely committed", cfg.run,
-                    len(orphans))
-        ids = ", ".join(lk.sql_quote(s) for s in orphans)
-        for table in ("activations", "token_layers", "tokens", "blocks", "samples"):
-            lake.delete(table, f"run = {q} AND sample_id IN ({ids})")
-    if parts := incomplete_parts(lake, cfg.run, done):  # inline statistics of groups that never completed
-        log.warning("run %s: removing partial statistics of %d interrupted group(s)", cfg.run, len(parts))
-        lake.delete("moments", f"run = {q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
+    delete_incomplete(lake, cfg.run, done)  # a partial group is captured again whole
     if own is not None:  # fragment files of killed runs' uncommitted groups, when no other driver is live
         remove_unreferenced(lake, {own})
     return done
