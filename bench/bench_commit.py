@@ -43,7 +43,8 @@ def group_tables(g: int, schemas: dict) -> dict[str, pa.Table]:
     cols = {
         "samples": dict(run=["b"] * SAMPLES, sample_id=sids, source=[f"s/{s}.txt" for s in sids], category=["c"] * SAMPLES,
                         text=["t" * 80] * SAMPLES, sha256=["0" * 64] * SAMPLES, n_tokens=[TOKENS] * SAMPLES,
-                        truncated=[False] * SAMPLES, text_start=[0] * SAMPLES, text_end=[TOKENS] * SAMPLES),
+                        truncated=[False] * SAMPLES, text_start=[0] * SAMPLES, text_end=[TOKENS] * SAMPLES,
+                        tokens_sha256=["0" * 64] * SAMPLES),
         "tokens": dict(run=["b"] * n, sample_id=sid_tok, pos=pos, token_id=pos, token=["x"] * n, char_start=pos,
                        char_end=pos, segment=["text"] * n, surprisal=[1.0] * n, entropy=[1.0] * n,
                        token_class=["word"] * n, kl_ref=[None] * n),

@@ -142,8 +142,9 @@ def test_a_checkpoint_named_relative_or_absolute_is_one_model(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     manifest = json.dumps({"config": {}, "prompt": {}, "samples": {}})
     old = {k: 0 for k in IDENTITY} | {"model": "ckpt", "tokenizer": "ckpt", "manifest": manifest}
-    assert run_changes(old, old | {"model": str(tmp_path / "ckpt"), "tokenizer": str(tmp_path / "ckpt")}) == []
-    assert run_changes(old, old | {"model": str(tmp_path / "other")}) == [f"model: 'ckpt' in the lake, '{tmp_path / 'other'}' now"]
+    assert run_changes(old, old | {"model": str(tmp_path / "ckpt"), "tokenizer": str(tmp_path / "ckpt")}, {}, {}) == []
+    assert run_changes(old, old | {"model": str(tmp_path / "other")}, {}, {}) == [
+        f"model: 'ckpt' in the lake, '{tmp_path / 'other'}' now"]
 
 
 def test_storage_options_never_reach_dumps_or_reprs():

@@ -16,7 +16,8 @@ from tourray.lake import Lake, arrow_to_numpy, check, empty_table, schema, vecto
 PARAMS = dict(store_dtype="float16", hidden_size=8)
 
 
-VERSIONS = {"samples": 2, "tokens": 2}  # samples 2: text_start, text_end; tokens 2: token_class, kl_ref; others 1
+# samples 2: text_start, text_end; 3: tokens_sha256. tokens 2: token_class, kl_ref. Others 1.
+VERSIONS = {"samples": 3, "tokens": 2}
 
 
 @pytest.mark.parametrize("table", lk.TABLES)

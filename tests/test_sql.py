@@ -37,7 +37,7 @@ def test_view_types(lakes, dtype):
     con = connect(str(lakes[dtype]))
     per_sample = ["activations", "blocks", "token_layers", "tokens"]
     assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
-        per_sample + ["leases", "runs", "samples"] + [f"raw_{t}" for t in per_sample])
+        per_sample + ["leases", "run_texts", "runs", "samples"] + [f"raw_{t}" for t in per_sample])
     a = types(con, "activations")
     assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
     t = types(con, "tokens")

@@ -1,4 +1,4 @@
-"""`verify`: a fresh capture checks clean; every kind of tampering is named by its block."""
+"""`verify`: a fresh capture checks clean; every kind of tampering is named by its block or sample."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_fresh_capture_verifies(lake):
         verify(lake, run="other")
     report = verify_lake(lake)
     assert report.samples == 6 and report.token_rows == lake.dataset("tokens").count_rows()
-    assert any("tokens have no stored checksum" in n for n in report.notes)
+    assert report.notes == []  # tokens checksummed too: nothing skipped
 
 
 def test_changed_checksum_names_the_block(lake):
@@ -142,14 +142,83 @@ def test_missing_block_record_and_duplicates_are_named(lake):
 def test_duplicated_block_and_tokens_are_named(lake):
     sid = a_sample(lake)
     n = lake.read("samples", filter=f"sample_id = '{sid}'").column("n_tokens")[0].as_py()
-    for table in ("activations", "tokens"):
-        t = lake.read(table, filter=f"sample_id = '{sid}'" + (" AND layer = 0" if table == "activations" else ""))
+    for table in ("activations", "token_layers", "tokens"):
+        t = lake.read(table, filter=f"sample_id = '{sid}'" + (" AND layer = 0" if table != "tokens" else ""))
         lake.append(table, t.sort_by("pos"), lake.dataset(table).schema)
     _, problems = verify(lake)
     assert sorted(problems) == sorted([
         f"run r sample {sid} layer 0 site resid_post: rows are not contiguous (block appears twice)",
-        f"run r sample {sid} tokens: rows are not contiguous or duplicated (the sample's rows appear twice)"]), problems
-    assert n > 0
+        f"run r sample {sid} layer 0 site resid_post token_layers: rows are not contiguous (block appears twice)",
+        f"run r sample {sid} tokens: rows are not contiguous or duplicated (another run of its rows, pos 0-{n - 1})"]), \
+        problems
+
+
+def test_duplicated_tokens_row_is_named(lake):
+    sid = a_sample(lake)
+    lake.append("tokens", lake.read("tokens", filter=f"sample_id = '{sid}' AND pos = 2"), lake.dataset("tokens").schema)
+    assert verify(lake)[1] == [f"run r sample {sid} tokens: rows are not contiguous or duplicated "
+                               "(another run of its rows, pos 2-2)"]
+
+
+def source_of(lake, sid):
+    return lake.read("samples", filter=f"sample_id = '{sid}'").column("source")[0].as_py()
+
+
+def test_changed_token_value_is_a_checksum_mismatch(lake):
+    """One surprisal changed in place (every row of the sample rewritten, in order, so only the
+    checksum can tell): named by sample, source and the file now holding its rows."""
+    sid = a_sample(lake)
+    lake.dataset("tokens").update({"surprisal": "surprisal + 0.001 * CAST(pos = 3 AS FLOAT)"},  # no CASE in Lance
+                                  where=f"sample_id = '{sid}'")
+    file = lake.dataset("tokens").get_fragments()[-1].data_files()[0].path  # update wrote the sample anew
+    assert verify(lake)[1] == [f"run r sample {sid} ({source_of(lake, sid)}) tokens: rows differ from "
+                               f"samples.tokens_sha256 (in data/{file})"]
+
+
+def test_flipped_byte_in_a_token_value_names_sample_and_file(lake):
+    """A bit flipped inside a stored float32 surprisal (Lance stores them plain: found by its bytes)
+    decodes fine and keeps every key and position: only the checksum catches it."""
+    frag = max(lake.dataset("tokens").get_fragments(), key=lambda f: f.count_rows())
+    victim = Path(lake.root) / "tokens.lance" / "data" / frag.data_files()[0].path
+    t = frag.to_table(columns=["sample_id", "pos", "surprisal"])
+    row = t.column("pos").to_pylist().index(5)  # pos 5..8 of the fragment's first sample: all non-null
+    needle = t.column("surprisal").to_numpy()[row : row + 4].astype("<f4").tobytes()
+    raw = bytearray(victim.read_bytes())
+    at = raw.find(needle)
+    assert at >= 0 and raw.find(needle, at + 1) < 0, "the values are no longer stored plain"
+    raw[at + 5] ^= 0x01  # low mantissa bit of pos 6: a small, finite change
+    victim.write_bytes(bytes(raw))
+    sid = t.column("sample_id")[row].as_py()
+    assert lake.read("tokens", filter=f"sample_id = '{sid}' AND pos = 6").column("surprisal")[0].as_py() != \
+        t.column("surprisal")[row + 1].as_py()
+    assert verify(lake)[1] == [f"run r sample {sid} ({source_of(lake, sid)}) tokens: rows differ from "
+                               f"samples.tokens_sha256 (in data/{victim.name})"]
+
+
+def test_missing_token_layers_rows_are_named(lake):
+    sid = a_sample(lake)
+    n = lake.read("samples", filter=f"sample_id = '{sid}'").column("n_tokens")[0].as_py()
+    tl = lake.dataset("token_layers")
+    tl.delete(f"sample_id = '{sid}' AND layer = -1 AND pos = 3")
+    k = f"run r sample {sid} layer -1 site resid_post token_layers"
+    assert sorted(verify(lake)[1]) == sorted([f"{k}: positions out of order or missing at pos 3 (found 4)",
+                                              f"{k}: span 0-{n - 1} differs from expected 0-{n}"])
+    tl.delete(f"sample_id = '{sid}'")
+    assert sorted(verify(lake)[1]) == sorted(
+        f"run r sample {sid} layer {layer} site resid_post token_layers: expected by the run but has no rows"
+        for layer in (-1, 0))
+
+
+def test_old_samples_schema_is_noted_not_failed(lake):
+    """A lake from before samples.tokens_sha256 (schema v2): tokens checked by position, with a note."""
+    ds = lake.dataset("samples")
+    ds.drop_columns(["tokens_sha256"])
+    ds = lake.dataset("samples")
+    ds.replace_schema_metadata({**{k.decode(): v.decode() for k, v in ds.schema.metadata.items()},
+                                "tourray.schema_version": "2"})
+    report = verify_lake(lake)
+    assert report.problems == [] and report.samples == 6
+    assert any(n.startswith("tokens not checksummed (samples schema v2") for n in report.notes), report.notes
 
 
 def test_missing_tokens_are_named(lake):
@@ -166,8 +235,8 @@ def data_files(lake, table):
     return sorted((Path(lake.root) / f"{table}.lance" / "data").glob("*.lance"), key=lambda p: p.stat().st_size)
 
 
-# a flipped byte inside tokens' values is not detectable (no stored checksum, schema owned elsewhere);
-# one in any file's structure is, and any in the activations payload fails its block's sha256
+# a flipped byte in any file's structure makes it unreadable; one in the activations payload fails its
+# block's sha256 (in tokens' values: test_flipped_byte_in_a_token_value_names_sample_and_file)
 @pytest.mark.parametrize("table,where", [("activations", "middle"), ("activations", "footer"), ("tokens", "footer")])
 def test_flipped_byte_is_caught(lake, table, where):
     victim = data_files(lake, table)[-1]  # the biggest file of the table
@@ -181,7 +250,7 @@ def test_flipped_byte_is_caught(lake, table, where):
         assert any(f"data/{victim.name}" in p and "unreadable" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("table", ["activations", "tokens"])
+@pytest.mark.parametrize("table", ["activations", "token_layers", "tokens"])
 def test_deleted_data_file_is_named(lake, table):
     victim = data_files(lake, table)[0]
     victim.unlink()
@@ -214,15 +283,22 @@ def test_statistics_ignore_orphan_rows(lake, sel):
 
 
 def test_blocks_split_across_fragments_verify(lake):
-    """Blocks cut across fragment (and so Ray task) boundaries, as a rewrite into big files can do."""
-    ds = lake.dataset("activations")
-    t = ds.to_table()
-    lance.write_dataset(t, ds.uri, mode="overwrite", max_rows_per_file=37, max_rows_per_group=37)
-    assert len(lake.dataset("activations").get_fragments()) == -(-t.num_rows // 37)
+    """Blocks and samples' tokens cut across fragment (and so Ray task) boundaries, as a rewrite
+    into big files can do: their checksums are re-read across the fragments."""
+    for table in ("activations", "tokens"):
+        ds = lake.dataset(table)
+        t = ds.to_table()
+        lance.write_dataset(t, ds.uri, mode="overwrite", max_rows_per_file=37, max_rows_per_group=37)
+        assert len(lake.dataset(table).get_fragments()) == -(-t.num_rows // 37)
     assert verify(lake) == (12, [])
     sid = a_sample(lake)
     lake.dataset("blocks").update({"sha256": "'00'"}, where=f"sample_id = '{sid}' AND layer = 0")
-    assert verify(lake)[1] == [f"run r sample {sid} layer 0 site resid_post: sha256 differs from the recorded checksum"]
+    lake.dataset("samples").update({"tokens_sha256": "'00'"}, where=f"sample_id = '{sid}'")
+    problems = verify(lake)[1]
+    assert problems[0] == f"run r sample {sid} layer 0 site resid_post: sha256 differs from the recorded checksum"
+    assert len(problems) == 2 and problems[1].startswith(
+        f"run r sample {sid} ({source_of(lake, sid)}) tokens: rows differ from samples.tokens_sha256 (in data/")
+    assert problems[1].count("data/") > 1, problems  # its rows span files: hashed across them
 
 
 def test_both_sites_with_the_embedding_verify_clean(qwen3_model, corpus_dir, tmp_path, ray_session):

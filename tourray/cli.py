@@ -14,7 +14,7 @@ import sys
 import typing
 import warnings
 
-from tourray.config import BaseConfig
+from tourray.config import BaseConfig, add_storage_options_flag
 from tourray.errors import UserError
 
 log = logging.getLogger("tourray")
@@ -116,6 +116,13 @@ def config_from_args(model, args: argparse.Namespace):
     return model.parse(given)
 
 
+def open_lake(args: argparse.Namespace):
+    """--lake opened with --storage-options (`add_storage_options_flag`)."""
+    from tourray.lake import Lake
+
+    return Lake(args.lake, args.storage_options)
+
+
 # -- subcommands -----------------------------------------------------------------------------
 def cmd_capture(args) -> int:
     from tourray.capture import CaptureConfig, run_capture
@@ -150,7 +157,7 @@ def cmd_sql(args) -> int:
         missing = [p.strip("$ ") for p in header(path).get("params", "").split(",") if p.strip() and p.strip("$ ") not in params]
         if missing:
             raise UserError(f"query {args.query} needs --param {missing[0]}=...")
-    con = connect(args.lake)
+    con = connect(open_lake(args))
     print_result(con, sql, params, args.format)
     return 0
 
@@ -172,6 +179,7 @@ def print_result(con, sql: str, params: dict, fmt: str) -> None:
 
 
 def cmd_stats(args) -> int:
+    from tourray.lake import Lake
     from tourray.sql import connect
     from tourray.stats.tasks import StatsConfig, run_stats
 
@@ -181,7 +189,7 @@ def cmd_stats(args) -> int:
         print(f"run {cfg.run} {site}: {len(info['layers'])} layers, {info['pairs']} pairs "
               f"({info['reused_layers']} layers and {info['reused_pairs']} pairs reused from the lake, "
               f"{info['tiles']} task(s))")
-    con, params = connect(s["lake"]), {"run": cfg.run, "sel": cfg.selection.key()}
+    con, params = connect(Lake(s["lake"], cfg.storage_options)), {"run": cfg.run, "sel": cfg.selection.key()}
     latest = "WHERE run = $run AND selection = $sel QUALIFY row_number() OVER (PARTITION BY {k}, site ORDER BY created_at DESC) = 1"
     print("layer_stats:")
     print_result(con, "SELECT layer, site, n_tokens, round(mean_norm, 3) AS mean_norm, round(rms, 4) AS rms, "
@@ -214,10 +222,9 @@ def cmd_model_import_gguf(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from tourray.lake import Lake
     from tourray.verify import verify_lake
 
-    lake = Lake(args.lake)
+    lake = open_lake(args)
     if not lake.tables():
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     r = verify_lake(lake, args.run, progress=not args.no_progress)
@@ -234,7 +241,8 @@ def cmd_verify(args) -> int:
 def cmd_runs(args) -> int:
     from tourray.runs import describe_run, list_runs
 
-    print(describe_run(args.lake, args.run) if args.run else list_runs(args.lake))
+    lake = open_lake(args)
+    print(describe_run(lake, args.run) if args.run else list_runs(lake))
     return 0
 
 
@@ -333,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     p = command("sql", cmd_sql, "Run DuckDB SQL over the lake (every table is a view).")
     p.add_argument("sql", nargs="?", help="The SQL to run.")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    add_storage_options_flag(p)
     p.add_argument("--query", help="Run queries/NAME.sql (or a .sql path) instead of a SQL string.")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Named parameter ($KEY), repeatable.")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="Output format (default: table).")
@@ -407,13 +416,15 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(p, FoldConfig)
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
-    p = command("verify", cmd_verify, "Check every committed sample is complete, unduplicated and intact (activation checksums, token positions, readable data files); name each problem (exit 1).")
+    p = command("verify", cmd_verify, "Check every committed sample is complete, unduplicated and intact (every stored layer x site and token row once, activation and token checksums, readable data files); name each problem (exit 1).")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    add_storage_options_flag(p)
     p.add_argument("--run", help="Only this run.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = command("runs", cmd_runs, "List runs, or show one run's manifest.")
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    add_storage_options_flag(p)
     p.add_argument("--run", help="Show this run's manifest: model, tokenizer, texts, prompt, code, captures.")
 
     p = command("demo-model", cmd_demo_model, "Train (or reuse) the small offline Qwen3 demo model; print its folder.")
@@ -433,9 +444,11 @@ def parser() -> argparse.ArgumentParser:
     from tourray.optimize import add_parser as add_optimize_parser
 
     add_optimize_parser(sub, command)
-    from tourray.repair import add_parser as add_repair_parser
+    from tourray.repair import add_parser as add_repair_parser, cmd_repair
 
-    add_repair_parser(sub, command)
+    p = add_repair_parser(sub, command)
+    add_storage_options_flag(p)  # run_repair takes a Lake as well as a root: hand it the opened one
+    p.set_defaults(fn=lambda args: cmd_repair(argparse.Namespace(**{**vars(args), "lake": open_lake(args)})))
     return top
 
 

@@ -6,13 +6,14 @@ command-line flags are one thing (flags override the file).
 
 from __future__ import annotations
 
+import argparse
 import enum
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from tourray.errors import UserError
 
@@ -21,6 +22,51 @@ def comma_list(v):
     """A flag's comma-separated text as a list (YAML lists pass through): the `mode="before"`
     validator of list fields."""
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+def parse_storage_options(v):
+    """Lance storage options from a flag (`key=value,key=value`) or a YAML mapping, as the str -> str
+    mapping Lance wants (YAML bools become "true"/"false"). Errors never echo the text: it may hold
+    credentials."""
+    if not isinstance(v, str):
+        return {str(k): str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()} if isinstance(v, dict) else v
+    out = {}
+    for i, item in enumerate(v.split(","), 1):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"expected key=value,key=value; item {i} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+STORAGE_OPTIONS_HELP = ("Object-store settings for a URI --lake, passed to Lance as storage_options (e.g. aws_access_key_id, "
+                        "aws_secret_access_key, aws_region, aws_endpoint, allow_http); the environment (AWS_*) works too. "
+                        "Flag form: key=value,key=value; YAML: a mapping. Never stored, logged or shown: it may hold "
+                        "credentials.")
+
+#: The type of a config's `storage_options` field: declare it as `storage_options: StorageOptions =
+#: storage_options_field()` (excluded from dumps and repr, so never logged or stored in a manifest).
+StorageOptions = Annotated[dict[str, str], BeforeValidator(parse_storage_options)]
+
+
+def storage_options_field():
+    return Field({}, exclude=True, repr=False, description=STORAGE_OPTIONS_HELP)
+
+
+def add_storage_options_flag(p: argparse.ArgumentParser) -> None:
+    """`--storage-options` on a command that is not config-backed (args.storage_options: a dict;
+    open the lake as `Lake(args.lake, args.storage_options)`)."""
+
+    def parse(text: str) -> dict[str, str]:
+        try:
+            return parse_storage_options(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--storage-options", type=parse, default={}, metavar="KEY=VALUE,...",
+                   help=STORAGE_OPTIONS_HELP.replace("%", "%%"))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -78,7 +124,9 @@ class BaseConfig(BaseModel):
                 if source == "flags":
                     field = "--" + field.replace("_", "-").replace(".", "-")
                 got = err.get("input")
-                shown = "" if isinstance(got, (dict, list)) or got is None or len(repr(got)) > 80 else f" (got {got!r})"
+                top = cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+                secret = top is not None and top.exclude  # excluded fields (storage_options) may hold credentials
+                shown = "" if secret or isinstance(got, (dict, list)) or got is None or len(repr(got)) > 80 else f" (got {got!r})"
                 lines.append(f"  {field}: {err['msg']}{shown}")
             raise UserError(f"invalid {cls.__name__} from {source}:\n" + "\n".join(lines)) from None
 

@@ -31,8 +31,8 @@ from tourray.runtime import resolve_uri
 log = logging.getLogger("tourray")
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # tourray/schemas -> ../schemas in a checkout; package data when installed
-TABLES = ("runs", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats", "moments", "solves",
-          "leases")
+TABLES = ("runs", "run_texts", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
+          "moments", "solves", "leases")
 
 _SCALARS = {
     "string": pa.string(),
@@ -128,6 +128,24 @@ class Lake:
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}.lance"
+
+    def filesystem(self, table: str):
+        """(pyarrow FileSystem, path) of `table`'s folder, with this lake's credentials: for listing
+        files Lance does not track (never-committed fragments). s3:// maps Lance's storage_options
+        onto pyarrow's S3 options; without them (or for other stores) the environment is used."""
+        import pyarrow.fs as pafs
+
+        so, uri = {k.lower(): v for k, v in (self.storage_options or {}).items()}, self.uri(table)
+        if not uri.startswith("s3://") or not so:
+            return pafs.FileSystem.from_uri(uri)
+        pick = lambda *names: next((so[n] for n in names if n in so), None)  # noqa: E731
+        kw = dict(access_key=pick("aws_access_key_id", "access_key_id"),
+                  secret_key=pick("aws_secret_access_key", "secret_access_key"),
+                  session_token=pick("aws_session_token", "session_token"), region=pick("aws_region", "region"),
+                  endpoint_override=pick("aws_endpoint", "endpoint", "aws_endpoint_url"))
+        if pick("allow_http", "aws_allow_http") == "true":
+            kw["scheme"] = "http"
+        return pafs.S3FileSystem(**{k: v for k, v in kw.items() if v is not None}), uri.removeprefix("s3://")
 
     def exists(self, table: str) -> bool:
         return self._open(table) is not None
@@ -240,10 +258,21 @@ class Lake:
         if (ds := self._open(table)) is not None:
             ds.delete(predicate)
 
-    def read(self, table: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+    def read(self, table: str, columns: list[str] | None = None, filter: str | None = None,
+             after_fragment: int | None = None) -> pa.Table:
+        """`after_fragment`: read only fragments with a larger id. Lance numbers fragments in commit
+        order (compaction writes new ones), so "what was committed since id N" costs what is new."""
         if (ds := self._open(table)) is None:
             return schema_or_empty(table, columns)
-        return ds.to_table(columns=columns, filter=filter)
+        if after_fragment is None:
+            return ds.to_table(columns=columns, filter=filter)
+        frags = [f for f in ds.get_fragments() if f.fragment_id > after_fragment]
+        return ds.scanner(columns=columns, filter=filter, fragments=frags).to_table()
+
+    def last_fragment(self, table: str) -> int:
+        """Id of the newest fragment of `table` (-1 when it has none): a watermark for `read`."""
+        ds = self._open(table)
+        return max((f.fragment_id for f in ds.get_fragments()), default=-1) if ds is not None else -1
 
     def scan(self, table: str, columns: list[str] | None = None, filter: str | None = None,
              batch_rows: int = 4096, dataset: lance.LanceDataset | None = None) -> Iterable[pa.RecordBatch]:

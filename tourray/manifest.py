@@ -148,12 +148,14 @@ def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, sys
     manifest = dict(
         config=cfg.model_dump(mode="json"),
         prompt=prompt,
+        runtime=runtime_identity(cfg),
         samples_root=str(Path(cfg.samples).resolve()),
-        samples={s.source: s.sha256 for s in samples},
-        versions=library_versions(),
+        n_texts=len(samples),  # the texts themselves: the run_texts table (see text_rows)
+        texts_sha256=snapshot_hash({s.source: s.sha256 for s in samples}),
+        versions=capture_versions(),
     )
     if cfg.reference:
-        manifest["reference_revision"] = model_revision(cfg.reference, None)
+        manifest["reference_revision"] = model_revision(cfg.reference, cfg.reference_revision)
     return dict(
         run=cfg.run, model=cfg.model, model_revision=info.model_revision,
         tokenizer=cfg.tokenizer or cfg.model, tokenizer_sha256=info.tokenizer_sha256,
@@ -166,13 +168,43 @@ def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, sys
     )
 
 
+def runtime_identity(cfg: CaptureConfig) -> dict:
+    """What else changes the numbers a run stores: the device kind and the attention kernel (eager,
+    sdpa and flash attention differ in the last bits; so do CPU and GPU matmuls)."""
+    return dict(device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
+                attn_implementation=cfg.hf.attn_implementation if cfg.engine.value == "hf" else None)
+
+
+def text_rows(run: str, samples) -> list[dict]:
+    """The run's text snapshot as `run_texts` rows."""
+    return [dict(run=run, sample_id=s.sample_id, source=s.source, sha256=s.sha256, category=s.category) for s in samples]
+
+
+def stored_texts(lake: lk.Lake, run_row_: dict) -> dict[str, tuple[str, str | None]]:
+    """source -> (sha256, category) of a stored run: its `run_texts` rows, or (lakes from before that
+    table) the JSON snapshot in its manifest, which has no categories."""
+    rows = lake.read("run_texts", ["source", "sha256", "category"], filter=f"run = {lk.sql_quote(run_row_['run'])}")
+    if rows.num_rows:
+        return {r["source"]: (r["sha256"], r["category"]) for r in rows.to_pylist()}
+    return {k: (v, None) for k, v in json.loads(run_row_["manifest"]).get("samples", {}).items()}
+
+
+def snapshot_hash(samples: dict[str, str]) -> str:
+    """One hash for a run's whole text snapshot (source -> sha256)."""
+    return corpus.sha256_bytes(json.dumps(samples, sort_keys=True).encode())
+
+
 #: Fields of a run that must not change when a capture resumes it.
 IDENTITY = ("model", "model_revision", "tokenizer", "tokenizer_sha256", "engine", "model_dtype", "store_dtype",
             "num_layers", "hidden_size", "layers", "sites", "system_prompt_sha256")
 
+#: Libraries whose version changes the numbers (kernels, defaults): a resume under other versions is
+#: refused unless the user allows it (--allow-version-change), and each capture records its own.
+VERSIONED = ("torch", "transformers", "vllm", "tourray")
 
-def run_changes(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between a stored run and the one asked for."""
+
+def run_changes(old: dict, new: dict, old_texts: dict, new_texts: dict, allow_version_change: bool = False) -> list[str]:
+    """Human-readable differences between a stored run and the one asked for (texts: `stored_texts`)."""
     out = [f"{k}: {old[k]!r} in the lake, {new[k]!r} now" for k in IDENTITY
            if old[k] != new[k] and not (k in ("model", "tokenizer") and _same_folder(old[k], new[k]))]
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
@@ -186,13 +218,29 @@ def run_changes(old: dict, new: dict) -> list[str]:
         out.append(f"reference model revision: {om.get('reference_revision')} in the lake, {nm.get('reference_revision')} now")
     if om["prompt"] != nm["prompt"]:
         out.append(f"prompt format: {om['prompt']} in the lake, {nm['prompt']} now")
-    a, b = om["samples"], nm["samples"]
+    for k, b in nm.get("runtime", {}).items():  # lakes from before: not recorded, not compared
+        if (a := om.get("runtime", {}).get(k, b)) != b:
+            out.append(f"{k}: {a!r} in the lake, {b!r} now")
+    if not allow_version_change:
+        before, now = _versions(old, om), _versions(new, nm)
+        out += [f"{k} version: {before.get(k)} in the lake, {now.get(k)} now (--allow-version-change to resume anyway)"
+                for k in VERSIONED if before.get(k) != now.get(k)]
+    a, b = old_texts, new_texts
+    categories_known = all(v[1] is not None for v in a.values())
     for label, names in (("added", sorted(b.keys() - a.keys())), ("removed", sorted(a.keys() - b.keys())),
-                         ("changed", sorted(k for k in a.keys() & b.keys() if a[k] != b[k]))):
+                         ("changed", sorted(k for k in a.keys() & b.keys() if a[k][0] != b[k][0])),
+                         ("recategorised", sorted(k for k in a.keys() & b.keys() if categories_known
+                                                  and a[k][0] == b[k][0] and a[k][1] != b[k][1]))):
         if names:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             out.append(f"texts {label}: {len(names)} ({', '.join(names[:5])}{more})")
     return out
+
+
+def _versions(row: dict, manifest: dict) -> dict:
+    """The versions a capture of the run last ran under (a resume records its own, see record_summary)."""
+    last = next((c["versions"] for c in reversed(manifest.get("captures", [])) if "versions" in c), None)
+    return last or dict(manifest.get("versions", {}), tourray=row.get("tourray_version"))
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -222,7 +270,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "ray", "pylance", "pyarrow", "duckdb"):
+    for pkg in ("torch", "transformers", "vllm", "ray", "pylance", "pyarrow", "duckdb"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -230,10 +278,26 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def record_summary(lake: lk.Lake, run: str, summary: dict) -> None:
-    """Append this invocation's summary to the run's manifest (kept with the run in the lake)."""
-    q = lk.sql_quote(run)
-    row = lake.read("runs", ["manifest"], filter=f"run = {q}").to_pylist()[0]
-    manifest = json.loads(row["manifest"])
-    manifest.setdefault("captures", []).append(dict(summary, finished_at=dt.datetime.now(dt.timezone.utc).isoformat()))
-    lake.dataset("runs").update({"manifest": lk.sql_quote(json.dumps(manifest))}, where=f"run = {q}")
+def capture_versions() -> dict[str, str]:
+    """This process's library versions and tourray's: what each capture of a run records."""
+    import tourray
+
+    return dict(library_versions(), tourray=tourray.__version__)
+
+
+def read_manifest(lake: lk.Lake, run: str) -> dict:
+    return json.loads(lake.read("runs", ["manifest"], filter=f"run = {lk.sql_quote(run)}").column(0)[0].as_py())
+
+
+def update_manifest(lake: lk.Lake, run: str, **fields) -> None:
+    """Set top-level `fields` of the run's manifest (one commit of the `runs` row)."""
+    manifest = dict(read_manifest(lake, run), **fields)
+    lake.dataset("runs").update({"manifest": lk.sql_quote(json.dumps(manifest))}, where=f"run = {lk.sql_quote(run)}")
+
+
+def record_summary(lake: lk.Lake, run: str, summary: dict, **fields) -> None:
+    """Append this invocation's summary, with the versions it ran under, to the run's manifest."""
+    captures = read_manifest(lake, run).get("captures", []) + [
+        dict(summary, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(), versions=capture_versions(),
+             tourray_commit=git_commit())]
+    update_manifest(lake, run, captures=captures, **fields)

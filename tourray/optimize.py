@@ -22,6 +22,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
+from tourray.config import add_storage_options_flag
 from tourray.errors import UserError
 from tourray.lake import Lake, live_leases
 
@@ -81,7 +82,7 @@ def report(results: list[TableResult], root: str) -> str:
 
 
 def cmd_optimize(args) -> int:
-    lake = Lake(args.lake)
+    lake = Lake(args.lake, args.storage_options)
     print(report(optimize(lake, parse_age(args.older_than), args.delete_unverified, args.target_rows), lake.root))
     return 0
 
@@ -93,6 +94,7 @@ def add_parser(sub, command) -> argparse.ArgumentParser:
     p.description = __doc__.split("\n\n", 1)[1]
     p.epilog = "examples:\n  tourray optimize --lake lake\n  tourray optimize --lake lake --older-than 0s"
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
+    add_storage_options_flag(p)
     p.add_argument("--older-than", default="1h",
                    help="Drop versions older than this (s, m, h, d; default 1h); the latest is always kept.")
     p.add_argument("--delete-unverified", action="store_true",

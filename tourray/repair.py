@@ -23,27 +23,48 @@ log = logging.getLogger("tourray")
 #: Tables whose rows belong to one sample of a run (deleted when the sample is not complete).
 SAMPLE_TABLES = ("activations", "token_layers", "tokens", "blocks")
 
+#: Tables read to find started groups: blocks and tokens are committed first (COMMIT_ORDER), moments
+#: hold the groups' partial statistics.
+STARTED_TABLES = ("blocks", "tokens", "moments")
 
-def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None) -> list[str]:
+
+def clean_marks(lake: lk.Lake) -> dict[str, int]:
+    """The newest fragment id of each STARTED_TABLES table. Recorded in a run's manifest when none of
+    the run's rows up to them is incomplete (see `delete_incomplete`'s `since`)."""
+    return {t: lake.last_fragment(t) for t in STARTED_TABLES}
+
+
+def started_samples(lake: lk.Lake, run: str, since: dict[str, int] | None = None) -> set[str]:
+    """Ids of `run`'s samples with rows in blocks or tokens (committed first), in fragments after
+    `since` (all fragments without it): the read whose cost `since` keeps to what is new."""
+    q, since = f"run = {lk.sql_quote(run)}", since or {}
+    return {s for t in ("blocks", "tokens")
+            for s in lake.read(t, ["sample_id"], filter=q, after_fragment=since.get(t)).column(0).unique().to_pylist()}
+
+
+def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None,
+                      since: dict[str, int] | None = None) -> list[str]:
     """Delete every row of `run`'s samples that are not `complete` (default: those with a `samples`
     row; a resuming capture passes the samples of its complete groups) and the partial inline
-    statistics of groups that never completed; return the ids removed. The caller holds the lease."""
+    statistics of groups that never completed; return the ids removed. The caller holds the lease.
+    `since` (`clean_marks` recorded when the run had no incomplete rows): look only at fragments
+    committed after them, so a start costs what the last, interrupted capture wrote, not the run."""
     from tourray.stats.inline import incomplete_parts
 
     q = f"run = {lk.sql_quote(run)}"
+    since = since or {}
     committed = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
     complete = committed if complete is None else complete
-    started = set(committed)
-    for table in ("blocks", "tokens"):
-        started |= set(lake.read(table, ["sample_id"], filter=q).column(0).unique().to_pylist())
-    orphans = sorted(started - complete)
+    if committed - complete:  # a group with only some samples rows (not what a capture commits): look everywhere
+        since = {}
+    orphans = sorted((committed | started_samples(lake, run, since)) - complete)
     if orphans:
         log.warning("run %s: removing rows of %d sample(s) whose group was not completely committed", run, len(orphans))
         ids = ", ".join(lk.sql_quote(s) for s in orphans)
         for table in (*SAMPLE_TABLES, "samples"):
             if lake.exists(table):
                 lake.delete(table, f"{q} AND sample_id IN ({ids})")
-    if parts := incomplete_parts(lake, run, complete):
+    if parts := incomplete_parts(lake, run, complete, since.get("moments")):
         log.warning("run %s: removing partial statistics of %d interrupted group(s)", run, len(parts))
         lake.delete("moments", f"{q} AND source IN ({', '.join(lk.sql_quote(p) for p in parts)})")
     return orphans
@@ -63,7 +84,7 @@ def unreferenced_files(lake: lk.Lake, table: str, min_age_s: float) -> list[str]
     """Full paths of `table`'s data files that no version references, older than `min_age_s`."""
     if not lake.exists(table):
         return []
-    fs, root = pafs.FileSystem.from_uri(lake.uri(table))
+    fs, root = lake.filesystem(table)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/data", allow_not_found=True))
     keep = referenced_files(lake, table)  # listed after the files: a file committed meanwhile is kept
     now = time.time()
@@ -74,12 +95,6 @@ def unreferenced_files(lake: lk.Lake, table: str, min_age_s: float) -> list[str]
 def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: float | None = None) -> dict[str, int]:
     """Remove never-committed fragment files of every table, unless a lease other than `own`
     (holder ids) is live: that writer's in-flight fragments look exactly like debris."""
-    if "://" in lake.root and not lake.root.startswith("file://"):
-        # object stores: listing needs the store's own credentials (storage_options) in pyarrow.fs, not
-        # wired yet; such debris costs storage only (no version references it): `tourray optimize
-        # --delete-unverified` removes it through Lance
-        log.info("repair: unreferenced files on %s are left to `tourray optimize --delete-unverified`", lake.root)
-        return {}
     others = [r for r in lk.live_leases(lake) if r["holder"] not in own]
     if others:
         log.info("repair: not removing unreferenced files: %d other driver(s) live (%s)", len(others),
@@ -90,7 +105,7 @@ def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: f
     for table in lake.tables():
         files = unreferenced_files(lake, table, age)
         if files:
-            fs, _ = pafs.FileSystem.from_uri(lake.uri(table))
+            fs, _ = lake.filesystem(table)
             for f in files:
                 fs.delete_file(f)
             removed[table] = len(files)
@@ -98,9 +113,9 @@ def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: f
     return removed
 
 
-def run_repair(lake_root: str, run: str | None = None, min_age_s: float | None = None) -> dict:
+def run_repair(lake_root: str | lk.Lake, run: str | None = None, min_age_s: float | None = None) -> dict:
     """Repair `run` (or every run): orphan rows of runs whose lease this process can take, then files."""
-    lake = lk.Lake(lake_root)
+    lake = lake_root if isinstance(lake_root, lk.Lake) else lk.Lake(lake_root)
     if not lake.exists("runs"):
         raise UserError(f"--lake {lake.root}: no lake here (no runs table)")
     runs = sorted(set(lake.read("runs", ["run"]).column(0).to_pylist()))

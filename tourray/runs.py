@@ -7,6 +7,7 @@ import json
 from tourray.config import compact_layers
 from tourray.errors import UserError
 from tourray.lake import Lake, sql_quote
+from tourray.manifest import snapshot_hash
 
 
 def _lake(root) -> Lake:
@@ -26,7 +27,7 @@ def list_runs(root) -> str:
             counts[r["run"]] = (r["n_tokens_count"], r["n_tokens_sum"])
     rows = [("run", "model", "engine", "store", "layers", "sites", "samples", "tokens", "created (UTC)", "commit")]
     for r in sorted(lake.read("runs").to_pylist(), key=lambda r: r["created_at"]):
-        want = len(json.loads(r["manifest"])["samples"])
+        want = n_texts(json.loads(r["manifest"]))
         n, t = counts.get(r["run"], (0, 0))
         rows.append((r["run"], r["model"], r["engine"], r["store_dtype"], compact_layers(r["layers"]), ",".join(r["sites"]),
                      f"{n}/{want}", f"{t or 0:,}", r["created_at"].strftime("%Y-%m-%d %H:%M"), (r["tourray_commit"] or "-")[:12]))
@@ -47,8 +48,8 @@ def describe_run(root, run: str) -> str:
 
     out = [f"{k:<22}{show(k, v)}" for k, v in r.items()]
     out.append(f"{'prompt':<22}{json.dumps(m['prompt'])}")
-    out.append(f"{'samples':<22}{len(m['samples'])} texts under {m['samples_root']} "
-               f"(snapshot sha256 {snapshot_hash(m['samples'])[:16]})")
+    sha = m.get("texts_sha256") or snapshot_hash(m["samples"])
+    out.append(f"{'samples':<22}{n_texts(m)} texts under {m['samples_root']} (snapshot sha256 {sha[:16]})")
     out.append(f"{'libraries':<22}{', '.join(f'{k} {v}' for k, v in m['versions'].items())}")
     for c in m.get("captures", []):
         out.append(f"{'capture':<22}{c['finished_at'][:19]}: {c['captured']} samples, {c['tokens']:,} tokens in "
@@ -56,8 +57,7 @@ def describe_run(root, run: str) -> str:
     return "\n".join(out)
 
 
-def snapshot_hash(samples: dict[str, str]) -> str:
-    """One hash for a run's whole text snapshot (source -> sha256)."""
-    from tourray.corpus import sha256_bytes
-
-    return sha256_bytes(json.dumps(samples, sort_keys=True).encode())
+def n_texts(manifest: dict) -> int:
+    """How many texts the run was asked to capture (lakes from before the run_texts table kept them
+    in the manifest, as `samples`)."""
+    return manifest["n_texts"] if "n_texts" in manifest else len(manifest["samples"])

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -46,7 +47,15 @@ def init_ray(address: str | None = None, quiet: bool = True):
     #   what tourray wants (a private cluster), so the notice is dropped (RAY_AUTH_MODE still decides).
     # - "lance is not fork-safe" fires whenever this process forks after importing lance: Ray's own
     #   process launches fork and exec at once, and no Lance state crosses them, so it is harmless.
+    # - A capture's actor pool passes max_restarts / max_task_retries (tourray.capture.driver.MAX_TRIES)
+    #   to map_batches as extra remote args, the only way Ray Data 2.60 has to set them, which it reports
+    #   as deprecated (removal announced for Ray 2.64: move them once Ray Data names them). Ray's core
+    #   then logs "Actor ... has constructor arguments in the object store and max_restarts > 0 ..." for
+    #   every such pool (Ray Data itself passes its context and transform by reference); those objects
+    #   belong to this driver and live as long as the pool, so the restarts work: see
+    #   `_spend_actor_restart_warning`.
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="tourray.capture.driver")
     auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = auth_log.level
     if address is None and "RAY_AUTH_MODE" not in os.environ:
@@ -55,11 +64,35 @@ def init_ray(address: str | None = None, quiet: bool = True):
         ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
     finally:
         auth_log.setLevel(level)
+    _spend_actor_restart_warning(ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s
     ctx.print_on_execution_start = False
     log.info("ray: %s", "embedded local cluster" if address is None else f"cluster at {address}")
     return ray
+
+
+def _spend_actor_restart_warning(ray) -> None:
+    """Ray's core prints the actor-restart warning (see `init_ray`) from C++, once per process and
+    past Python's logging: spend that once here, on a throwaway actor created with stderr pointed at
+    /dev/null for the one call, so that no capture prints it."""
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class Throwaway:
+        def __init__(self, ref):
+            pass
+
+    ref = ray.put(None)
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        actor = Throwaway.remote(ref)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    ray.kill(actor, no_restart=True)
 
 
 def in_ray_job() -> bool:

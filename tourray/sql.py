@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from tourray.errors import UserError
 from tourray.lake import Lake, arrow_to_numpy
+from tourray.repair import SAMPLE_TABLES
 
 QUERY_DIR = Path(__file__).resolve().parent / "queries"  # tourray/queries -> ../queries in a checkout; package data when installed
 
@@ -80,12 +81,12 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     if not tables:
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     con = duckdb.connect(database)
-    for t in tables:
+    for t in sorted(tables, key=lambda t: t != "samples"):  # samples first: the per-sample views join it
         ds = lake.dataset(t)
         # only tables with vectors need the converting view; the others are scanned by DuckDB's own
         # Arrow dataset scan (no Python in the loop: token_layers, tokens, samples read ~1.5x faster)
         source = LakeView(ds) if any(_needs_view(f.type) for f in ds.schema) else ds
-        if t == "samples" or not {"run", "sample_id"} <= set(ds.schema.names) or "samples" not in tables:
+        if t not in SAMPLE_TABLES or "samples" not in tables:
             con.register(t, source)
             continue
         # per-sample rows count only once their sample is complete (its samples row, committed last,

@@ -4,6 +4,7 @@ and their padded forward batches are fixed slices of the full sample order, not 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,11 +17,13 @@ import lance
 import pyarrow.compute as pc
 import pytest
 
-from tests.conftest import TEXTS, write_corpus
+from tests.conftest import REPO, TEXTS, write_corpus
 from tourray import lake as lk
 from tourray.capture import CaptureConfig, run_capture
 from tourray.capture.plan import all_groups, plan_capture
 from tourray.errors import UserError
+from tourray.repair import unreferenced_files
+from tourray.verify import verify_lake
 
 # 8 texts of different lengths: batches of 3 pad, so a different batching would change activations
 MORE = dict(TEXTS, **{"train/sydney__ferry.txt": "Manly ferries have crossed the harbour since 1855.\n",
@@ -112,3 +115,79 @@ def test_resume_after_sigkill_is_exact(qwen3_model, reference, tmp_path):
     s = run_capture(_cfg(qwen3_model, samples, lake), progress=False)
     assert s["already_done"] == done and s["captured"] == 8 - done
     assert _acts(lake) == ref
+
+
+KILLER = Path(__file__).with_name("_kill_capture.py")
+FRAGMENT_TABLES = ("blocks", "tokens", "activations", "token_layers", "samples")
+
+
+def _ids(lake: Path, table: str) -> set[str]:
+    return set(lk.Lake(str(lake)).read(table, ["sample_id"]).column(0).to_pylist())
+
+
+def _debris(lake: Path) -> dict[str, list[str]]:
+    """Table -> its data files that no version references (never-committed fragments)."""
+    L = lk.Lake(str(lake))
+    return {t: f for t in L.tables() if (f := unreferenced_files(L, t, 0))}
+
+
+@pytest.mark.parametrize("instant", ["tables", "half_group", "between_groups", "uncommitted", "out_of_order"])
+def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, reference, tmp_path, monkeypatch):
+    """A real driver process (2 actors, batches of 3, groups of 3, its own Ray) SIGKILLed at `instant`
+    (see _kill_capture.py: tables made, no group; a group half committed; between groups; a group's
+    files written, none committed; a later group committed before the first); the lake is checked to
+    be in that state, then a normal run resumes it: byte-identical to the uninterrupted reference,
+    `verify` clean, and no never-committed file left."""
+    samples, _, ref = reference
+    lake = tmp_path / "lake"
+    args = dict(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="r", **OPTS)
+    cfg = CaptureConfig(**args)
+    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="3",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "wb") as out:
+        p = subprocess.Popen([sys.executable, str(KILLER), instant, json.dumps(args)], env=env, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # its own group: Ray dies with it
+        try:
+            p.wait(timeout=240)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == -signal.SIGKILL, f"not killed (rc {p.returncode}):\n{log_path.read_text()[-3000:]}"
+
+    # -- the lake is in the state the instant claims
+    groups = [{s.sample_id for s in g} for g in all_groups(plan_capture(cfg))]
+    L = lk.Lake(str(lake))
+    assert L.read("runs", ["run"]).column(0).to_pylist() == ["r"]
+    assert {r["holder"].split(":")[1] for r in L.read("leases").to_pylist()} == {str(p.pid)}  # the dead one's
+    done, started, debris = _ids(lake, "samples"), _ids(lake, "tokens"), _debris(lake)
+    complete = [i for i, g in enumerate(groups) if g <= done]
+    assert done == set().union(*(groups[i] for i in complete))  # `samples` only ever has whole groups
+    if instant == "tables":
+        assert not done and not started and L.dataset("activations").count_rows() == 0
+    elif instant == "half_group":  # blocks + tokens of one group, nothing after
+        assert not done and any(started == g for g in groups) and _ids(lake, "blocks") == started
+        assert L.dataset("activations").count_rows() == 0
+    elif instant == "between_groups":  # exactly one complete group and nothing of any other
+        assert len(complete) == 1 and started == done == _ids(lake, "activations")
+    elif instant == "uncommitted":  # a group's files on disk, nothing committed
+        assert not done and not started and L.dataset("activations").count_rows() == 0
+        assert set(FRAGMENT_TABLES) <= set(debris), debris
+    elif instant == "out_of_order":  # a later group complete, the first one half committed
+        assert len(complete) == 1 and complete != [0], complete  # not a prefix of the fixed order
+        assert started == done | groups[0] and _ids(lake, "activations") == done
+    # never-committed files are removed once older than a lease's lifetime (here 3 s)
+    monkeypatch.setenv("TOURRAY_LEASE_TTL_S", "3")
+    monkeypatch.setattr(lk, "LEASE_TTL_S", 3.0)
+    if debris := _debris(lake):  # listed again: a dying actor's last write counts too
+        newest = max(os.path.getmtime(f) for fs in debris.values() for f in fs)
+        time.sleep(max(0.0, newest + 3.5 - time.time()))
+
+    s = run_capture(cfg, progress=False)
+    assert s["already_done"] == len(done) and s["captured"] == 8 - len(done)
+    assert s["groups"] == len(groups) - len(complete)
+    assert _acts(lake) == ref
+    report = verify_lake(str(lake))
+    assert report.problems == [] and report.samples == 8 and not any("incomplete" in n for n in report.notes)
+    assert _debris(lake) == {}

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tourray.config import BaseConfig, comma_list, Engine, ModelDtype, Site, StoreDtype
+from tourray.config import BaseConfig, comma_list, Engine, ModelDtype, Site, StorageOptions, StoreDtype, storage_options_field
 
 
 class HFEngineConfig(BaseConfig):
@@ -40,7 +40,8 @@ class CaptureConfig(BaseConfig):
     gguf_file: str | None = Field(None, description="GGUF file inside the --model folder to capture directly (transformers dequantises it on load); --model FILE.gguf does the same.")
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
     reference: str | None = Field(None, description="Reference model (hub id or folder) run on the same tokens: tokens.kl_ref = KL(reference || model) per token, e.g. the original of a pruned --model. Must share the tokenizer.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model; the driver resolves it to a commit once and every actor loads that commit.")
+    reference_revision: str | None = Field(None, description="Hub revision of --reference (resolved to a commit like --revision).")
     store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of stored vectors: float16 halves the bytes of float32; bfloat16 keeps float32's range.")
     model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
     layers: str = Field("all", description="Layers to hook: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
@@ -60,29 +61,14 @@ class CaptureConfig(BaseConfig):
     threads: int | None = Field(None, gt=0, description="torch CPU threads per actor; default: cores / actors.")
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
-    storage_options: dict[str, str] = Field({}, exclude=True, repr=False, description="(Never stored in the run manifest or logged: it may hold credentials.) "
-                                            "Object-store settings for a URI --lake, passed to Lance as storage_options (e.g. aws_access_key_id, aws_secret_access_key, aws_region, aws_endpoint, allow_http); the environment (AWS_*) works too. Flag form: key=value,key=value; YAML: a mapping.")
+    storage_options: StorageOptions = storage_options_field()
     lake_shared: bool = Field(False, description="A local-folder --lake is on storage every Ray node mounts at the same path (NFS, ...): allow actors on several nodes to write it.")
+    allow_version_change: bool = Field(False, description="Resume a run under other torch / transformers / vllm / tourray versions than it was captured with (refused by default: kernels change the last bits); each capture records its versions in the manifest.")
 
     @field_validator("sites", "stats", "include", mode="before")
     @classmethod
     def _split_sites(cls, v):
         return comma_list(v)
-
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _split_storage_options(cls, v):
-        if not isinstance(v, str):
-            return {str(k): str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()} if isinstance(v, dict) else v
-        out = {}
-        for item in (s.strip() for s in v.split(",")):
-            if not item:
-                continue
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"expected key=value,key=value; got {item!r}")
-            out[key.strip()] = value.strip()
-        return out
 
     @field_validator("sites")
     @classmethod

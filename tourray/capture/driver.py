@@ -27,6 +27,7 @@ from tourray.config import compact_layers
 from tourray.errors import UserError
 from tourray.lake import RunLease
 from tourray.manifest import record_summary
+from tourray.repair import clean_marks
 from tourray.stats.inline import finalize
 
 log = logging.getLogger("tourray")
@@ -61,8 +62,10 @@ class NamedCaptureStage(CaptureStage):
 
 
 def _stage_kwargs(plan: Plan) -> dict:
-    return dict(cfg=plan.cfg, lake_root=plan.lake.root, layers=plan.layers, hidden_size=plan.info.hidden_size,
-                num_layers=plan.info.num_layers, stored=plan.stored)
+    """What every actor gets: the pinned config and what the driver resolved (prompt text, tokenizer)."""
+    return dict(cfg=plan.actor_cfg, lake_root=plan.lake.root, layers=plan.layers, hidden_size=plan.info.hidden_size,
+                num_layers=plan.info.num_layers, stored=plan.stored, system_prompt=plan.system_prompt,
+                tokenizer=plan.tokenizer)
 
 
 def build_capture(plan: Plan, done: set[str]):
@@ -164,5 +167,6 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
     if cfg.stats and (pending or not plan.lake.exists("layer_stats")):
         summary["inline_stats"] = finalize(plan.lake, cfg.run)  # merge the groups' parts into layer/pair stats
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    record_summary(plan.lake, cfg.run, summary)
+    # every group is committed: none of the run's rows is incomplete (the next start reads from here)
+    record_summary(plan.lake, cfg.run, summary, clean_fragments=clean_marks(plan.lake))
     return summary

@@ -156,7 +156,7 @@ class HFEngine:
     def from_config(cls, cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]):
         return cls(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers, cfg.sites,
                    num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
-                   inner_sites=inner_sites, reference=cfg.reference, hf=cfg.hf, gpus=cfg.gpus_per_actor,
+                   inner_sites=inner_sites, reference=cfg.reference, reference_revision=cfg.reference_revision, hf=cfg.hf, gpus=cfg.gpus_per_actor,
                    gguf_file=getattr(cfg, "gguf_file", None))
 
     def _keep(self, key, t) -> None:

@@ -4,7 +4,9 @@ removed)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +17,9 @@ from tourray.capture.config import CaptureConfig
 from tourray.capture.hf import check_sites
 from tourray.config import compact_layers, parse_layers
 from tourray.errors import UserError
-from tourray.repair import delete_incomplete, remove_unreferenced
-from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, model_revision, require_folder, run_changes, run_row,
-                              tokenizer_sha256)
+from tourray.repair import clean_marks, delete_incomplete, remove_unreferenced
+from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, model_revision, read_manifest, require_folder,
+                              run_changes, run_row, stored_texts, text_rows, tokenizer_sha256, update_manifest)
 
 log = logging.getLogger("tourray")
 
@@ -27,6 +29,9 @@ class Plan:
     """What the driver resolved before any work: refusals happen while building it."""
 
     cfg: CaptureConfig
+    actor_cfg: CaptureConfig   # cfg with hub revisions pinned to the commits resolved here
+    system_prompt: str         # the text: actors on other nodes never read the driver's file
+    tokenizer: object          # shipped to actors as resolved here
     lake: lk.Lake
     samples: list[corpus.Sample]
     skipped: list[str]
@@ -84,14 +89,29 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     if existing:
         if existing[0]["model_revision"].startswith("sha256:") and row["model_revision"].startswith("st-sha256:"):
             row["model_revision"] = model_revision(cfg.model, cfg.revision, full=True)  # a lake from before
-        changes = run_changes(existing[0], row)
+        changes = run_changes(existing[0], row, stored_texts(lake, existing[0]),
+                              {s.source: (s.sha256, s.category) for s in samples}, cfg.allow_version_change)
         if changes:
             raise UserError(f"run {cfg.run!r} already exists in {lake.root} with other inputs; use a new --run.\n  "
                             + "\n  ".join(changes))
     schemas = {t: lk.schema(t, store_dtype=cfg.store_dtype.value, hidden_size=info.hidden_size) for t in lk.TABLES}
     if stored and lake.exists("activations"):
         lake.ensure("activations", schemas["activations"])  # refuse another width/dtype before writing
-    return Plan(cfg, lake, samples, skipped, layers, stored, info, row, bool(existing), schemas)
+    actor_cfg = pin_revisions(cfg, info.model_revision, json.loads(row["manifest"]).get("reference_revision"))
+    return Plan(cfg, actor_cfg, system_prompt, tok, lake, samples, skipped, layers, stored, info, row, bool(existing),
+                schemas)
+
+
+def pin_revisions(cfg: CaptureConfig, model_commit: str, reference_commit: str | None) -> CaptureConfig:
+    """The config actors load from: a hub model's (and reference's) branch or tag replaced by the
+    commit the driver resolved, so no actor re-resolves `main` (a push mid-run would mix models)."""
+    is_commit = lambda r: bool(r) and re.fullmatch(r"[0-9a-f]{40}", r) is not None  # noqa: E731
+    update = {}
+    if is_commit(model_commit) and not cfg.gguf_file and not Path(cfg.model).expanduser().exists():
+        update["revision"] = model_commit
+    if cfg.reference and is_commit(reference_commit) and not Path(cfg.reference).expanduser().exists():
+        update["reference_revision"] = reference_commit
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def all_groups(plan: Plan) -> list[list[corpus.Sample]]:
@@ -106,19 +126,34 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
     """Create missing tables and the run row, delete every row of groups that are not complete (a
     killed run, possibly with groups committed out of order), and return the ids of samples in
     complete groups. A group is the unit of resume: a partial one is captured again whole. `own`:
-    this driver's lease holder id (never-committed files are removed only with it)."""
+    this driver's lease holder id (never-committed files are removed only with it).
+
+    Cost: the run's `samples` ids, plus what was committed since the run's clean marks (see
+    `repair.delete_incomplete`), not every token row of the run."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
     for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
-                  + ("runs", "samples", "tokens", "blocks")):
+                  + ("runs", "run_texts", "samples", "tokens", "blocks")):
         lake.ensure(table, plan.schemas[table])
     if not lake.read("runs", ["run"], filter=f"run = {q}").num_rows:  # again: another driver may have made it
+        # the texts first, then the run row: a start killed in between left texts of no run
+        if lake.read("run_texts", ["run"], filter=f"run = {q}").num_rows:
+            lake.delete("run_texts", f"run = {q}")
+        texts = plan.schemas["run_texts"]
+        lake.append("run_texts", pa.Table.from_pylist(text_rows(cfg.run, plan.samples), schema=texts), texts)
+        # a new run has no rows anywhere yet: everything up to today's fragments is clean for it
+        manifest = dict(json.loads(plan.run_row["manifest"]), clean_fragments=clean_marks(lake))
         runs = plan.schemas["runs"]
-        lake.append("runs", pa.Table.from_pylist([plan.run_row], schema=runs), runs)
+        lake.append("runs", pa.Table.from_pylist([dict(plan.run_row, manifest=json.dumps(manifest))], schema=runs), runs)
+        return set()
     committed = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
     done = {s.sample_id for grp in all_groups(plan) if all(s.sample_id in committed for s in grp) for s in grp}
-    delete_incomplete(lake, cfg.run, done)  # a partial group is captured again whole
-    if own is not None:  # fragment files of killed runs' uncommitted groups, when no other driver is live
+    marks, before = clean_marks(lake), read_manifest(lake, cfg.run).get("clean_fragments")
+    delete_incomplete(lake, cfg.run, done, since=before)  # a partial group is captured again whole
+    if own is not None and len(done) < len(plan.samples):
+        # an interrupted run: its actors' never-committed fragment files, when no other driver is live
         remove_unreferenced(lake, {own})
+    if marks != before:
+        update_manifest(lake, cfg.run, clean_fragments=marks)
     return done
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 from tourray import corpus, lake as lk
 from tourray.capture.config import CaptureConfig
 from tourray.capture.engine import INNER_SITES, Captured, make_engine
+from tourray.checksum import tokens_sha256
 from tourray.errors import UserError
 from tourray.manifest import load_tokenizer
 from tourray.prompt import SEGMENTS, Encoded, PromptFormat
@@ -37,13 +38,16 @@ class CaptureStage(Stage):
     _TEXT = SEGMENTS.index("text")
 
     def __init__(self, cfg: CaptureConfig, lake_root: str, layers: list[int], hidden_size: int, num_layers: int,
-                 stored: list[int] | None = None):
+                 stored: list[int] | None = None, system_prompt: str | None = None, tokenizer=None):
+        """`system_prompt` (the text) and `tokenizer` are what the driver resolved and ships, so an
+        actor on another node never re-reads a file only the driver has; None: resolve from `cfg`."""
         super().__init__()
         self.cfg, self.layers = cfg, layers
         self.lake = lk.Lake(lake_root, cfg.storage_options)
-        self.tok = load_tokenizer(cfg)
-        self.fmt = PromptFormat(self.tok, corpus.read_system_prompt(cfg.system_prompt), cfg.text_role,
-                                cfg.user_prompt, cfg.chat_template)
+        self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+        if system_prompt is None:
+            system_prompt = corpus.read_system_prompt(cfg.system_prompt)
+        self.fmt = PromptFormat(self.tok, system_prompt, cfg.text_role, cfg.user_prompt, cfg.chat_template)
         self.engine = make_engine(cfg, layers, num_layers, stored,
                                   tuple(INNER_SITES) if {"moments", "units"} & set(cfg.stats) else ())
         residual = self.engine.keys if {"moments", "pairs"} & set(cfg.stats) else []  # units: inner sites only
@@ -72,6 +76,7 @@ class CaptureStage(Stage):
         order = sorted(range(len(rows)), key=lambda i: -len(enc[i].input_ids))
         spans = [self._text_span(e) for e in enc]  # once per sample: the inline sink and `samples` use them
         tokens, layer_rows, blocks, nbytes = [], [], [], [0]
+        tokens_sha = [""] * len(rows)  # samples.tokens_sha256, of the rows exactly as written
 
         def forwards():  # on the forward thread: the model and nothing else
             for a in range(0, len(order), cfg.batch_size):
@@ -91,6 +96,7 @@ class CaptureStage(Stage):
                             f"sample {rows[i]['source']} (id {sid}), layer {layer}, site {site}: values are not "
                             f"finite in {cfg.store_dtype.value}; use --store-dtype bfloat16 or float32")
                     tokens.append(self._tokens_table(sid, rows[i]["text"], e, cap))
+                    tokens_sha[i] = tokens_sha256(tokens[-1])
                     if cap.vectors:
                         layer_rows.append(self._token_layers_table(sid, cap))
                     for (layer, site), h in cap.vectors.items():
@@ -135,6 +141,7 @@ class CaptureStage(Stage):
             "truncated": [e.truncated for e in enc],
             "text_start": pa.array(span_arr[:, 0]),
             "text_end": pa.array(span_arr[:, 1]),
+            "tokens_sha256": tokens_sha,
         }, schema=self.schemas["samples"])
         if self.inline is not None:  # this group's partial statistics, committed with it
             parts = self.inline.part_rows(run, [r["sample_id"] for r in rows])

@@ -95,12 +95,13 @@ class InlineStats:
         return rows
 
 
-def incomplete_parts(lake: lk.Lake, run: str, done: set[str]) -> list[str]:
-    """Group keys of partial rows whose group has a sample without its `samples` row (killed)."""
+def incomplete_parts(lake: lk.Lake, run: str, done: set[str], after_fragment: int | None = None) -> list[str]:
+    """Group keys of partial rows whose group has a sample without its `samples` row (killed), in
+    fragments after `after_fragment` (see `Lake.read`)."""
     if not lake.exists("moments"):
         return []
-    rows = lake.read("moments", ["source", "sources"],
-                     filter=f"run = {lk.sql_quote(run)} AND kind LIKE '%_part'").to_pylist()
+    rows = lake.read("moments", ["source", "sources"], filter=f"run = {lk.sql_quote(run)} AND kind LIKE '%_part'",
+                     after_fragment=after_fragment).to_pylist()
     return sorted({r["source"] for r in rows if not set(json.loads(r["sources"])["group"]) <= done})
 
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import Field, create_model
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, BaseConfig, Site, compact_layers
+from tourray.config import EMBED_LAYER, BaseConfig, Site, StorageOptions, compact_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, complete_samples, layer_stream, paired_stream, resolve, source_digest
@@ -97,6 +97,7 @@ class SolveConfig(_Streams):
     Every field is also a flag."""
 
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI.")
+    storage_options: StorageOptions = storage_options_field()
     k: int | None = Field(None, gt=0, description="pca: components kept (default all); procrustes: solve in the shared top-K PCA space (W = P_x R P_y^T).")
     whiten: bool = Field(False, description="procrustes: whiten each side by (C + ridge I)^(-1/2) before solving the rotation.")
     ridge: float = Field(0.0, ge=0, description="procrustes with --whiten: absolute constant added to the covariances' eigenvalues; lstsq: ridge penalty ridge*||W||_F^2 (units of x's variance).")
@@ -215,13 +216,13 @@ def plan_solve(kind: str, cfg: SolveConfig) -> SolvePlan:
             raise UserError("--ridge regularises procrustes' whitening; pass --whiten too (or --ridge 0)")
     a = parse_stream(cfg.from_stream, "--from")
     b = parse_stream(cfg.to_stream, "--to") if cfg.to_stream is not None else None
-    lake = lk.Lake(cfg.lake)
+    lake = lk.Lake(cfg.lake, cfg.storage_options)
     if not lake.exists("runs"):
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     row = _check_stream(a, "--from", lake)
     d, d_b, lake_b = int(row["hidden_size"]), None, None
     if b is not None:
-        other = lk.Lake(b.lake) if b.lake else lake
+        other = lk.Lake(b.lake, cfg.storage_options) if b.lake else lake  # --to's lake: on the same store
         if b.lake and not other.exists("runs"):
             raise UserError(f"--to: no tourray tables under {other.root}")
         d_b = int(_check_stream(b, "--to", other)["hidden_size"])
@@ -273,10 +274,11 @@ def _stats_config(plan: SolvePlan, recompute: bool):
 
     cfg, a, b = plan.cfg, plan.a, plan.b
     layers = [a] if b is None else sorted([a, b], key=lambda s: s.layer)
-    return StatsConfig(lake=cfg.lake, run=a.run, layers=",".join(s.layer_name for s in layers),
-                       pairs="none" if b is None else f"{layers[0].layer_name}:{layers[1].layer_name}",
-                       sites=[a.site], where=cfg.where, weight=cfg.weight, text_only=cfg.text_only, split="fit",
-                       heldout=cfg.heldout, batch_rows=cfg.batch_rows, address=cfg.address, recompute=recompute)
+    return StatsConfig(lake=cfg.lake, storage_options=cfg.storage_options, run=a.run,
+                       layers=",".join(s.layer_name for s in layers),
+                       pairs="none" if b is None else f"{layers[0].layer_name}:{layers[1].layer_name}", sites=[a.site],
+                       where=cfg.where, weight=cfg.weight, text_only=cfg.text_only, split="fit", heldout=cfg.heldout,
+                       batch_rows=cfg.batch_rows, address=cfg.address, recompute=recompute)
 
 
 def swap(x: CrossMoments, sq_b_w: float) -> CrossMoments:

@@ -25,7 +25,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, BaseConfig, comma_list, Site, compact_layers, parse_layers
+from tourray.config import (EMBED_LAYER, BaseConfig, comma_list, Site, StorageOptions, compact_layers, parse_layers,
+                            storage_options_field)
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, TokenMask, layer_stream, resolve
@@ -39,6 +40,7 @@ class StatsConfig(BaseConfig):
     """What `tourray stats` computes. Every field is also a flag."""
 
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI.")
+    storage_options: StorageOptions = storage_options_field()
     run: str = Field(description="Run whose stored vectors are read.")
     layers: str = Field("all", description="Layers: 'all', 'blocks', 'embed,0,5,10-20' (must have been stored).")
     sites: list[Site] = Field([Site.resid_post], description="Sites, comma-separated (resid_post, resid_mid).")
@@ -148,7 +150,7 @@ def make_tiles(layers: list[int], pairs: list[tuple[int, int]], all_pairs: bool,
 
 def plan_stats(cfg: StatsConfig, site: Site) -> StatsPlan:
     """Check the run, layers, pairs and selection; find what the lake already holds."""
-    lake = lk.Lake(cfg.lake)
+    lake = lk.Lake(cfg.lake, cfg.storage_options)
     if not lake.exists("runs"):
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     row = lk.run_row(lake, cfg.run)
