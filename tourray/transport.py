@@ -39,7 +39,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, Site, compact_layers
+from tourray.config import EMBED_LAYER, Site, StorageOptions, compact_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.solves import SplitSelection
 
@@ -86,6 +86,9 @@ class TransportConfig(SplitSelection):
 
     teacher_lake: str = Field(description="Lake root of the teacher run (the target basis).")
     student_lake: str = Field(description="Lake root of the student run; the maps are stored in its table solves.")
+    # one set for both lakes, as `tourray solve` reads its --to lake with its own: each layer pair is a
+    # SolveConfig whose student (--from) and teacher (--to) lakes share that config's storage_options
+    storage_options: StorageOptions = storage_options_field()
     run: str = Field(description="Student run (and teacher run, unless --teacher-run).")
     teacher_run: str | None = Field(None, description="Teacher run, when it is named differently from --run.")
     site: Site = Field(Site.resid_post, description="Residual-stream site of both runs: resid_post or resid_mid.")
@@ -217,7 +220,7 @@ def plan_transport(cfg: TransportConfig) -> TransportPlan:
     """Every check that can refuse the transport, before anything is read in bulk or written."""
     from tourray.stats.solves import SolveConfig, plan_solve
 
-    student, teacher = lk.Lake(cfg.student_lake), lk.Lake(cfg.teacher_lake)
+    student, teacher = lk.Lake(cfg.student_lake, cfg.storage_options), lk.Lake(cfg.teacher_lake, cfg.storage_options)
     trun = cfg.teacher_run or cfg.run
     row_s = lk.run_row(student, cfg.run, "--run")
     row_t = lk.run_row(teacher, trun, "--teacher-run" if cfg.teacher_run else "--run")
@@ -249,8 +252,8 @@ def plan_transport(cfg: TransportConfig) -> TransportPlan:
     planned = []
     for s, t in pairs:  # the solve's own checks: layers stored, widths and --k, selection, ridge
         name = lambda l: "embed" if l == EMBED_LAYER else str(l)  # noqa: E731
-        scfg = SolveConfig(lake=student.root, **{"from": f"{cfg.run}:{name(s)}:{site}",
-                                                  "to": f"{teacher.root}:{trun}:{name(t)}:{site}"},
+        scfg = SolveConfig(lake=student.root, storage_options=cfg.storage_options,
+                           **{"from": f"{cfg.run}:{name(s)}:{site}", "to": f"{teacher.root}:{trun}:{name(t)}:{site}"},
                            k=cfg.k, whiten=cfg.whiten, ridge=cfg.ridge, center=cfg.center, heldout=cfg.heldout,
                            where=cfg.where, weight=cfg.weight, text_only=cfg.text_only, recompute=cfg.recompute)
         try:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from tourray import lake as lk
-from tourray.config import BaseConfig
+from tourray.config import BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 from tourray.prune.plan import read_plan, spans
 
@@ -26,6 +26,7 @@ class ApplyConfig(BaseConfig):
     out: str = Field(description="Checkpoint folder to write (new or empty).")
     patch: Literal["none", "lstsq", "cosine"] = Field("none", description="Linear patch per removed span (ReplaceMe), solved from the plan's run: none, lstsq (closed form), cosine (lstsq then Adam on cosine distance).")
     lake: str | None = Field(None, description="Lake holding the run the patch is solved from; default: the plan's.")
+    storage_options: StorageOptions = storage_options_field()
     run: str | None = Field(None, description="Run the patch is solved from; default: the plan's (the unpruned model's capture, with resid_mid).")
     ridge: float = Field(0.0, ge=0, description="Ridge of the least-squares patch toward the identity (the block unpatched), in units of the MLP output's mean second moment per channel; 0 = plain least squares.")
     epochs: int = Field(3, gt=0, description="Adam epochs over the lake for --patch cosine.")
@@ -61,7 +62,7 @@ def run_apply(cfg: ApplyConfig) -> dict:
                             f"but --model {cfg.model} is {revision}; the patch must be solved from this model's activations")
         if not (cfg.lake or plan.get("lake")) or not (cfg.run or plan.get("run")):
             raise UserError(f"--patch: --plan {cfg.plan} names no lake/run to solve the patch from; give --lake and --run")
-        lake, run = lk.Lake(cfg.lake or plan["lake"]), cfg.run or plan["run"]
+        lake, run = lk.Lake(cfg.lake or plan["lake"], cfg.storage_options), cfg.run or plan["run"]
         check_patchable(lake, run, spans(plan["removed"]))
         fits = [solve_span(lake, run, a, b, cfg.ridge, cfg.patch, cfg.epochs, cfg.lr) for a, b in spans(plan["removed"])]
     elif not same_model:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field, PositiveInt, field_validator
 
 from tourray import lake as lk
-from tourray.config import BaseConfig, comma_list
+from tourray.config import BaseConfig, StorageOptions, comma_list, storage_options_field
 from tourray.prune.verdict import Criteria
 
 
@@ -15,6 +15,7 @@ class EvalSettings(BaseConfig):
     """The eval side of a sweep or QA config (fields are flags of both)."""
 
     lake: str = Field("lake", description="Lake holding the evidence run; baseline and variant runs are written here too.")
+    storage_options: StorageOptions = storage_options_field()
     eval_samples: str = Field("samples/eval", description="Texts every variant is judged on (folder of category subfolders).")
     eval_include: list[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
     system_prompt: str | None = Field(None, description="System prompt file of the eval captures (use the evidence run's).")
@@ -31,9 +32,13 @@ class EvalSettings(BaseConfig):
         """Tokens only (no vectors), KL against `reference` (the original) per token."""
         from tourray.capture import CaptureConfig
 
-        return CaptureConfig(model=model, samples=self.eval_samples, include=self.eval_include, lake=self.lake, run=run,
-                             layers="none", system_prompt=self.system_prompt, batch_size=self.batch_size,
+        return CaptureConfig(model=model, samples=self.eval_samples, include=self.eval_include, lake=self.lake,
+                             storage_options=self.storage_options, run=run, layers="none",
+                             system_prompt=self.system_prompt, batch_size=self.batch_size,
                              group_size=max(self.batch_size, 16), max_length=self.max_length, reference=reference)
+
+    def open_lake(self) -> lk.Lake:
+        return lk.Lake(self.lake, self.storage_options)
 
     def n_eval(self) -> int:
         from tourray import corpus
@@ -58,5 +63,5 @@ def judge(cfg: EvalSettings, base_run: str, run: str) -> dict:
     """compare_runs.sql of `run` against `base_run`, and the verdict."""
     from tourray.prune.verdict import compare, verdict
 
-    table = compare(cfg.lake, base_run, run)
+    table = compare(cfg.open_lake(), base_run, run)
     return dict(comparison=table.to_pylist(), verdict=verdict(table, criteria=cfg.criteria))

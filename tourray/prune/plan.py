@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tourray import lake as lk
-from tourray.config import BaseConfig
+from tourray.config import BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 
 EVIDENCE = ("block-influence", "angular", "u-chop", "entropy-weighted", "magnitude", "variance")
@@ -50,6 +50,7 @@ class PlanConfig(BaseConfig):
     """`tourray prune plan`: every field is a flag."""
 
     lake: str = Field("lake", description="Lake root holding the evidence run.")
+    storage_options: StorageOptions = storage_options_field()
     run: str = Field(description="Run of the model to prune (its stored resid_post vectors give the evidence).")
     method: Method = Field(description="How to choose blocks: " + ", ".join(METHODS) + ".")
     remove: int | None = Field(None, gt=0, description="Blocks to delete (or give --keep).")
@@ -244,7 +245,7 @@ def make_plan(cfg: PlanConfig) -> dict:
     """Choose the blocks and return the plan (method, removed, evidence per block, provenance)."""
     from tourray.manifest import git_commit
 
-    lake = lk.Lake(cfg.lake)
+    lake = lk.Lake(cfg.lake, cfg.storage_options)
     row = run_row(lake, cfg.run)
     L = row["num_layers"]
     n = cfg.remove if cfg.remove is not None else L - cfg.keep

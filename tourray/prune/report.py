@@ -71,7 +71,9 @@ def summary_lines(summary: dict) -> list[str]:
     return out
 
 
-def write_report(summary: dict, lake: str, reports: Path) -> Path:
+def write_report(summary: dict, lake: str | lk.Lake, reports: Path) -> Path:
+    """reports/prune_<run>.md (+ JSON, plots) of a sweep's summary; `lake` (a root, or a Lake opened with
+    its storage options) is read for the token-by-token section."""
     reports.mkdir(parents=True, exist_ok=True)
     run, res = summary["run"], summary["variants"]
     seen = summary["config"]["criteria"]["seen_category"]
@@ -83,7 +85,7 @@ def write_report(summary: dict, lake: str, reports: Path) -> Path:
     fails, ranked = first_fail(res), ranking(curves)
     pred = summary["prediction"]
     L: list[str] = [f"# Depth pruning sweep: run `{run}`", ""]
-    L += [f"Model `{summary['model']}`; evidence run `{run}` (lake `{lake}`); every variant captured on "
+    L += [f"Model `{summary['model']}`; evidence run `{run}` (lake `{lake.root if isinstance(lake, lk.Lake) else lake}`); every variant captured on "
           f"`{summary['eval_samples']}` ({summary['n_eval']} texts) and compared with `{summary['base_run']}` "
           f"(the unpruned model on the same texts). {len(res)} variants in {summary['seconds']:.0f} s.", ""]
     L += ["## The evidence's prediction (made before any variant ran)", "",
@@ -150,14 +152,14 @@ def write_report(summary: dict, lake: str, reports: Path) -> Path:
     return out
 
 
-def _diff_section(summary: dict, lake: str, reports: Path) -> list[str]:
+def _diff_section(summary: dict, lake: str | lk.Lake, reports: Path) -> list[str]:
     """Per-token surprisal difference of one seen text for the variant with the lowest pooled
     perplexity ratio among those with generations (all variants when none has them)."""
     res = [r for r in summary["variants"] if r.get("generations")] or summary["variants"]
     if not res:
         return []
     r = min(res, key=lambda r: (_row(r, "ALL").get("ppl_ratio") or np.inf))
-    lake_ = lk.Lake(lake)
+    lake_ = lake if isinstance(lake, lk.Lake) else lk.Lake(lake)
     seen = summary["config"]["criteria"]["seen_category"]
     s = lake_.read("samples", ["sample_id", "source"], filter=f"run = {lk.sql_quote(summary['base_run'])} AND category = {lk.sql_quote(seen)}")
     if not s.num_rows:

@@ -99,7 +99,8 @@ def predict_cliff(lake: lk.Lake, run: str, removed: list[int], protect: str | No
 
     def plan(method: str, n: int) -> dict:
         if (method, n, 0) not in plans:
-            plans[method, n, 0] = make_plan(PlanConfig(lake=lake.root, run=run, method=method, remove=n, protect=protect))
+            plans[method, n, 0] = make_plan(PlanConfig(lake=lake.root, storage_options=lake.storage_options or {}, run=run,
+                                                          method=method, remove=n, protect=protect))
         return plans[method, n, 0]
 
     curve = {}
@@ -133,11 +134,11 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     from tourray.prune.plan import PlanConfig, make_plan, write_plan
 
     torch.set_num_threads(max(1, int(cfg.cpus_per_task)))
-    lake = lk.Lake(cfg.lake)
+    lake = cfg.open_lake()
     run = f"{cfg.run}.{v.name}"
     work = Path(cfg.workdir) / cfg.run
-    plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove, seed=v.seed,
-                                protect=cfg.protect))
+    plan = make_plan(PlanConfig(lake=cfg.lake, storage_options=cfg.storage_options, run=cfg.run, method=v.method,
+                                remove=v.remove, seed=v.seed, protect=cfg.protect))
     plan_path, gen_path = work / f"{v.name}.plan.json", work / f"{v.name}.generations.json"
     done = is_complete(lake, run, n_eval)
     before = json.loads(plan_path.read_text())["removed"] if done and plan_path.is_file() else plan["removed"]
@@ -152,7 +153,7 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
     if not done:
         shutil.rmtree(ckpt, ignore_errors=True)
         applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch,
-                                        ridge=cfg.ridge))
+                                        ridge=cfg.ridge, storage_options=cfg.storage_options))
         out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
         s = capture_eval(cfg, str(ckpt), run, cfg.model)
         out["eval_tokens_per_s"] = s.get("tokens_per_s")
@@ -182,7 +183,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)  # Ray tasks may run in another working directory (a cluster node)
-    lake = lk.Lake(cfg.lake)
+    lake = cfg.open_lake()
     bad = [m for m in cfg.patch_methods or [] if m not in cfg.methods]
     if bad:
         raise UserError(f"--patch-methods: {bad} not among --methods")
@@ -230,7 +231,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
                    config=cfg.model_dump(mode="json"), prediction=prediction, original=original,
                    base_tokens_per_s=base.get("tokens_per_s"), variants=results,
                    seconds=round(time.perf_counter() - t0, 1))
-    summary["report"] = str(write_report(summary, cfg.lake, Path(cfg.reports)))
+    summary["report"] = str(write_report(summary, lake, Path(cfg.reports)))
     return summary
 
 
@@ -253,13 +254,13 @@ def check_variants(cfg: SweepConfig) -> dict[tuple[str, int, int], dict]:
     from tourray.prune.patch import check_patchable
     from tourray.prune.plan import PlanConfig, make_plan, spans
 
-    lake, plans = lk.Lake(cfg.lake), {}
+    lake, plans = cfg.open_lake(), {}
     for v in variants(cfg):
         key = (v.method, v.remove, v.seed)
         if key not in plans:
             try:
-                plans[key] = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.method, remove=v.remove,
-                                                  seed=v.seed, protect=cfg.protect))
+                plans[key] = make_plan(PlanConfig(lake=cfg.lake, storage_options=cfg.storage_options, run=cfg.run,
+                                                  method=v.method, remove=v.remove, seed=v.seed, protect=cfg.protect))
             except UserError as e:
                 raise UserError(f"variant {v.name}: {e}") from None
         if v.patch != "none":

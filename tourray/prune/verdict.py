@@ -26,7 +26,7 @@ import math
 import pyarrow as pa
 from pydantic import Field
 
-from tourray.config import BaseConfig
+from tourray.config import BaseConfig, add_storage_options_flag
 from tourray.errors import UserError
 from tourray.lake import Lake
 
@@ -211,6 +211,7 @@ def add_verdict_parser(psub) -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(fn=cmd_verdict)
     p.add_argument("--lake", default="lake", help="Lake root holding both runs (default: lake).")
+    add_storage_options_flag(p)
     p.add_argument("--base", required=True, metavar="RUN", help="Baseline run (the original model's capture).")
     p.add_argument("--variant", required=True, metavar="RUN",
                    help="Variant run (the pruned model, captured with --layers none --reference <original>).")
@@ -223,7 +224,7 @@ def cmd_verdict(args) -> int:
     from tourray.cli import config_from_args
 
     criteria = config_from_args(Criteria, args)
-    table = compare(args.lake, args.base, args.variant)
+    table = compare(Lake(args.lake, args.storage_options), args.base, args.variant)
     v = verdict(table, criteria=criteria)
     if args.format == "json":
         print(json.dumps(dict(comparison=table.to_pylist(), verdict=v, criteria=criteria.model_dump()),

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import Field
 
 from tourray import lake as lk
-from tourray.config import EMBED_LAYER, BaseConfig
+from tourray.config import EMBED_LAYER, BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 
 log = logging.getLogger("tourray")
@@ -41,6 +41,7 @@ class WidthConfig(BaseConfig):
 
     model: str = Field(description="The checkpoint folder the run captured (safetensors).")
     lake: str = Field("lake", description="Lake holding the run's statistics.")
+    storage_options: StorageOptions = storage_options_field()
     run: str = Field(description="Run captured with --stats units or moments (per-channel MLP and per-head statistics); "
                                  "--hidden also needs its stored resid_post vectors.")
     keep_heads: float = Field(1.0, gt=0, le=1, description="Fraction of query heads kept per block (per key/value group with --head-unit query).")
@@ -153,7 +154,8 @@ def slicing_basis(lake: lk.Lake, run: str, k: int, d: int) -> tuple[np.ndarray, 
     if not layers:
         raise UserError(f"--hidden: run {run} stored no resid_post vectors: the slicing basis comes from them")
     sel = Selection(text_only=False)
-    run_stats(StatsConfig(lake=lake.root, run=run, layers="blocks", pairs="none", text_only=False), progress=False)
+    run_stats(StatsConfig(lake=lake.root, storage_options=lake.storage_options or {}, run=run, layers="blocks",
+                          pairs="none", text_only=False), progress=False)
     source = source_digest(complete_samples(lake, run))
     total = np.zeros((d, d))
     seconds = {}
@@ -185,7 +187,7 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
         from tourray.fold import Surgery
 
         Surgery(residual=np.eye(lay.hidden)[:, :cfg.hidden]).check(lay)  # a width transformers can reload
-    lake = lk.Lake(cfg.lake)
+    lake = lk.Lake(cfg.lake, cfg.storage_options)
     if not lake.exists("runs"):
         raise UserError(f"--lake {cfg.lake}: no runs table (not a tourray lake?)")
     row = run_row(lake, cfg.run)

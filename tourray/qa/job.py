@@ -137,11 +137,12 @@ def build(cfg: QAConfig, v: Variant, lay, out: Path) -> dict:
         apply_surgery(cfg.model, out, s, dict(kind="qa fold", seed=cfg.seed))
         return dict(basis=s.residual, kept=kept)
     if v.family == "slice":
-        r = run_width(WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.run, hidden=v.params["hidden"], out=str(out)),
-                      progress=False)
+        r = run_width(WidthConfig(model=cfg.model, lake=cfg.lake, storage_options=cfg.storage_options, run=cfg.run,
+                                  hidden=v.params["hidden"], out=str(out)), progress=False)
         return dict(basis=r["residual"], kept=kept)
     if v.family == "width":
-        run_width(WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.width_run or cfg.run, out=str(out),
+        run_width(WidthConfig(model=cfg.model, lake=cfg.lake, storage_options=cfg.storage_options,
+                              run=cfg.width_run or cfg.run, out=str(out),
                               **{k: v.params[k] for k in ("keep_neurons", "keep_heads", "method")}), progress=False)
         return dict(basis=None, kept=kept)
     plan = _depth(cfg, v, out)
@@ -155,9 +156,11 @@ def _depth(cfg: QAConfig, v: Variant, out: Path) -> dict:
     from tourray.prune.apply import ApplyConfig, run_apply
     from tourray.prune.plan import PlanConfig, make_plan, write_plan
 
-    plan = make_plan(PlanConfig(lake=cfg.lake, run=cfg.run, method=v.params["method"], remove=v.params["remove"]))
+    plan = make_plan(PlanConfig(lake=cfg.lake, storage_options=cfg.storage_options, run=cfg.run,
+                                method=v.params["method"], remove=v.params["remove"]))
     path = write_plan(plan, out.parent / f"{out.name}.plan.json")
-    run_apply(ApplyConfig(model=cfg.model, plan=str(path), out=str(out), patch=v.params["patch"]))
+    run_apply(ApplyConfig(model=cfg.model, plan=str(path), out=str(out), patch=v.params["patch"],
+                          storage_options=cfg.storage_options))
     return plan
 
 
@@ -180,9 +183,9 @@ def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original
     if keep <= 0:
         raise UserError(f"combined {v.params['target']:g}: removing {v.params['remove']} blocks leaves {now / 1e6:.1f}M "
                         f"parameters; no FFN width reaches {target / 1e6:.1f}M: remove more blocks")
-    wcfg = WidthConfig(model=cfg.model, lake=cfg.lake, run=cfg.width_run or cfg.run, keep_neurons=min(1.0, keep),
-                       keep_heads=v.params["keep_heads"], out=str(out))
-    mlp, heads = unit_moments(lk.Lake(cfg.lake), wcfg.run, lay.layers)
+    wcfg = WidthConfig(model=cfg.model, lake=cfg.lake, storage_options=cfg.storage_options, run=cfg.width_run or cfg.run,
+                       keep_neurons=min(1.0, keep), keep_heads=v.params["keep_heads"], out=str(out))
+    mlp, heads = unit_moments(cfg.open_lake(), wcfg.run, lay.layers)
     ns, hs = scores(wcfg, lay, mlp, heads)
     s = choose(wcfg, dlay, ns[kept], hs[kept])
     apply_surgery(deep, out, s, dict(kind="qa combined", keep_neurons=keep, scores_from=wcfg.run, kept_blocks=kept))
@@ -287,7 +290,7 @@ def check(cfg: QAConfig):
     from tourray.prune.plan import run_row
 
     lay = read_layout(cfg.model)
-    lake = lk.Lake(cfg.lake)
+    lake = cfg.open_lake()
     if not lake.exists("runs"):
         raise UserError(f"--lake {cfg.lake}: no runs table (not a tourray lake?)")
     run_row(lake, cfg.run)
@@ -317,7 +320,7 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
     spec = dict(v.params) | dict(model=cfg.model, hidden_texts=cfg.hidden_texts, teacher=cfg.teacher) \
         | (dict(seed=cfg.seed) if v.family == "fold" else {})
     cache = work / f"{v.name}.json"
-    if is_complete(lk.Lake(cfg.lake), run, n_eval) and cache.is_file():
+    if is_complete(cfg.open_lake(), run, n_eval) and cache.is_file():
         r = json.loads(cache.read_text())
         if r["spec"] != spec:
             raise UserError(f"variant {v.name}: run {run} was captured with settings {r['spec']}, the config now says "
@@ -327,7 +330,7 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
     shutil.rmtree(ckpt, ignore_errors=True)
     built = dict(basis=None, kept=list(range(lay.layers))) if v.family == "base" else build(cfg, v, lay, ckpt)
     folder = cfg.model if v.family == "base" else str(ckpt)
-    if not is_complete(lk.Lake(cfg.lake), run, n_eval):
+    if not is_complete(cfg.open_lake(), run, n_eval):
         capture_eval(cfg, folder, run, cfg.model)
     r = dict(variant=v.name, family=v.family, spec=spec, settings=v.params, parameters=parameters(folder),
              kept_blocks=built["kept"], run=run)
@@ -351,7 +354,7 @@ def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg, ("model", "teacher", "eval_samples", "system_prompt"))
     lay = check(cfg)
-    lake = lk.Lake(cfg.lake)
+    lake = cfg.open_lake()
     n_eval = cfg.n_eval()
     prefix = f"{cfg.run}.qa-{cfg.name}"
     base_run = cfg.base_run or f"{prefix}.base"
