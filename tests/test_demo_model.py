@@ -33,3 +33,18 @@ def test_deterministic_cached_and_better_than_untrained(tmp_path):
     assert set(table) == {"seen_cities", "unseen_similar", "unseen_different", "edge_cases"}
     for name, r in table.items():
         assert r["trained"] < 0.5 * r["untrained"] and r["trained"] < 0.5 * r["uniform"], (name, r)
+
+
+def test_job_sections_use_the_captures_storage_options(tmp_path):
+    """One set of lake credentials in a job file: stats, sweep and qa read the capture's lake."""
+    import yaml
+
+    from tourray.demo_model import DemoConfig
+
+    job = yaml.safe_load((REPO / "jobs" / "configs" / "demo.yaml").read_text())
+    job["capture"]["storage_options"] = {"aws_region": "eu-west-1"}
+    job["qa"]["storage_options"] = {"aws_region": "us-east-1"}  # its own wins
+    cfg = DemoConfig.model_validate(job)
+    assert cfg.stats.storage_options == cfg.sweep.storage_options == {"aws_region": "eu-west-1"}
+    assert cfg.qa.storage_options == {"aws_region": "us-east-1"}
+    assert "storage_options" not in cfg.model_dump()["stats"]

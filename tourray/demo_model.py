@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tourray import corpus
 from tourray.capture import CaptureConfig
@@ -208,3 +208,11 @@ class DemoConfig(BaseConfig):
             if section is not None:
                 section.model, section.reports = folder, self.reports
         return folder
+
+    @model_validator(mode="after")
+    def _one_set_of_credentials(self):
+        """The sections read the capture's lake: they use its storage options unless given their own."""
+        for section in (self.stats, self.sweep, self.qa):
+            if section is not None and not section.storage_options:
+                section.storage_options = dict(self.capture.storage_options)
+        return self

@@ -157,10 +157,6 @@ class Surgery:
             if err > ORTH_TOL:
                 raise UserError(f"residual_rotation: not orthogonal: max |Q^T Q - I| = {err:.2e} > {ORTH_TOL:g}")
             upd["hidden_size"] = q.shape[1]
-            if q.shape[1] % lay.heads:  # transformers' config validation, even with an explicit head_dim
-                ok = [k for k in range(lay.heads, lay.hidden, lay.heads)][-3:]
-                raise UserError(f"residual width {q.shape[1]}: transformers refuses a hidden size that is not a multiple "
-                                f"of the {lay.heads} attention heads; e.g. {', '.join(map(str, ok))}")
             if q.shape[1] < lay.hidden:
                 upd["rms_norm_eps"] = lay.eps * lay.hidden / q.shape[1]
         for what, table, total, key in (("neurons", self.neurons, lay.ffn, "intermediate_size"),
@@ -205,6 +201,12 @@ class Surgery:
                                     f"{owner[:, 0].tolist()}: each key/value group must be used exactly once")
                 self.groups[i] = owner[:, 0].copy()  # whole groups move: their key/value heads with them
             upd["num_attention_heads"] = len(h)
+        heads = upd.get("num_attention_heads", lay.heads)  # the heads the checkpoint ENDS with (pruning)
+        if q is not None and q.shape[1] % heads:  # transformers' config validation, even with an explicit head_dim
+            ok = [k for k in range(heads, lay.hidden, heads)][-3:]
+            raise UserError(f"residual width {q.shape[1]}: transformers refuses a hidden size that is not a multiple "
+                            f"of the {heads} attention heads{' kept' if heads != lay.heads else ''}; "
+                            f"e.g. {', '.join(map(str, ok))}")
         if "num_attention_heads" in upd or "hidden_size" in upd:
             upd["head_dim"] = lay.head_dim  # explicit: Llama's default hidden / heads would change
         if q is not None and lay.tied:
@@ -355,6 +357,7 @@ def apply_surgery(model: str | Path, out_dir: str | Path, surgery: Surgery, prov
     src, cfg = read_config(model)
     lay = Layout.of(cfg, f"--model {model}")
     updates = surgery.check(lay)
+    _loadable({**cfg, **updates}, cfg, updates, f"--model {model}")
     files = weight_files(src)
     names = {}
     for f in files:
@@ -403,6 +406,31 @@ def apply_surgery(model: str | Path, out_dir: str | Path, surgery: Surgery, prov
     log.info("wrote %s (%s) in %.1f s: %.2fM parameters", out, ", ".join(f"{k}={v}" for k, v in updates.items())
              or "same config", time.perf_counter() - t0, params / 1e6)
     return dict(out=str(out), config_changes=updates, parameters=params, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _loadable(new_cfg: dict, cfg: dict, updates: dict, where: str) -> None:
+    """Refuse, before anything is written, a new config the installed transformers would not load (e.g.
+    LlamaConfig: hidden_size a multiple of num_attention_heads, which head pruning can break even when
+    the width is unchanged). A source config transformers already refuses is not the fold's doing: skipped."""
+    if not updates:
+        return
+    from transformers import AutoConfig
+
+    def error(c: dict) -> str | None:
+        try:
+            AutoConfig.for_model(**c)
+        except Exception as e:  # transformers' strict-dataclass validation errors are not ValueErrors
+            return " ".join(str(e).split())
+        return None
+
+    why = error(new_cfg)
+    if why is None:
+        return
+    if error(cfg) is not None:
+        log.warning("%s: transformers refuses the source config too; not checking the new one: %s", where, why)
+        return
+    changes = ", ".join(f"{k}={v}" for k, v in updates.items())
+    raise UserError(f"{where}: the surgery's config ({changes}) is one transformers refuses to load: {why}")
 
 
 def parameters(folder: str | Path) -> int:

@@ -28,10 +28,14 @@ SAMPLE_TABLES = ("activations", "token_layers", "tokens", "blocks")
 STARTED_TABLES = ("blocks", "tokens", "moments")
 
 
-def clean_marks(lake: lk.Lake) -> dict[str, int]:
-    """The newest fragment id of each STARTED_TABLES table. Recorded in a run's manifest when none of
-    the run's rows up to them is incomplete (see `delete_incomplete`'s `since`)."""
-    return {t: lake.last_fragment(t) for t in STARTED_TABLES}
+def clean_marks(lake: lk.Lake, run: str) -> dict[str, int]:
+    """The newest fragment id of each STARTED_TABLES table, and how many `samples` rows `run` has.
+    Recorded in the run's manifest when none of its rows up to those fragments is incomplete (see
+    `delete_incomplete`'s `since`); fewer samples rows later means some were deleted behind the
+    capture's back (their other rows may sit in old fragments), and the next start reads everything."""
+    marks = {t: lake.last_fragment(t) for t in STARTED_TABLES}
+    marks["samples"] = lake.dataset("samples").count_rows(filter=f"run = {lk.sql_quote(run)}") if lake.exists("samples") else 0
+    return marks
 
 
 def started_samples(lake: lk.Lake, run: str, since: dict[str, int] | None = None) -> set[str]:
@@ -55,8 +59,8 @@ def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None,
     since = since or {}
     committed = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
     complete = committed if complete is None else complete
-    if committed - complete:  # a group with only some samples rows (not what a capture commits): look everywhere
-        since = {}
+    if committed - complete or len(committed) < since.get("samples", 0):
+        since = {}  # samples rows deleted, or a group with only some of them: not what captures leave
     orphans = sorted((committed | started_samples(lake, run, since)) - complete)
     if orphans:
         log.warning("run %s: removing rows of %d sample(s) whose group was not completely committed", run, len(orphans))
