@@ -121,8 +121,7 @@ def main() -> None:
         rows.append((f"after optimize, +{args.window} groups", statistics.median(after), latest, total,
                      len(lake.dataset("activations").get_fragments())))
         print(rows[-2:], f"optimize {opt_s:.2f} s", flush=True)
-    machine = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, " \
-              f"{platform.machine()}, no GPU"
+    machine = this_machine()
     lines = [f"# Commit cost and manifest size by lake size ({machine})", "",
              f"bench/bench_commit.py --groups {args.groups}: per group {len(TABLES)} commits ({', '.join(TABLES)}), "
              f"{SAMPLES} samples x {TOKENS} tokens x {len(LAYERS)} layers, d={D} float16; "
@@ -134,10 +133,20 @@ def main() -> None:
     for name, s, latest, total, frags in rows:
         lines.append(f"| {name} | {'-' if s != s else f'{s:.4f}'} | {latest:,} | {total:,} | {frags} |")
     lines += ["", f"Building {args.groups} groups took {build_s:.0f} s; `optimize --older-than 0s` took {opt_s:.1f} s."]
+    write_markdown(lines, args.out)
+
+
+def this_machine() -> str:
+    return (f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+            f"{platform.machine()}, no GPU")
+
+
+def write_markdown(lines: list[str], out: str | None) -> None:
+    """Print the results table and write it to `out` when given."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ no samples), and times both reads at each N, in this process, median of 3.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_commit import SAMPLES, TABLES, TOKENS, commit_group, group_tables  # noqa: E402
+from bench_commit import SAMPLES, TABLES, TOKENS, commit_group, group_tables, this_machine, write_markdown  # noqa: E402
 
 from tourray.lake import Lake, schema  # noqa: E402
 from tourray.repair import clean_marks, delete_incomplete, started_samples  # noqa: E402
@@ -65,18 +63,14 @@ def main() -> None:
             rows.append((n, lake.dataset("tokens").count_rows(), full, since))
             print(rows[-1], flush=True)
             delete_incomplete(lake, "b", complete, since=marks)  # clean again for the next size
-    machine = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, " \
-              f"{platform.machine()}, no GPU"
+    machine = this_machine()
     lines = [f"# Start cost: finding a killed capture's incomplete rows ({machine})", "",
              f"bench/bench_start.py --at {args.at}: groups of {SAMPLES} samples x {TOKENS} tokens (bench_commit's), "
              "one killed group on top; seconds = median of 3 of reading the run's started sample ids "
              "(what delete_incomplete does before deleting), full read vs since the run's clean marks.", "",
              "| groups | tokens rows | full read (s) | since clean marks (s) | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {n:,} | {t:,} | {a:.4f} | {b:.4f} | {a / b:.1f}x |" for n, t, a, b in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

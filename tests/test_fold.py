@@ -90,11 +90,7 @@ def gqa_qwen3(tmp_path_factory):
     cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
                       rms_norm_eps=0.05)  # large: slicing must rescale it exactly, q_norm / k_norm included
-    model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+    model = randomized(Qwen3ForCausalLM(cfg))
     out = tmp_path_factory.mktemp("gqa") / "m"
     model.save_pretrained(out)
     return out
