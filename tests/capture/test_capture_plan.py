@@ -122,6 +122,8 @@ def test_the_driver_pins_the_hub_commit_prompt_and_tokenizer_for_its_actors(qwen
                         system_prompt=str(prompt), **OPTS)
     plan = plan_capture(cfg)
     assert plan.info.model_revision == a and plan.actor_cfg.revision == a and plan.cfg.revision is None
+    ref = plan_capture(_cfg(qwen3_model, fresh_corpus, tmp_path / "lake2", reference="tourray-test/tiny"))
+    assert ref.actor_cfg.reference_revision == a and json.loads(ref.run_row["manifest"])["reference_revision"] == a
     # main moves to another model and the prompt file is gone (as on a node that never had it)
     _fake_hub(cache, llama_model, b)
     prompt.unlink()

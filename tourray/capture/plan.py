@@ -64,14 +64,15 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
 
         require_folder("--reference", cfg.reference)
         try:
-            ref_vocab = AutoConfig.from_pretrained(cfg.reference).get_text_config().vocab_size
+            ref_vocab = AutoConfig.from_pretrained(cfg.reference, revision=cfg.reference_revision).get_text_config().vocab_size
             vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision).get_text_config().vocab_size
         except (OSError, ValueError) as e:
             raise UserError(f"--reference {cfg.reference}: not a checkpoint ({str(e).splitlines()[0]})") from None
         if ref_vocab != vocab:
             raise UserError(f"--reference {cfg.reference}: {ref_vocab} logits, --model {vocab}; KL per token needs "
                             "one vocabulary")
-        ref_tok = load_tokenizer(cfg.model_copy(update=dict(model=cfg.reference, tokenizer=None, revision=None)))
+        ref_tok = load_tokenizer(cfg.model_copy(update=dict(model=cfg.reference, tokenizer=None,
+                                                             revision=cfg.reference_revision)))
         if tokenizer_sha256(ref_tok) != info.tokenizer_sha256:
             raise UserError(f"--reference {cfg.reference}: its tokenizer differs from --model's "
                             f"({cfg.tokenizer or cfg.model}); KL per token needs one tokenizer")
