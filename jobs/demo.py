@@ -29,7 +29,7 @@ from tourray.lake import Lake
 from tourray.report import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
 from tourray.sql import connect, query_file, run_query
 from tourray.stats.tasks import run_stats
-from tourray.verify import verify
+from tourray.verify import verify_lake
 
 
 def main(argv=None) -> int:
@@ -60,8 +60,9 @@ def main(argv=None) -> int:
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
     step("3. verify")
-    checked, problems = verify(lake, run)
-    print(f"{checked} blocks checked: {'all match' if not problems else problems}")
+    r = verify_lake(lake, run)
+    print(f"{r.blocks} blocks, {r.samples} samples, {r.token_rows:,} token rows checked (activation and token "
+          f"checksums, completeness): {'all match' if not r.problems else r.problems}")
 
     con = connect(lake)
     queries = [("layer_similarity", layer_similarity_plot)] + [("perplexity_by_category", perplexity_plot)] * (cfg.sweep is None)
