@@ -68,6 +68,10 @@ def init_ray(address: str | None = None, quiet: bool = True):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s
     ctx.print_on_execution_start = False
+    # ... so Ray Data's notice that its bars are off, and its per-dataset "execution finished in N s"
+    # (tourray logs each capture's own summary), are noise here
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     log.info("ray: %s", "embedded local cluster" if address is None else f"cluster at {address}")
     return ray
 
