@@ -4,6 +4,7 @@ and their padded forward batches are fixed slices of the full sample order, not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,29 @@ def _debris(lake: Path) -> dict[str, list[str]]:
     return {t: f for t in L.tables() if (f := unreferenced_files(L, t, 0))}
 
 
+def _kill_marked(marker: str, timeout_s: float = 60) -> None:
+    """SIGKILL every process whose environment holds `marker`, until none is left. Ray starts its
+    daemons (and through them the actors) in new sessions, so killing the driver's process group
+    leaves them to notice the dead driver on their own, and an actor mid-group could still write
+    fragment files after the test looked for the kill's debris."""
+    want, deadline = marker.encode() + b"\0", time.time() + timeout_s
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if want in Path(f"/proc/{pid}/environ").read_bytes() and int(pid) != os.getpid():
+                    found.append(int(pid))
+            except OSError:
+                continue
+        if not found:
+            return
+        assert time.time() < deadline, f"processes of the killed capture still alive: {found}"
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("instant", ["tables", "half_group", "between_groups", "uncommitted", "out_of_order"])
 def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, reference, tmp_path, monkeypatch):
     """A real driver process (2 actors, batches of 3, groups of 3, its own Ray) SIGKILLed at `instant`
@@ -142,7 +166,8 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
     lake = tmp_path / "lake"
     args = dict(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="r", **OPTS)
     cfg = CaptureConfig(**args)
-    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="3",
+    marker = f"TOURRAY_KILL_TEST={tmp_path}"  # inherited by its Ray daemons and workers (see _kill_marked)
+    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="3", TOURRAY_KILL_TEST=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     log_path = tmp_path / "killed.log"
     with open(log_path, "wb") as out:
@@ -154,6 +179,7 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        _kill_marked(marker)  # Ray's daemons run in sessions of their own: no straggler may write later
     assert p.returncode == -signal.SIGKILL, f"not killed (rc {p.returncode}):\n{log_path.read_text()[-3000:]}"
 
     # -- the lake is in the state the instant claims
