@@ -53,7 +53,7 @@ def main() -> None:
                 g += 1
                 commit_group(lake, g, schemas)
             complete = set(lake.read("samples", ["sample_id"]).column(0).to_pylist())
-            marks = clean_marks(lake, "b")  # the run was clean here (its last capture finished)
+            marks = clean_marks(lake, len(complete))  # the run was clean here (its last capture finished)
             killed = group_tables(10**6 + n, schemas)  # then a capture killed after blocks + tokens
             for t in ("blocks", "tokens"):
                 lake.commit(t, lake.write_fragments(t, killed[t], schemas[t]))

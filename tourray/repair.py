@@ -23,31 +23,29 @@ log = logging.getLogger("tourray")
 #: Tables whose rows belong to one sample of a run (deleted when the sample is not complete).
 SAMPLE_TABLES = ("activations", "token_layers", "tokens", "blocks")
 
-#: Tables read to find started groups: blocks and tokens are committed first (COMMIT_ORDER), moments
-#: hold the groups' partial statistics.
-STARTED_TABLES = ("blocks", "tokens", "moments")
+#: Tables whose rows show a group was started: blocks and tokens are committed first (COMMIT_ORDER).
+STARTED_TABLES = ("blocks", "tokens")
 
 
-def clean_marks(lake: lk.Lake, run: str) -> dict[str, int]:
-    """The newest fragment id of each STARTED_TABLES table, and how many `samples` rows `run` has.
-    Recorded in the run's manifest when none of its rows up to those fragments is incomplete (see
-    `delete_incomplete`'s `since`); fewer samples rows later means some were deleted behind the
-    capture's back (their other rows may sit in old fragments), and the next start reads everything."""
-    marks = {t: lake.last_fragment(t) for t in STARTED_TABLES}
-    marks["samples"] = lake.dataset("samples").count_rows(filter=f"run = {lk.sql_quote(run)}") if lake.exists("samples") else 0
-    return marks
+def clean_marks(lake: lk.Lake, n_samples: int) -> dict[str, int]:
+    """The newest fragment id of blocks, tokens and moments (the groups' partial statistics), and
+    `n_samples`, the run's `samples` rows at that point. Recorded in the run's manifest when none of
+    its rows up to those fragments is incomplete (see `delete_incomplete`'s `since`); fewer samples
+    rows later means some were deleted behind the capture's back (their other rows may sit in old
+    fragments), and the next start reads everything."""
+    return dict({t: lake.last_fragment(t) for t in (*STARTED_TABLES, "moments")}, samples=n_samples)
 
 
 def started_samples(lake: lk.Lake, run: str, since: dict[str, int] | None = None) -> set[str]:
-    """Ids of `run`'s samples with rows in blocks or tokens (committed first), in fragments after
-    `since` (all fragments without it): the read whose cost `since` keeps to what is new."""
+    """Ids of `run`'s samples with rows in STARTED_TABLES, in fragments after `since` (all fragments
+    without it): the read whose cost `since` keeps to what is new."""
     q, since = f"run = {lk.sql_quote(run)}", since or {}
-    return {s for t in ("blocks", "tokens")
+    return {s for t in STARTED_TABLES
             for s in lake.read(t, ["sample_id"], filter=q, after_fragment=since.get(t)).column(0).unique().to_pylist()}
 
 
 def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None,
-                      since: dict[str, int] | None = None) -> list[str]:
+                      since: dict[str, int] | None = None, committed: set[str] | None = None) -> list[str]:
     """Delete every row of `run`'s samples that are not `complete` (default: those with a `samples`
     row; a resuming capture passes the samples of its complete groups) and the partial inline
     statistics of groups that never completed; return the ids removed. The caller holds the lease.
@@ -57,7 +55,8 @@ def delete_incomplete(lake: lk.Lake, run: str, complete: set[str] | None = None,
 
     q = f"run = {lk.sql_quote(run)}"
     since = since or {}
-    committed = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
+    if committed is None:  # the run's samples ids (a caller that has read them already passes them)
+        committed = set(lake.read("samples", ["sample_id"], filter=q).column(0).to_pylist())
     complete = committed if complete is None else complete
     if committed - complete or len(committed) < since.get("samples", 0):
         since = {}  # samples rows deleted, or a group with only some of them: not what captures leave

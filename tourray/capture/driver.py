@@ -168,5 +168,5 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
         summary["inline_stats"] = finalize(plan.lake, cfg.run)  # merge the groups' parts into layer/pair stats
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     # every group is committed: none of the run's rows is incomplete (the next start reads from here)
-    record_summary(plan.lake, cfg.run, summary, clean_fragments=clean_marks(plan.lake, cfg.run))
+    record_summary(plan.lake, cfg.run, summary, clean_fragments=clean_marks(plan.lake, len(plan.samples)))
     return summary

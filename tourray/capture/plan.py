@@ -142,15 +142,16 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
         texts = plan.schemas["run_texts"]
         lake.append("run_texts", pa.Table.from_pylist(text_rows(cfg.run, plan.samples), schema=texts), texts)
         # a new run has no rows anywhere yet: everything up to today's fragments is clean for it
-        manifest = dict(json.loads(plan.run_row["manifest"]), clean_fragments=clean_marks(lake, cfg.run))
+        manifest = dict(json.loads(plan.run_row["manifest"]), clean_fragments=clean_marks(lake, 0))
         runs = plan.schemas["runs"]
         lake.append("runs", pa.Table.from_pylist([dict(plan.run_row, manifest=json.dumps(manifest))], schema=runs), runs)
         return set()
     committed = set(lake.read("samples", ["sample_id"], filter=f"run = {q}").column(0).to_pylist())
     done = {s.sample_id for grp in all_groups(plan) if all(s.sample_id in committed for s in grp) for s in grp}
-    marks, before = clean_marks(lake, cfg.run), read_manifest(lake, cfg.run).get("clean_fragments")
-    delete_incomplete(lake, cfg.run, done, since=before)  # a partial group is captured again whole
-    marks["samples"] = len(done)  # what is left of the run's samples rows
+    # taken before the deletion: rows committed after them are looked at next time; of the run's
+    # samples rows, those of complete groups are left
+    marks, before = clean_marks(lake, len(done)), read_manifest(lake, cfg.run).get("clean_fragments")
+    delete_incomplete(lake, cfg.run, done, since=before, committed=committed)  # a partial group is redone whole
     if own is not None and len(done) < len(plan.samples):
         # an interrupted run: its actors' never-committed fragment files, when no other driver is live
         remove_unreferenced(lake, {own})
