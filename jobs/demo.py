@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     print(f"Outputs: lake {lake.root} (tables: {', '.join(lake.tables())}); "
           f"plots and reports in {reports.resolve()}.\nExplore: {tourray} runs --lake {root} --run {shlex.quote(run)}; "
           f"{tourray} sql --lake {root} \"SELECT ...\"")
-    return 0 if not problems else 1
+    return 0 if not r.problems else 1
 
 
 def tourray_command() -> str:
