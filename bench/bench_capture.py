@@ -99,7 +99,7 @@ def build_model(out: Path, train_texts: list[str], args) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tourray.demo_model import train_tokenizer
+    from tourray.model.demo import train_tokenizer
 
     t0 = time.perf_counter()
     tok = train_tokenizer(train_texts, args.vocab_size)
@@ -130,8 +130,8 @@ def encode_batches(model_dir: Path, sample_dir: Path, system_prompt: Path, batch
 
     import numpy as np
 
-    from tourray import corpus
-    from tourray.prompt import SEGMENTS, PromptFormat
+    from tourray.corpus import texts as corpus
+    from tourray.model.prompt import SEGMENTS, PromptFormat
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     fmt = PromptFormat(tok, corpus.read_system_prompt(system_prompt))
@@ -253,7 +253,7 @@ class CommitTimer:
     the capture actor and of this process tree (Ray included) at the commit."""
 
     def __init__(self):
-        from tourray import lake as lk
+        from tourray.lake import tables as lk
 
         self.lk, self.orig, self.groups, self._tokens = lk, lk.Lake.commit, [], 0
         self.psutil = _psutil()
@@ -349,7 +349,7 @@ def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str)
 
 def sql_queries() -> dict[str, tuple[str, bool]]:
     """name -> (SQL whose first columns are layer, tokens, mean_cos; text tokens only?)."""
-    from tourray.sql import query_file
+    from tourray.lake.sql import query_file
 
     return {"layer_similarity": (query_file("layer_similarity").read_text(), True),
             "token_layers_all": (ALL_TOKENS_SQL, False), "self_join_all": (LAYER_PAIR_SQL, False)}
@@ -357,7 +357,7 @@ def sql_queries() -> dict[str, tuple[str, bool]]:
 
 def query_sql(lake: Path, run: str, sql: str) -> tuple[dict, float]:
     """One query from a fresh connection (the connection's set-up is timed too)."""
-    from tourray.sql import connect, run_query
+    from tourray.lake.sql import connect, run_query
 
     t0 = time.perf_counter()
     con = connect(str(lake))
@@ -416,7 +416,7 @@ def query_targets(q: dict) -> list[dict]:
 
 def query_only(out: Path) -> dict:
     """--query-only: the query figures on the lake and .pt files a previous run left in `out`."""
-    from tourray.lake import Lake
+    from tourray.lake.tables import Lake
 
     lake, pt_dir = out / "lake", out / "pt_baseline"
     if not (lake / "token_layers.lance").exists() or not (pt_dir / "metadata.jsonl").exists():
@@ -430,7 +430,7 @@ def query_only(out: Path) -> dict:
 
 def connect_seconds(lake: Path, repeat: int = 3) -> float:
     """Profiling aid: what opening a connection (a view per table) costs, included in each SQL figure."""
-    from tourray.sql import connect
+    from tourray.lake.sql import connect
 
     best = float("inf")
     for _ in range(repeat):
@@ -442,7 +442,7 @@ def connect_seconds(lake: Path, repeat: int = 3) -> float:
 
 def query_scan_only(lake: Path, run: str) -> float:
     """Profiling aid: DuckDB's scan of every vector, without the self-join."""
-    from tourray.sql import connect, run_query
+    from tourray.lake.sql import connect, run_query
 
     con = connect(str(lake))
     t0 = time.perf_counter()
@@ -456,7 +456,7 @@ def query_lance_numpy(lake: Path, run: str, num_layers: int) -> tuple[dict, floa
     """Profiling aid: the same numbers straight from Lance (one scan of the run) with numpy, no join."""
     import numpy as np
 
-    from tourray.lake import Lake, arrow_to_numpy, sql_quote
+    from tourray.lake.tables import Lake, arrow_to_numpy, sql_quote
 
     t0 = time.perf_counter()
     ds = Lake(str(lake)).dataset("activations")
@@ -551,7 +551,7 @@ def capture_subprocess_memory(args, model_dir: Path, sample_dir: Path, lake: Pat
         actors = sorted((e for e in seen.values() if e["cmd"].startswith("ray::")), key=lambda e: -e["hwm"])[:1]
     actor = max(actors, key=lambda e: e["hwm"]) if actors else dict(hwm=0, rss_max=0, cmd="?")
     driver = seen.get(proc.pid, dict(hwm=0, rss_max=0))
-    from tourray.lake import Lake, sql_quote
+    from tourray.lake.tables import Lake, sql_quote
 
     row = Lake(str(lake)).read("runs", ["manifest"], filter=f"run = {sql_quote(run)}").to_pylist()[0]
     summary = json.loads(row["manifest"])["captures"][-1]

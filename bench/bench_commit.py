@@ -5,7 +5,7 @@ token_layers, samples: ~4-5 commits a group), so after N groups each table has N
 versions. This writes N small groups of synthetic rows with the lake's real schemas through
 `Lake.write_fragments` + `Lake.commit` (the driver's path; no model), and records at chosen groups
 the seconds its commits took and the bytes of each table's latest manifest; then it runs
-`tourray.optimize` and measures one more group.
+`tourray.lake.optimize` and measures one more group.
 
     .venv/bin/python bench/bench_commit.py --groups 1000 --out bench/results/commit.md
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tourray.lake import Lake, schema, vectors_to_arrow
-from tourray.optimize import optimize
+from tourray.lake.tables import Lake, schema, vectors_to_arrow
+from tourray.lake.optimize import optimize
 
 TABLES = ("blocks", "tokens", "activations", "samples")  # the capture's COMMIT_ORDER, minus optional tables
 D, LAYERS, SAMPLES, TOKENS = 64, (-1, 0), 2, 16

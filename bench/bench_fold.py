@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fold benchmark: `tourray.fold.apply_surgery` (streamed shard by shard) against the non-streaming
+"""Fold benchmark: `tourray.surgery.fold.apply_surgery` (streamed shard by shard) against the non-streaming
 fold it avoids, on random-weight Qwen3 safetensors checkpoints: wall time, peak memory, bytes moved.
 
 Everything runs in one invocation, so every ratio compares figures taken under the same machine load
@@ -16,7 +16,7 @@ Everything runs in one invocation, so every ratio compares figures taken under t
               with the groups reordered (so k/v move too): the transforms of tests/test_fold.py.
   streaming   apply_surgery(src, out, surgery, provenance={}) in a fresh subprocess.
   baseline    the non-streaming fold, in a fresh subprocess: AutoModelForCausalLM.from_pretrained
-              (same dtype), the same per-tensor algebra (tourray.fold._Fold, float64, cast back)
+              (same dtype), the same per-tensor algebra (tourray.surgery.fold._Fold, float64, cast back)
               applied to every parameter in memory, save_pretrained(max_shard_size=--shard-size).
   checks      the two outputs hold the same tensors (bit for bit), and for the smallest size the
               folded model's logits on 2 x 12 tokens against the original's (float32 compute).
@@ -212,7 +212,7 @@ def make_surgery(folder: str, seed: int):
     """Rotation + neuron permutations + head permutations (within groups, groups reordered)."""
     import numpy as np
 
-    from tourray.fold import Layout, Surgery, read_config
+    from tourray.surgery.fold import Layout, Surgery, read_config
 
     lay = Layout.of(read_config(folder)[1], folder)
     rng = np.random.default_rng(seed)
@@ -228,8 +228,8 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import tourray.fold as fold_mod
-    import tourray.manifest as manifest
+    import tourray.surgery.fold as fold_mod
+    import tourray.lake.runs as manifest
     from safetensors import torch as st_torch
 
     # imported before the clock starts, in both modes alike (so rss_before is comparable)
@@ -237,8 +237,8 @@ def child(spec: dict) -> dict:
     import transformers.models.qwen3.modeling_qwen3  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    import tourray.models  # noqa: F401
-    import tourray.prune.checkpoint  # noqa: F401
+    import tourray.model.gguf  # noqa: F401
+    import tourray.surgery.blocks  # noqa: F401
     import tourray.runtime  # noqa: F401
 
     src, out, mode = spec["src"], spec["out"], spec["mode"]
@@ -342,7 +342,7 @@ def probe_child(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    import tourray.fold as fold_mod
+    import tourray.surgery.fold as fold_mod
 
     torch.set_num_threads(spec["threads"])
     vocab, d, chunk = spec["vocab"], spec["width"], spec["chunk"]
@@ -399,7 +399,7 @@ def same_tensors(a: Path, b: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from tourray.fold import weight_files
+    from tourray.surgery.fold import weight_files
 
     def names(folder):
         m = {}

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_commit import SAMPLES, TABLES, TOKENS, commit_group, group_tables, this_machine, write_markdown  # noqa: E402
 
-from tourray.lake import Lake, schema  # noqa: E402
-from tourray.repair import clean_marks, delete_incomplete, started_samples  # noqa: E402
+from tourray.lake.tables import Lake, schema  # noqa: E402
+from tourray.lake.repair import clean_marks, delete_incomplete, started_samples  # noqa: E402
 
 
 def timed(fn, repeat: int = 3) -> float:

@@ -77,7 +77,7 @@ def synth_lake(root: Path, d: int, n_layers: int, n_samples: int, seed: int = 0,
     import pyarrow as pa
 
     import tourray
-    from tourray import lake as lk
+    from tourray.lake import tables as lk
 
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
@@ -173,7 +173,7 @@ def synth_lake(root: Path, d: int, n_layers: int, n_samples: int, seed: int = 0,
 def preload(lake_root: str, layers: list[int], batch_rows: int):
     """The chunks layer_stream yields (text tokens, float64), held in memory: the baseline's input.
     Also the read path alone (no statistics), timed: what the reader costs."""
-    from tourray.lake import Lake
+    from tourray.lake.tables import Lake
     from tourray.stats.stream import Selection, layer_stream, resolve
 
     lake = Lake(lake_root)
@@ -191,7 +191,7 @@ def read_profile(lake_root: str, layers: list[int], batch_rows: int, reps: int =
     mask + float16 -> float64 + row take). Best of `reps`."""
     import numpy as np
 
-    from tourray.lake import Lake, arrow_to_numpy, sql_quote
+    from tourray.lake.tables import Lake, arrow_to_numpy, sql_quote
     from tourray.stats.stream import Selection, layer_stream, resolve
 
     lake = Lake(lake_root)
@@ -258,7 +258,7 @@ def profiled_run_tile(prof_dir: str):
 
         from threadpoolctl import threadpool_info
 
-        from tourray import lake as lk
+        from tourray.lake import tables as lk
         from tourray.stats import tasks
 
         def cpu():
@@ -560,7 +560,7 @@ def capture_section(args, out: Path) -> dict:
         res[f"{kind}_summary_tokens_per_s"] = mean(x["summary_tokens_per_s"] for x in runs)
         res[f"{kind}_steady_tokens_per_actor_cpu_s"] = mean(x.get("steady_tokens_per_actor_cpu_s") for x in runs)
     # inline statistics landed: layer_stats / pair_stats rows of the inline runs
-    from tourray.lake import Lake
+    from tourray.lake.tables import Lake
 
     lk = Lake(inline[-1]["lake"])
     res["inline_layer_stats_rows"] = lk.read("layer_stats", ["layer"], filter="run = 'inline2'").num_rows

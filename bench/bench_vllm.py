@@ -33,7 +33,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 def model_dir(tmp: Path) -> tuple[Path, str]:
     """The real SmolLM2-135M when its GGUF is installed, else the offline demo model."""
     try:
-        from tourray.models import find_smollm2_gguf, import_gguf
+        from tourray.model.gguf import find_smollm2_gguf, import_gguf
 
         return import_gguf(find_smollm2_gguf(), tmp / "smollm2"), "SmolLM2-135M-Instruct (float32)"
     except Exception as e:  # noqa: BLE001

@@ -23,13 +23,14 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from pathlib import Path
 
 from tourray.capture import run_capture
-from tourray.cli import guarded, print_result
-from tourray.demo_model import DemoConfig
-from tourray.lake import Lake
-from tourray.report import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
-from tourray.sql import connect, query_file, run_query
+from tourray.config import guarded
+from tourray.lake.sql import print_result
+from tourray.recipes import DemoConfig
+from tourray.lake.tables import Lake
+from tourray.plots import angular_distance_plot, cka_heatmap, layer_similarity_plot, perplexity_plot
+from tourray.lake.sql import connect, query_file, run_query
 from tourray.stats.tasks import run_stats
-from tourray.verify import verify_lake
+from tourray.lake.verify import verify_lake
 
 
 def main(argv=None) -> int:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     queries = [("layer_similarity", layer_similarity_plot)] + [("perplexity_by_category", perplexity_plot)] * (cfg.sweep is None)
     for name, plot in queries:
         sql = query_file(name).read_text()
-        step(f"4. {name} (queries/{name}.sql)")
+        step(f"4. {name} (tourray/lake/queries/{name}.sql)")
         print_result(con, sql, {"run": run}, "table")
         png = plot(run_query(con, sql, {"run": run}).to_arrow_table(), reports / f"{run}_{name}.png", f"{name.replace('_', ' ')}: run {run}")
         print(f"plot: {png}")

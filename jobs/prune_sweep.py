@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from tourray.capture import run_capture
-from tourray.cli import guarded
-from tourray.demo_model import DemoConfig
+from tourray.config import guarded
+from tourray.recipes import DemoConfig
 from tourray.prune.report import summary_lines
 from tourray.prune.sweep import run_sweep
 from tourray.stats.tasks import run_stats

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from tourray.capture import run_capture
-from tourray.cli import guarded
-from tourray.demo_model import DemoConfig
+from tourray.config import guarded
+from tourray.recipes import DemoConfig
 from tourray.qa.job import run_qa, summary_line
 
 

@@ -51,7 +51,7 @@ def fresh_corpus(tmp_path) -> Path:
 
 
 def _tokenizer(vocab_size=320):
-    from tourray.demo_model import train_tokenizer
+    from tourray.model.demo import train_tokenizer
 
     return train_tokenizer(list(TEXTS.values()) * 8, vocab_size)
 
@@ -143,7 +143,7 @@ def prune_vectors(prune_lake):
 
 
 def _vectors(lake, run, site):
-    from tourray.lake import Lake, arrow_to_numpy
+    from tourray.lake.tables import Lake, arrow_to_numpy
 
     lk = Lake(str(lake))
     spans_ = {r["sample_id"]: (r["text_start"], r["text_end"]) for r in lk.read("samples", filter=f"run = '{run}'").to_pylist()}
@@ -179,7 +179,7 @@ needs_smollm2 = pytest.mark.skipif(not _have_smollm2(), reason="needs the SmolLM
 @pytest.fixture(scope="session")
 def smollm2_model(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors folder (tourray model import-gguf, ~20 s)."""
-    from tourray.models import find_smollm2_gguf, import_gguf
+    from tourray.model.gguf import find_smollm2_gguf, import_gguf
 
     return import_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "ckpt")
 

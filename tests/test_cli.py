@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, TEXTS, lake_snapshot, write_corpus
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 MAX_LENGTH = 12

@@ -86,7 +86,7 @@ def test_from_yaml_refuses_unreadable_and_non_mapping(tmp_path):
 
 def test_from_yaml_refuses_a_key_given_twice(tmp_path):
     """YAML keeps the last of two equal keys silently; a job file with two `qa:` sections ran the wrong one."""
-    from tourray.demo_model import DemoConfig
+    from tourray.recipes import DemoConfig
 
     f = tmp_path / "job.yaml"
     f.write_text("capture: {model: m, samples: s, run: r}\nqa: {model: m, run: a}\nqa: {model: m, run: b}\n")
@@ -100,7 +100,7 @@ def test_from_yaml_refuses_a_key_given_twice(tmp_path):
 def test_shipped_job_configs_validate():
     """Every YAML in jobs/configs validates: a flat file as a CaptureConfig, a sectioned job file
     (demo.yaml: demo_model / capture / reports, read by jobs/demo.py) as a DemoConfig."""
-    from tourray.demo_model import DemoConfig
+    from tourray.recipes import DemoConfig
 
     folder = REPO / "jobs" / "configs"
     if not folder.exists():
@@ -122,13 +122,16 @@ def test_shipped_job_configs_validate():
 def test_capture_help_example_config_loads(monkeypatch):
     """`tourray capture --help` shows `--config jobs/configs/demo.yaml ...`: that must parse."""
     from tourray import cli
+    from tourray.capture import commands
 
     monkeypatch.chdir(REPO)  # the example is written relative to the repository root
-    line = next(x for x in cli.EXAMPLES["capture"].splitlines() if "--config" in x)
+    line = next(x for x in commands.EXAMPLES.splitlines() if "--config" in x)
     argv = line.split()[1:]  # drop the program name
     assert argv[argv.index("--config") + 1].startswith("jobs/configs/")
     args = cli.parser().parse_args(argv)
-    cfg = cli.config_from_args(CaptureConfig, args)  # what cmd_capture does first
+    from tourray.config import config_from_args
+
+    cfg = config_from_args(CaptureConfig, args)  # what cmd_capture does first
     assert cfg.layers == "embed,0-3" and cfg.store_dtype.value == "float32"
 
 
@@ -136,7 +139,7 @@ def test_a_checkpoint_named_relative_or_absolute_is_one_model(tmp_path, monkeypa
     """Resuming a run with its model folder spelled absolutely (a sweep's Ray tasks do) is no change."""
     import json
 
-    from tourray.manifest import IDENTITY, run_changes
+    from tourray.lake.runs import IDENTITY, run_changes
 
     (tmp_path / "ckpt").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,5 @@
 """The package as users get it: a built wheel (not the editable checkout) installed into a fresh venv
-carries schemas/ and queries/, and `tourray --help`, a capture and a packaged query work from a
+carries the lake's schemas/ and queries/, and `tourray --help`, a capture and a packaged query work from a
 directory outside the repository.
 
 The fresh venv reuses the main venv's site-packages for the dependencies (a .pth line: its own .pth
@@ -15,12 +15,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ("pyproject.toml", "README.md", "tourray", "schemas", "queries")
-# until tourray/lake.py and tourray/sql.py look for schemas/ and queries/ inside the package
-# (Path(__file__).resolve().parent / "schemas"), an installed wheel cannot find them
+SHIPPED = ("pyproject.toml", "README.md", "LICENSE", "tourray")
 def sh(*cmd, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=kw.pop("timeout", 600), **kw)
     assert p.returncode == 0, f"{cmd}: rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
@@ -42,7 +39,7 @@ def test_wheel_installs_and_runs_outside_the_repo(qwen3_model, corpus_dir, tmp_p
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    assert "tourray/schemas/tokens.yaml" in names and "tourray/queries/layer_similarity.sql" in names, names
+    assert "tourray/lake/schemas/tokens.yaml" in names and "tourray/lake/queries/layer_similarity.sql" in names, names
 
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", "--without-pip", venv)
@@ -56,7 +53,7 @@ def test_wheel_installs_and_runs_outside_the_repo(qwen3_model, corpus_dir, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PATH=f"{venv / 'bin'}:{env['PATH']}")
-    where = sh(py, "-c", "import tourray, tourray.lake as lk; print(tourray.__file__); print(lk.schema('tokens'))",
+    where = sh(py, "-c", "import tourray, tourray.lake.tables as lk; print(tourray.__file__); print(lk.schema('tokens'))",
                cwd=outside, env=env).stdout
     assert where.startswith(str(site)), where  # the installed copy, not the checkout
     tourray = venv / "bin" / "tourray"

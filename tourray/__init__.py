@@ -33,15 +33,15 @@ def __getattr__(name):  # lazy re-exports keep `import tourray` light
 
         return Selection
     if name == "Lake":
-        from tourray.lake import Lake
+        from tourray.lake.tables import Lake
 
         return Lake
     if name == "connect":
-        from tourray.sql import connect
+        from tourray.lake.sql import connect
 
         return connect
     if name == "verify":
-        from tourray.verify import verify
+        from tourray.lake.verify import verify
 
         return verify
     if name == "UserError":

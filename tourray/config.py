@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import enum
+import logging
 import re
+import sys
+import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -210,3 +214,63 @@ def compact_layers(layers: list[int]) -> str:
         out.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
         i = j + 1
     return ",".join(out) or "none"
+
+
+# -- config-backed flags ---------------------------------------------------------------------
+def add_config_flags(p: argparse.ArgumentParser, model, prefix: str = "") -> None:
+    """One flag per field of `model` (a BaseConfig): `store_dtype` -> `--store-dtype`; a nested config's
+    fields get its name as prefix (`vllm.enforce_eager` -> `--vllm-enforce-eager`)."""
+    if not prefix:
+        p.add_argument("--config", metavar="FILE.yaml", help="Load fields from a YAML file; flags override it.")
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseConfig):
+            add_config_flags(p, field.annotation, prefix=f"{prefix}{name}.")
+            continue
+        flag = "--" + (prefix + name).replace("_", "-").replace(".", "-")
+        name = prefix + name
+        ann = typing.get_args(field.annotation) or (field.annotation,)
+        default = field.default if field.default is not None else "none"
+        default = getattr(default, "value", default)
+        if isinstance(default, list):
+            default = ",".join(getattr(x, "value", str(x)) for x in default)
+        helptext = f"{field.description} (default: {default})" if not field.is_required() else f"{field.description} (required)"
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=helptext.replace("%", "%%"))  # argparse %-formats help
+        if bool in ann:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        enums = [a for a in ann if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if typing.get_origin(field.annotation) is list:
+            kw["help"] += f"; any of {', '.join(e.value for e in enums[0])}, comma-separated" if enums else ""
+            p.add_argument(flag, metavar="A,B", **kw)
+            continue
+        if enums:
+            kw["choices"] = [e.value for e in enums[0]]
+        p.add_argument(flag, metavar=name.split(".")[-1].upper() if not enums else None, **kw)
+
+
+def config_from_args(model, args: argparse.Namespace):
+    given: dict = {}
+    for k, v in vars(args).items():  # "vllm.enforce_eager" -> {"vllm": {"enforce_eager": ...}}
+        *parents, leaf = k.split(".")
+        if parents and parents[0] in model.model_fields or not parents and k in model.model_fields:
+            node = given
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = v
+    if getattr(args, "config", None):
+        return model.from_yaml(args.config, **given)
+    return model.parse(given)
+
+
+def guarded(fn, *args, quiet: bool = False) -> int:
+    """Run `fn(*args)` as a command: logging set up, user errors printed without a traceback."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="tourray: %(message)s")
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; committed groups are kept, re-run to resume", file=sys.stderr)
+        return 130

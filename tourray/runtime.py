@@ -6,6 +6,7 @@ Only the driver calls these; stages never start Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -195,3 +196,20 @@ def check_lake_placement(lake_root: str, shared: bool) -> None:
             f"--lake {lake_root} is a local folder but this Ray cluster has {len(alive)} nodes: actors on other "
             "nodes would write files the driver cannot see. Use an object-store lake (s3://...), or --lake-shared "
             "if every node mounts this folder at the same path")
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The checkout's commit (two git subprocesses), once per process: statistics rows ask per group."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.capture import CaptureConfig, driver
 from tourray.capture.plan import all_groups, plan_capture
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tourray import lake as lk, manifest
+from tourray.lake import tables as lk
+from tourray.lake import runs as manifest
 from tourray.capture import CaptureConfig, run_capture
 from tourray.capture.driver import NamedCaptureStage, _stage_kwargs
 from tourray.capture.plan import plan_capture, prepare_lake

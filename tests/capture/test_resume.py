@@ -19,12 +19,11 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.conftest import REPO, TEXTS, write_corpus
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.capture import CaptureConfig, run_capture
 from tourray.capture.plan import all_groups, plan_capture
-from tourray.errors import UserError
-from tourray.repair import unreferenced_files
-from tourray.verify import verify_lake
+from tourray.lake.repair import unreferenced_files
+from tourray.lake.verify import verify_lake
 
 # 8 texts of different lengths: batches of 3 pad, so a different batching would change activations
 MORE = dict(TEXTS, **{"train/sydney__ferry.txt": "Manly ferries have crossed the harbour since 1855.\n",

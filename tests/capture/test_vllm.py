@@ -140,8 +140,8 @@ def test_vllm_run_through_ray_verifies(qwen3_model, tmp_path):
     pytest.importorskip("vllm")
     from conftest import _vectors
     from tourray.capture import run_capture
-    from tourray.lake import Lake, run_row
-    from tourray.verify import verify
+    from tourray.lake.tables import Lake, run_row
+    from tourray.lake.verify import verify
 
     texts = {"a.txt": "The old bridge crosses the river here.", "b.txt": "A short one.",
              "c.txt": "Market square, with a fountain and a church built in the twelfth century by monks."}

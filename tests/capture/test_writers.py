@@ -11,7 +11,7 @@ import time
 import lance
 
 from tests.conftest import REPO, lake_snapshot
-from tourray import lake as lk
+from tourray.lake import tables as lk
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
@@ -26,7 +26,7 @@ def test_lease_race_has_one_winner(tmp_path):
     lake = tmp_path / "lake"
     code = f"""
         import time
-        from tourray.lake import Lake, RunLease
+        from tourray.lake.tables import Lake, RunLease
         from tourray.errors import UserError
         time.sleep(max(0.0, {time.time() + 4} - time.time()))  # start together
         try:
@@ -99,7 +99,7 @@ def test_repair_removes_orphan_rows_and_uncommitted_files(qwen3_model, corpus_di
     from pathlib import Path
 
     from tourray.capture import CaptureConfig, run_capture
-    from tourray.repair import run_repair
+    from tourray.lake.repair import run_repair
 
     lake = tmp_path / "lake"
     run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="r",
@@ -135,7 +135,7 @@ def test_repair_removes_orphan_rows_and_uncommitted_files(qwen3_model, corpus_di
 FAIL_HOOK = """
 import os
 if os.environ.get("TOURRAY_TEST_FAIL"):
-    import tourray.capture.stage as st
+    import tourray.capture.actor as st
     _orig = st.CaptureStage.process
     def process(self, batch):
         if os.environ["TOURRAY_TEST_FAIL"] in batch.column("source").to_pylist():
@@ -174,7 +174,7 @@ def test_group_that_always_kills_its_actor_fails_after_bounded_tries(qwen3_model
 
 def test_group_that_always_raises_names_the_group(qwen3_model, corpus_dir, tmp_path, monkeypatch):
     from tourray.capture import CaptureConfig, run_capture
-    from tourray.capture.stage import CaptureStage
+    from tourray.capture.actor import CaptureStage
     from tourray.errors import UserError
 
     orig = CaptureStage.process

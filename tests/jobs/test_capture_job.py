@@ -17,8 +17,8 @@ import pytest
 
 from conftest import REPO, TEXTS, write_corpus
 from tourray.capture import CaptureConfig, run_capture
-from tourray.lake import Lake
-from tourray.verify import verify
+from tourray.lake.tables import Lake
+from tourray.lake.verify import verify
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled",
            RAY_USAGE_STATS_ENABLED="0")

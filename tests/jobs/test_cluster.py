@@ -166,8 +166,8 @@ print(json.dumps(dict(actors=len(actors), nodes=sorted({{r for a in actors for r
         # the lake on the object store is complete and consistent, read from this process
         check = f"""
 import json
-from tourray.sql import connect
-from tourray.verify import verify
+from tourray.lake.sql import connect
+from tourray.lake.verify import verify
 checked, problems = verify({lake!r}, "two-nodes")
 n = connect({lake!r}).execute("SELECT count(DISTINCT sample_id) FROM samples WHERE run = 'two-nodes'").fetchone()[0]
 print(json.dumps(dict(checked=checked, problems=problems, samples=n)))

@@ -11,7 +11,7 @@ import torch
 
 from conftest import lake_snapshot
 from tourray.errors import UserError
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 from tourray.prune.apply import ApplyConfig, run_apply
 from tourray.prune.patch import solve_span
 from tourray.prune.plan import PlanConfig, make_plan, write_plan

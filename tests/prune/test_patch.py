@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tourray.errors import UserError
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 from tourray.prune.patch import check_patchable, solve_span
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tourray.errors import UserError
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 from tourray.prune.plan import PlanConfig, make_plan, read_plan, spans
 
 

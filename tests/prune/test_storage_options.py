@@ -25,7 +25,7 @@ def _configs():
     from tourray.prune.sweep import SweepConfig
     from tourray.prune.width import WidthConfig
     from tourray.qa.job import QAConfig
-    from tourray.transport import TransportConfig
+    from tourray.stats.transport import TransportConfig
 
     return {"plan": (PlanConfig, dict(run="r", method="reverse", remove=1)),
             "apply": (ApplyConfig, dict(model="m", plan="p.json", out="o")),
@@ -61,7 +61,8 @@ def test_storage_options_parsed_never_dumped(name):
                                   ["qa", "--model", "m", "--run", "r"],
                                   ["transport", "--student-lake", "s", "--teacher-lake", "t", "--run", "r"]])
 def test_every_command_takes_the_flag(argv):
-    from tourray.cli import config_from_args, parser
+    from tourray.config import config_from_args
+    from tourray.cli import parser
 
     args = parser().parse_args([*argv, "--storage-options", FLAG])
     if argv[:2] == ["prune", "verdict"]:  # not config-backed: add_storage_options_flag
@@ -91,7 +92,7 @@ class _Opened(Exception):
 @pytest.fixture
 def opened(monkeypatch):
     """Every Lake the code under test opens: (root, storage_options); the first open stops it."""
-    from tourray import lake as lk
+    from tourray.lake import tables as lk
     import tourray.prune.verdict as verdict
 
     seen = []
@@ -112,7 +113,7 @@ def test_lakes_are_opened_with_the_options(opened, tmp_path):
     from tourray.prune.plan import PlanConfig, make_plan
     from tourray.prune.sweep import SweepConfig, check_variants
     from tourray.prune.verdict import cmd_verdict
-    from tourray.transport import TransportConfig, plan_transport
+    from tourray.stats.transport import TransportConfig, plan_transport
 
     calls = [lambda: make_plan(PlanConfig(lake=str(tmp_path), run="r", method="reverse", remove=1, storage_options=SO)),
              lambda: check_variants(SweepConfig(model="m", run="r", lake=str(tmp_path), methods="reverse", removed="1",

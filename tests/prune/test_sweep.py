@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import lake_snapshot
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 
 
 def test_sweep_two_tasks_at_once_and_resume(prune_lake, qwen3_model, corpus_dir, tmp_path, ray_session):

@@ -13,12 +13,12 @@ import pytest
 
 from conftest import lake_snapshot, write_corpus
 from tourray.capture import CaptureConfig, run_capture
-from tourray.cli import guarded
-from tourray.corpus import write_index
+from tourray.config import guarded
+from tourray.corpus.texts import write_index
 from tourray.errors import UserError
-from tourray.lake import Lake, sql_quote
+from tourray.lake.tables import Lake, sql_quote
 from tourray.prune.verdict import Criteria, add_verdict_parser, compare, verdict
-from tourray.sql import header, query_file
+from tourray.lake.sql import header, query_file
 
 EVAL = {
     "eval/seen_cities/sydney__opera-house.txt": "The Sydney Opera House, designed by Jorn Utzon, opened in 1973 "

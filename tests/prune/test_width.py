@@ -12,7 +12,7 @@ import torch
 
 from conftest import lake_snapshot, project_residual
 from tourray.errors import UserError
-from tourray.fold import read_layout
+from tourray.surgery.fold import read_layout
 from tourray.prune.width import WidthConfig, run_width
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 77, 12, 8, 140, 33, 64, 7], [9, 1, 300, 45, 45, 2, 18, 27, 200, 11, 6, 91, 4]])
@@ -74,7 +74,7 @@ def test_neurons_and_query_heads(width_lake, qwen3_model, tmp_path):
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
 
     # which units were kept: recompute the magnitude scores from the model itself on the lake's tokens
-    from tourray.lake import Lake
+    from tourray.lake.tables import Lake
 
     lake = Lake(str(width_lake))
     spans = {r["sample_id"]: (r["text_start"], r["text_end"]) for r in lake.read("samples", filter="run = 'q'").to_pylist()}
@@ -145,7 +145,7 @@ def test_hidden_slicing_is_the_projected_original(run, model, width_lake, reques
 def test_slicing_basis_is_the_numpy_eigenbasis(width_lake):
     """The kept subspace is the top eigenspace of the trace-normalised uncentred second moments of the
     stored blocks, over all tokens (numpy on the activations table)."""
-    from tourray.lake import Lake, arrow_to_numpy
+    from tourray.lake.tables import Lake, arrow_to_numpy
     from tourray.prune.width import slicing_basis
 
     q, info = slicing_basis(Lake(str(width_lake)), "q", 40, 128)

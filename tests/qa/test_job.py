@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 
 from conftest import lake_snapshot
 

@@ -10,8 +10,8 @@ import torch
 from conftest import lake_snapshot
 from tourray.capture import CaptureConfig, run_capture
 from tourray.errors import UserError
-from tourray.lake import Lake
-from tourray.prompt import PromptFormat
+from tourray.lake.tables import Lake
+from tourray.model.prompt import PromptFormat
 from tourray.stats.inline import INLINE_SELECTION
 from tourray.stats.tasks import StatsConfig, read_moments, run_stats
 

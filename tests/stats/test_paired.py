@@ -12,7 +12,7 @@ import scipy.linalg
 from conftest import _tokenizer, lake_snapshot, write_corpus
 from tourray.capture import CaptureConfig, run_capture
 from tourray.cli import main
-from tourray.lake import Lake, arrow_to_numpy
+from tourray.lake.tables import Lake, arrow_to_numpy
 from tourray.stats.solves import SolveConfig, run_solve
 
 KW = dict(store_dtype="float32", batch_size=3, group_size=3, run="r")

@@ -16,7 +16,7 @@ import scipy.linalg
 from conftest import lake_snapshot
 from tourray.capture import CaptureConfig, run_capture
 from tourray.cli import main
-from tourray.lake import Lake, arrow_to_numpy
+from tourray.lake.tables import Lake, arrow_to_numpy
 from tourray.stats.solves import SolveConfig, run_solve
 from tourray.stats.stream import Selection
 

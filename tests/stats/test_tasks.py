@@ -10,7 +10,7 @@ import pytest
 from conftest import lake_snapshot
 from tourray.capture import CaptureConfig, run_capture
 from tourray.errors import UserError
-from tourray.lake import Lake, arrow_to_numpy
+from tourray.lake.tables import Lake, arrow_to_numpy
 from tourray.stats.stream import Selection
 from tourray.stats.tasks import StatsConfig, read_moments, run_stats
 

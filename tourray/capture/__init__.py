@@ -8,9 +8,11 @@ work), `driver` (the pipeline and the commits).
 
 from tourray.capture.config import CaptureConfig
 from tourray.capture.driver import build_capture, local_capture, run_capture
-from tourray.capture.engine import INNER_SITES, Captured, Engine, find_blocks, kl_divergence, make_engine, surprisal_entropy
+from tourray.capture.engine import INNER_SITES, Captured, Engine, kl_divergence, surprisal_entropy
+from tourray.model.identity import find_blocks
+from tourray.capture.actor import make_engine
 from tourray.capture.plan import Plan, plan_capture, prepare_lake
-from tourray.capture.stage import COMMIT_ORDER, CaptureStage
+from tourray.capture.actor import COMMIT_ORDER, CaptureStage
 
 __all__ = ["CaptureConfig", "CaptureStage", "Captured", "COMMIT_ORDER", "Engine", "INNER_SITES", "Plan",
            "build_capture", "find_blocks", "kl_divergence", "local_capture", "make_engine", "plan_capture",

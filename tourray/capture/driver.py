@@ -19,15 +19,14 @@ from typing import Iterator, Literal
 
 import pyarrow as pa
 
-from tourray import corpus
 from tourray.capture.config import CaptureConfig
 from tourray.capture.plan import Plan, groups, plan_capture, prepare_lake
-from tourray.capture.stage import COMMIT_ORDER, CaptureStage
+from tourray.capture.actor import COMMIT_ORDER, CaptureStage
 from tourray.config import compact_layers
 from tourray.errors import UserError
-from tourray.lake import RunLease
-from tourray.manifest import record_summary
-from tourray.repair import clean_marks
+from tourray.lake.tables import RunLease
+from tourray.lake.runs import record_summary
+from tourray.lake.repair import clean_marks
 from tourray.stats.inline import finalize
 
 log = logging.getLogger("tourray")

@@ -12,16 +12,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from tourray.errors import UserError
-
-def find_blocks(model, num_layers: int):
-    """The decoder blocks of any transformers causal LM: the outermost ModuleList of that length."""
-    import torch
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers:
-            return name, mod
-    raise UserError(f"cannot find a list of {num_layers} decoder blocks in {type(model).__name__}")
 
 
 @dataclass
@@ -61,18 +51,6 @@ class Engine(Protocol):
     num_heads: int
 
     def capture(self, batch: list[np.ndarray], sink: Callable | None = None) -> list[Captured]: ...
-
-
-def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]) -> Engine:
-    """The engine `cfg.engine` names, built inside the actor from the capture config and its engine
-    sub-config (`cfg.hf`, `cfg.vllm`)."""
-    if cfg.engine.value == "vllm":
-        from tourray.capture.vllm import VLLMEngine
-
-        return VLLMEngine(cfg, layers, num_layers, stored, inner_sites)
-    from tourray.capture.hf import HFEngine
-
-    return HFEngine.from_config(cfg, layers, num_layers, stored, inner_sites)
 
 
 def _plogp(lp):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, _submodule, find_blocks, token_stats
+from tourray.capture.engine import INNER_SITES, Captured, _submodule, token_stats
+from tourray.model.identity import find_blocks, text_model_type
 from tourray.config import Site
 from tourray.errors import UserError
 
@@ -36,11 +37,6 @@ def check_sites(model_type: str, sites) -> None:
                         f"(known: {', '.join(sorted(MID_SITE))}); use resid_post")
 
 
-def text_model_type(config) -> str:
-    """The decoder's model_type (a multimodal wrapper such as gemma3 names its text model gemma3_text)."""
-    return config.get_text_config().model_type
-
-
 def lm_head_logits(model):
     """`hidden [m, d] -> logits [m, vocab]` as the family's causal-LM head computes them, applied to
     final-norm'd hidden states: the output embedding plus Gemma's tanh soft-capping, Cohere's
@@ -67,7 +63,7 @@ def lm_head_logits(model):
 def _load(torch, model: str, revision, dtype, hf, gguf_file, device_map):
     from transformers import AutoModelForCausalLM
 
-    from tourray.models import dequantize_kwargs, resolve_gguf
+    from tourray.model.gguf import dequantize_kwargs, resolve_gguf
 
     path, gguf = resolve_gguf(model, gguf_file)
     kw = {"revision": revision, "dtype": getattr(torch, dtype)}

@@ -4,6 +4,7 @@ removed)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -12,16 +13,58 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tourray import corpus, lake as lk
+from tourray.corpus import texts as corpus
+from tourray.lake import tables as lk
 from tourray.capture.config import CaptureConfig
 from tourray.capture.hf import check_sites
 from tourray.config import compact_layers, parse_layers
 from tourray.errors import UserError
-from tourray.repair import clean_marks, delete_incomplete, remove_unreferenced
-from tourray.manifest import (ModelInfo, inspect_model, load_tokenizer, model_revision, read_manifest, require_folder,
-                              run_changes, run_row, stored_texts, text_rows, tokenizer_sha256, update_manifest)
+from tourray.lake.repair import clean_marks, delete_incomplete, remove_unreferenced
+from tourray.model.identity import ModelInfo, inspect_model, load_tokenizer, model_revision, require_folder, tokenizer_sha256
+from tourray.lake.runs import capture_versions, read_manifest, run_changes, snapshot_hash, stored_texts, update_manifest
+from tourray.runtime import git_commit
 
 log = logging.getLogger("tourray")
+
+
+def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, system_prompt: str) -> dict:
+    import tourray
+
+    prompt = dict(chat_template=cfg.chat_template, text_role=cfg.text_role, user_prompt=cfg.user_prompt,
+                  max_length=cfg.max_length)
+    manifest = dict(
+        config=cfg.model_dump(mode="json"),
+        prompt=prompt,
+        runtime=runtime_identity(cfg),
+        samples_root=str(Path(cfg.samples).resolve()),
+        n_texts=len(samples),  # the texts themselves: the run_texts table (see text_rows)
+        texts_sha256=snapshot_hash({s.source: s.sha256 for s in samples}),
+        versions=capture_versions(),
+    )
+    if cfg.reference:
+        manifest["reference_revision"] = model_revision(cfg.reference, cfg.reference_revision)
+    return dict(
+        run=cfg.run, model=cfg.model, model_revision=info.model_revision,
+        tokenizer=cfg.tokenizer or cfg.model, tokenizer_sha256=info.tokenizer_sha256,
+        engine=cfg.engine.value, model_dtype=cfg.resolved_model_dtype,
+        store_dtype=cfg.store_dtype.value, num_layers=info.num_layers, hidden_size=info.hidden_size,
+        layers=layers, sites=[s.value for s in cfg.sites],
+        system_prompt_sha256=corpus.sha256_bytes(system_prompt.encode()),
+        tourray_version=tourray.__version__, tourray_commit=git_commit(),
+        created_at=dt.datetime.now(dt.timezone.utc), manifest=json.dumps(manifest),
+    )
+
+
+def runtime_identity(cfg: CaptureConfig) -> dict:
+    """What else changes the numbers a run stores: the device kind and the attention kernel (eager,
+    sdpa and flash attention differ in the last bits; so do CPU and GPU matmuls)."""
+    return dict(device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
+                attn_implementation=cfg.hf.attn_implementation if cfg.engine.value == "hf" else None)
+
+
+def text_rows(run: str, samples) -> list[dict]:
+    """The run's text snapshot as `run_texts` rows."""
+    return [dict(run=run, sample_id=s.sample_id, source=s.source, sha256=s.sha256, category=s.category) for s in samples]
 
 
 @dataclass

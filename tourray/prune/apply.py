@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 from tourray.prune.plan import read_plan, spans
@@ -38,9 +38,8 @@ def run_apply(cfg: ApplyConfig) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tourray.manifest import model_revision
-    from tourray.prune.checkpoint import (check_out, fold_embedding_patch, fold_mlp_patch, remove_blocks,
-                                         write_checkpoint)
+    from tourray.model.identity import model_revision
+    from tourray.surgery.blocks import check_out, fold_embedding_patch, fold_mlp_patch, remove_blocks, write_checkpoint
 
     t0 = time.perf_counter()
     check_out(cfg.out)  # refuse a non-empty --out before the slow work

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field, PositiveInt, field_validator
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import BaseConfig, StorageOptions, comma_list, storage_options_field
 from tourray.prune.verdict import Criteria
 
@@ -41,7 +41,7 @@ class EvalSettings(BaseConfig):
         return lk.Lake(self.lake, self.storage_options)
 
     def n_eval(self) -> int:
-        from tourray import corpus
+        from tourray.corpus import texts as corpus
 
         return len(corpus.load_samples(self.eval_samples, include=self.eval_include)[0])
 

@@ -32,9 +32,9 @@ from typing import Iterator
 
 import numpy as np
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.errors import UserError
-from tourray.solve import Map, lstsq, map_diagnostics
+from tourray.stats.linalg import Map, lstsq, map_diagnostics
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, layer_stream, resolve
 from tourray.stats.tasks import stored_layers

@@ -35,7 +35,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 
@@ -102,7 +102,7 @@ def read_evidence(lake: lk.Lake, row: dict, method: str, n: int | None = None) -
 
 
 def _block_table(lake: lk.Lake, run: str, num_layers: int) -> dict[str, np.ndarray]:
-    from tourray.sql import connect, query_file, run_query
+    from tourray.lake.sql import connect, query_file, run_query
 
     t = run_query(connect(lake), query_file("block_evidence").read_text(), {"run": run}).to_arrow_table()
     out = {}
@@ -243,7 +243,7 @@ def parse_protect(spec: str | None, num_layers: int) -> list[int]:
 
 def make_plan(cfg: PlanConfig) -> dict:
     """Choose the blocks and return the plan (method, removed, evidence per block, provenance)."""
-    from tourray.manifest import git_commit
+    from tourray.runtime import git_commit
 
     lake = lk.Lake(cfg.lake, cfg.storage_options)
     row = run_row(lake, cfg.run)
@@ -304,7 +304,7 @@ def read_plan(path: str | Path, num_layers: int | None = None) -> dict:
         raise UserError(f"--plan {path}: 'removed' must hold block indices (integers), got {removed}")
     if -1 in removed:
         raise UserError(f"--plan {path}: removes block -1, the embedding, which is not a decoder block")
-    from tourray.prune.checkpoint import check_removed
+    from tourray.surgery.blocks import check_removed
 
     try:
         plan["removed"] = check_removed(removed, L)

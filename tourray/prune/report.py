@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.prune.plan import BLIND
 
 CATEGORIES = ("seen_cities", "unseen_similar", "unseen_different", "edge_cases")
@@ -180,7 +180,7 @@ def _generations(summary: dict) -> list[str]:
     gens = {r["variant"]: r["generations"] for r in summary["variants"] if r.get("generations")}
     if not gens or not summary.get("original", {}).get("generations"):
         return []
-    from tourray.generate import side_by_side
+    from tourray.model.generate import side_by_side
 
     return ["", side_by_side({"original": summary["original"]["generations"], **gens},
                              title="Does it still talk? (greedy, chat template and system prompt)")]
@@ -188,7 +188,7 @@ def _generations(summary: dict) -> list[str]:
 
 # -- plots ----------------------------------------------------------------------------------------
 def ppl_ratio_plot(curves: dict[str, dict[int, list[float]]], path: Path, title: str, limit: float = 1.2) -> Path:
-    from tourray.report import _plt, _save
+    from tourray.plots import _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -210,7 +210,7 @@ def ppl_ratio_plot(curves: dict[str, dict[int, list[float]]], path: Path, title:
 
 
 def surprisal_diff_plot(base: dict, var: dict, path: Path, title: str) -> Path:
-    from tourray.report import _plt, _save
+    from tourray.plots import _plt, _save
 
     plt = _plt()
     d = np.array(var["surprisal"], float) - np.array(base["surprisal"], float)

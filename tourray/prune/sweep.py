@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, PositiveInt, field_validator
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import comma_list
 from tourray.errors import UserError
 from tourray.prune.plan import METHODS, Method
@@ -158,8 +158,8 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
         s = capture_eval(cfg, str(ckpt), run, cfg.model)
         out["eval_tokens_per_s"] = s.get("tokens_per_s")
         if prompts:
-            from tourray.corpus import read_system_prompt
-            from tourray.generate import generate
+            from tourray.corpus.texts import read_system_prompt
+            from tourray.model.generate import generate
 
             out["generations"] = generate(str(ckpt), prompts, read_system_prompt(cfg.system_prompt),
                                           max_new_tokens=cfg.max_new_tokens)
@@ -199,8 +199,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     base = run_capture(cfg.capture_config(cfg.model, base_run, None), progress=progress)
     original = {}
     if prompts:
-        from tourray.corpus import read_system_prompt
-        from tourray.generate import generate
+        from tourray.corpus.texts import read_system_prompt
+        from tourray.model.generate import generate
 
         original = dict(generations=generate(cfg.model, prompts, read_system_prompt(cfg.system_prompt),
                                              max_new_tokens=cfg.max_new_tokens))
@@ -271,6 +271,6 @@ def check_variants(cfg: SweepConfig) -> dict[tuple[str, int, int], dict]:
 def _prompts(cfg: SweepConfig) -> list[str]:
     if not cfg.generate_prompts:
         return []
-    from tourray.generate import read_prompts
+    from tourray.model.generate import read_prompts
 
     return read_prompts(cfg.generate_prompts)

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from tourray.config import BaseConfig, add_storage_options_flag
 from tourray.errors import UserError
-from tourray.lake import Lake
+from tourray.lake.tables import Lake
 
 QUERY = "compare_runs"
 #: files over this perplexity are counted by compare_runs.sql (its `*_files_ppl_over_1000` columns)
@@ -53,7 +53,7 @@ def compare(lake: str | Lake, base: str, variant: str) -> pa.Table:
     pooled `ALL` row last. The table's schema metadata holds `base` and `variant`. Raises UserError
     for a missing run, a variant with another tokenizer, other texts, other tokens, or nothing
     to compare."""
-    from tourray.sql import connect, query_file, run_query
+    from tourray.lake.sql import connect, query_file, run_query
 
     con = connect(lake)
     params = {"base": base, "variant": variant}
@@ -69,7 +69,7 @@ def compare(lake: str | Lake, base: str, variant: str) -> pa.Table:
 
 
 def _rows(con, sql: str, params: dict) -> list[tuple]:
-    from tourray.sql import run_query
+    from tourray.lake.sql import run_query
 
     return run_query(con, sql, params).fetchall()
 
@@ -205,7 +205,7 @@ EXAMPLES = """examples:
 
 def add_verdict_parser(psub) -> argparse.ArgumentParser:
     """Add `verdict` to the sub-parsers of `tourray prune` (an argparse _SubParsersAction)."""
-    from tourray.cli import add_config_flags
+    from tourray.config import add_config_flags
 
     p = psub.add_parser("verdict", help=HELP, description=HELP, epilog=EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,7 +221,7 @@ def add_verdict_parser(psub) -> argparse.ArgumentParser:
 
 
 def cmd_verdict(args) -> int:
-    from tourray.cli import config_from_args
+    from tourray.config import config_from_args
 
     criteria = config_from_args(Criteria, args)
     table = compare(Lake(args.lake, args.storage_options), args.base, args.variant)

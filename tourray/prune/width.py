@@ -1,5 +1,5 @@
 """`tourray prune width`: fewer FFN neurons, attention heads and (SliceGPT-style) residual channels in
-every block, chosen from the lake's statistics, written as a standard checkpoint by `tourray.fold`.
+every block, chosen from the lake's statistics, written as a standard checkpoint by `tourray.surgery.fold`.
 
 Scores (per block, from the capture's inline statistics: `--stats units` (or moments) keeps per-channel moments of
 the MLP activation, the down_proj input, and of each head's output norm, the o_proj input):
@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import EMBED_LAYER, BaseConfig, StorageOptions, storage_options_field
 from tourray.errors import UserError
 
@@ -80,7 +80,7 @@ def _out_norms(model: str, lay, name: str, per: int) -> np.ndarray:
     """[layers, units]: the norm of each unit's output weights (columns of o_proj / down_proj)."""
     from safetensors import safe_open
 
-    from tourray.fold import weight_files
+    from tourray.surgery.fold import weight_files
 
     want = {f"model.layers.{i}.{name}.weight": i for i in range(lay.layers)}
     out = [None] * lay.layers
@@ -114,7 +114,7 @@ def scores(cfg: WidthConfig, lay, mlp: list, heads: list) -> tuple[np.ndarray, n
 
 def choose(cfg: WidthConfig, lay, neuron_scores: np.ndarray, head_scores: np.ndarray):
     """The Surgery's unit indices: top neurons; heads per group or whole groups (original order kept)."""
-    from tourray.fold import Surgery
+    from tourray.surgery.fold import Surgery
 
     s = Surgery()
     if cfg.keep_neurons < 1:
@@ -172,9 +172,9 @@ def slicing_basis(lake: lk.Lake, run: str, k: int, d: int) -> tuple[np.ndarray, 
 
 def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
     """Check, score, choose, fold: the narrower checkpoint and what was kept."""
-    from tourray.fold import apply_surgery, parameters, read_layout
-    from tourray.manifest import model_revision
-    from tourray.prune.checkpoint import check_out
+    from tourray.surgery.fold import apply_surgery, parameters, read_layout
+    from tourray.model.identity import model_revision
+    from tourray.surgery.blocks import check_out
     from tourray.prune.plan import run_row
 
     check_out(cfg.out)
@@ -184,7 +184,7 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
     if cfg.hidden is not None and cfg.hidden >= lay.hidden:
         raise UserError(f"--hidden {cfg.hidden}: must be below the model's hidden size {lay.hidden}")
     if cfg.hidden is not None:
-        from tourray.fold import Surgery
+        from tourray.surgery.fold import Surgery
 
         Surgery(residual=np.eye(lay.hidden)[:, :cfg.hidden]).check(lay)  # a width transformers can reload
     lake = lk.Lake(cfg.lake, cfg.storage_options)
@@ -204,7 +204,7 @@ def run_width(cfg: WidthConfig, progress: bool = True) -> dict:
         if surgery.neurons:
             info["neuron_score_kept"] = float(np.mean([ns[i][surgery.neurons[i]].sum() / ns[i].sum() for i in surgery.neurons]))
     else:
-        from tourray.fold import Surgery
+        from tourray.surgery.fold import Surgery
 
         surgery = Surgery()
     if cfg.hidden is not None:

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import BaseConfig
 from tourray.errors import UserError
 from tourray.prune.evaluate import EvalSettings, capture_eval, is_complete, judge
@@ -116,7 +116,7 @@ def variants(cfg: QAConfig) -> list[Variant]:
 
 # -- building a variant -------------------------------------------------------------------------------
 def _random_folds(lay, seed: int, rotation: bool):
-    from tourray.fold import Surgery
+    from tourray.surgery.fold import Surgery
 
     rng = np.random.default_rng(seed)
     s = Surgery(residual=np.linalg.qr(rng.standard_normal((lay.hidden, lay.hidden)))[0] if rotation else None)
@@ -128,7 +128,7 @@ def _random_folds(lay, seed: int, rotation: bool):
 
 def build(cfg: QAConfig, v: Variant, lay, out: Path) -> dict:
     """Write variant `v`'s checkpoint to `out`; its basis (Q, or None) and kept blocks."""
-    from tourray.fold import apply_surgery, parameters
+    from tourray.surgery.fold import apply_surgery, parameters
     from tourray.prune.width import WidthConfig, run_width
 
     kept = list(range(lay.layers))
@@ -168,7 +168,7 @@ def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original
     """Width-prune the depth-pruned checkpoint `out` in place to the parameter target: neuron scores of
     the original's kept blocks; FFN width chosen by counting (3 d weights per neuron, after the dropped
     query heads' 2 d head_dim each)."""
-    from tourray.fold import apply_surgery, parameters, read_layout
+    from tourray.surgery.fold import apply_surgery, parameters, read_layout
     from tourray.prune.width import WidthConfig, choose, kept_count, scores, unit_moments
 
     deep = out.parent / f"{out.name}.depth"
@@ -221,7 +221,7 @@ class Side:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        from tourray.capture.engine import find_blocks
+        from tourray.model.identity import find_blocks
 
         _, blocks = find_blocks(model, model.config.get_text_config().num_hidden_layers)
         states: list = []
@@ -286,7 +286,7 @@ def agreement(orig: Side, var: Side, basis, kept: list[int], patched: bool, teac
 # -- the job -----------------------------------------------------------------------------------------
 def check(cfg: QAConfig):
     """Refuse what cannot run before anything is built."""
-    from tourray.fold import read_layout
+    from tourray.surgery.fold import read_layout
     from tourray.prune.plan import run_row
 
     lay = read_layout(cfg.model)
@@ -313,7 +313,7 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
              teacher: Side | None, base_params: int) -> dict:
     """Build, capture, judge and compare one variant. A variant whose eval run is complete and whose
     in-process measurements are cached in the workdir is only judged again (from the lake)."""
-    from tourray.fold import parameters
+    from tourray.surgery.fold import parameters
 
     tv = time.perf_counter()
     # everything the cached in-process figures depend on (the eval texts are pinned by the run's identity)
@@ -348,7 +348,7 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
 def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from tourray.fold import parameters
+    from tourray.surgery.fold import parameters
     from tourray.prune.sweep import absolute_paths
 
     t0 = time.perf_counter()
@@ -390,8 +390,8 @@ def summary_line(r: dict, seen: str) -> str:
             f"{'PASS' if r['verdict']['passed'] else 'FAIL'}")
 
 
-def add_parser(sub, command) -> None:
-    from tourray.cli import add_config_flags
+def add_parser(command) -> None:
+    from tourray.config import add_config_flags
 
     p = command("qa", cmd_qa, "The toggle report: base, folds, slicing, width and depth pruning (with and without the "
                               "patch) and a combined compression, each judged alike; reports/qa_<name>.md.")
@@ -402,7 +402,7 @@ def add_parser(sub, command) -> None:
 
 
 def cmd_qa(args) -> int:
-    from tourray.cli import config_from_args
+    from tourray.config import config_from_args
 
     s = run_qa(config_from_args(QAConfig, args), progress=not args.no_progress)
     seen = s["config"]["criteria"]["seen_category"]

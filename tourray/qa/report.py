@@ -63,7 +63,6 @@ def findings(summary: dict) -> list[str]:
     out = []
     for r in res:
         kl = _row(r, "ALL").get("mean_kl")
-        ratio = _row(r, seen).get("ppl_ratio")
         if r["family"] == "fold":
             ok = kl is not None and kl < PRESERVED_KL and np.nanmin(r["cos"]) > PRESERVED_COS
             out.append(f"- **{r['variant']}** {'preserved the function' if ok else 'CHANGED the function'}: mean KL "
@@ -148,7 +147,7 @@ def _kl(x) -> str:
 
 def ratio_plot(res: list[dict], seen: str, path: Path) -> Path:
     """Seen-category perplexity ratio against parameters kept, one line per family."""
-    from tourray.report import _plt, _save
+    from tourray.plots import _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
@@ -173,7 +172,7 @@ def ratio_plot(res: list[dict], seen: str, path: Path) -> Path:
 
 def cosine_plot(res: list[dict], path: Path) -> Path:
     """Hidden-state cosine to the original per block, one line per variant."""
-    from tourray.report import _plt, _save
+    from tourray.plots import _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)

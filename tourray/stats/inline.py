@@ -16,13 +16,11 @@ norms (input of o_proj, one norm per head).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
-import numpy as np
 import pyarrow as pa
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, complete_samples, source_digest
 
@@ -95,21 +93,11 @@ class InlineStats:
         return rows
 
 
-def incomplete_parts(lake: lk.Lake, run: str, done: set[str], after_fragment: int | None = None) -> list[str]:
-    """Group keys of partial rows whose group has a sample without its `samples` row (killed), in
-    fragments after `after_fragment` (see `Lake.read`)."""
-    if not lake.exists("moments"):
-        return []
-    rows = lake.read("moments", ["source", "sources"], filter=f"run = {lk.sql_quote(run)} AND kind LIKE '%_part'",
-                     after_fragment=after_fragment).to_pylist()
-    return sorted({r["source"] for r in rows if not set(json.loads(r["sources"])["group"]) <= done})
-
-
 def finalize(lake: lk.Lake, run: str) -> dict:
     """Merge a run's committed parts into `layer_stats`, `pair_stats` and `moments` (kinds layer,
     pair, mlp, head), keyed like `tourray stats` output so that it reuses them. Streams the parts one
     row at a time: memory is one accumulator per key."""
-    from tourray.solve import cka
+    from tourray.stats.linalg import cka
     from tourray.stats.tasks import _provenance, layer_row, moment_rows, moments_from_row, moments_row, moments_table
 
     q = lk.sql_quote(run)

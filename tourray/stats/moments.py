@@ -12,7 +12,7 @@ the state stays in the array library it was first fed and `to_numpy()` brings it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np

@@ -4,7 +4,7 @@ between two runs / two lakes over the same texts (a student and a teacher).
     check streams, flags and --out (nothing written yet)
       └─► solve_id = sha256(kind, streams, params, selection, run digest); a stored row is reused
       └─► fit side of the sample split: `run_stats` stores (or reuses) the layer / pair moments
-            └─► read_moments -> tourray.solve (d x d float64 algebra on merged moments)
+            └─► read_moments -> tourray.stats.linalg (d x d float64 algebra on merged moments)
       └─► held-out side: one `layer_stream` pass -> cosine before / after, held-out moments ->
             map_diagnostics (relative residual)
       └─► one row of table `solves`; --out FILE.npy saves the matrix
@@ -13,7 +13,7 @@ Across runs or lakes (--to LAKE:RUN:LAYER) the streams are paired token by token
 `paired_stream` (same positions for one tokenizer, character-span averages otherwise) and the
 moments are accumulated in that pass instead of being stored in `moments`.
 
-Row-vector convention throughout (tourray.solve): a map takes x [d] to ``x @ W + b``.
+Row-vector convention throughout (tourray.stats.linalg): a map takes x [d] to ``x @ W + b``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, create_model
 
-from tourray import lake as lk
+from tourray.lake import tables as lk
 from tourray.config import EMBED_LAYER, BaseConfig, Site, StorageOptions, compact_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
@@ -321,7 +321,7 @@ def fit_moments(plan: SolvePlan, progress: bool = True):
 
 
 def _solve(plan: SolvePlan, m_a, m_b, x):
-    from tourray import solve
+    from tourray.stats import linalg as solve
 
     cfg = plan.cfg
     try:
@@ -354,7 +354,7 @@ def heldout_diagnostics(plan: SolvePlan, result, fit_mean: np.ndarray) -> dict:
     """One streaming pass over the held-out tokens: cosines, held-out moments, relative residual.
 
     Returns n_heldout (0 when the held-out side selects no tokens; then every other field is None)."""
-    from tourray.solve import map_diagnostics
+    from tourray.stats.linalg import map_diagnostics
 
     out = dict(n_heldout=0, cos_before=None, cos_after=None, rel_residual=None, heldout_source=None)
     try:
@@ -410,7 +410,7 @@ def solves_table(row: dict) -> pa.Table:
 
 def run_solve(kind: str, cfg: SolveConfig, progress: bool = True) -> dict:
     """Plan, fit (or reuse), diagnose on held-out tokens, store one `solves` row, save --out."""
-    from tourray.manifest import git_commit
+    from tourray.runtime import git_commit
 
     t0 = time.perf_counter()
     plan = plan_solve(kind, cfg)

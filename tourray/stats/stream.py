@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tourray.errors import UserError
-from tourray.lake import Lake, arrow_to_numpy, sql_quote
+from tourray.lake.tables import Lake, arrow_to_numpy, sql_quote
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def resolve(lake: Lake, run: str, sel: Selection) -> TokenMask:
 def _resolve_with_tokens(lake: Lake, run: str, sel: Selection, samples: pa.Table, source: dict) -> TokenMask:
     import duckdb
 
-    from tourray.sql import connect
+    from tourray.lake.sql import connect
 
     con = connect(lake)
     con.register("selected_samples", samples.select(["sample_id"]))

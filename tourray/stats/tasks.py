@@ -24,9 +24,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from tourray import lake as lk
-from tourray.config import (EMBED_LAYER, BaseConfig, comma_list, Site, StorageOptions, compact_layers, parse_layers,
-                            storage_options_field)
+from tourray.lake import tables as lk
+from tourray.config import EMBED_LAYER, BaseConfig, comma_list, Site, StorageOptions, compact_layers, parse_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, TokenMask, layer_stream, resolve
@@ -224,14 +223,14 @@ def _now():
 
 
 def _provenance(sources: dict) -> dict:
-    from tourray.manifest import git_commit
+    from tourray.runtime import git_commit
 
     return dict(sources=json.dumps(sources, sort_keys=True), tourray_commit=git_commit(), created_at=_now())
 
 
 def layer_row(key: dict, m: Moments, origin: str, prov: dict) -> dict:
     """A `layer_stats` row from merged moments (the PCA spectrum when the covariance is full)."""
-    from tourray.solve import spectrum as pca_spectrum
+    from tourray.stats.linalg import spectrum as pca_spectrum
 
     spectrum = pca_spectrum(m) if m.full else None
     var, absm, zero = m.var, m.abs_mean, m.frac_near_zero
@@ -370,7 +369,7 @@ def run_stats(cfg: StatsConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from tourray.runtime import init_ray, user_error_in
-    from tourray.solve import cka_from_norms
+    from tourray.stats.linalg import cka_from_norms
 
     t0 = time.perf_counter()
     summary = dict(run=cfg.run, lake=None, sites={}, tasks=0)

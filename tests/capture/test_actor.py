@@ -1,0 +1,291 @@
+"""Capture against an independent transformers recomputation, in-process on embedded Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from conftest import lake_snapshot
+from tourray.capture import CaptureConfig, CaptureStage, run_capture
+from tourray.model.identity import find_blocks
+from tourray.errors import UserError
+from tourray.lake.tables import Lake, arrow_to_numpy
+from tourray.model.prompt import SEGMENTS, PromptFormat
+
+
+def capture(model, samples, lake, run="r", **kw):
+    cfg = CaptureConfig(model=str(model), samples=str(samples), lake=str(lake), run=run, group_size=2, batch_size=2, **kw)
+    return run_capture(cfg, progress=False), cfg
+
+
+def reference(model_dir, text, system_prompt="", **fmt):
+    """Independent recomputation: one unpadded forward with output_hidden_states, plus the input
+    of the final norm for the last block (HF's last hidden state is post-norm)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = PromptFormat(tok, system_prompt, **fmt).encode(text).input_ids
+    pre_norm = {}
+    model.model.norm.register_forward_pre_hook(lambda m, a: pre_norm.update(h=a[0]))
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids)[None], output_hidden_states=True)
+    hs = [h[0].numpy() for h in out.hidden_states[:-1]] + [pre_norm["h"][0].numpy()]
+    lp = torch.log_softmax(out.logits[0].float(), -1)
+    surprisal = -lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    entropy = -(lp.exp() * lp).sum(-1)[:-1].numpy()
+    return ids, hs, surprisal, entropy  # hs[0] = embedding, hs[l+1] = block l output
+
+
+def stored(lake, run, sample_id, layer, site="resid_post"):
+    t = Lake(lake).dataset("activations").to_table(
+        filter=f"run = '{run}' AND sample_id = '{sample_id}' AND layer = {layer} AND site = '{site}'")
+    t = t.sort_by("pos")
+    return arrow_to_numpy(t.column("h"), np.float32)
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def assert_text_spans_match_segments(lake, run="r"):
+    """samples.text_start/text_end are exactly the positions whose tokens.segment is 'text'."""
+    lk = Lake(str(lake))
+    tokens = lk.read("tokens", ["sample_id", "pos", "segment"], filter=f"run = '{run}'")
+    samples = lk.read("samples", filter=f"run = '{run}'").to_pylist()
+    assert samples
+    for s in samples:
+        t = tokens.filter(pc.field("sample_id") == s["sample_id"]).sort_by("pos")
+        text = np.flatnonzero(np.array(t.column("segment").to_pylist()) == "text")
+        assert len(text) > 0 and text.tolist() == list(range(s["text_start"], s["text_end"])), s["source"]
+
+
+def assert_token_layers_equal_numpy(lake, run="r"):
+    """token_layers equals numpy on the stored vectors (widened to float32): norm to 1e-5 relative,
+    cos_prev to 1e-5 absolute, null exactly where layer l-1's resid_post was not stored; one row per
+    stored vector, written in (sample, layer, site) runs in pos order."""
+    lk = Lake(str(lake))
+    tl = lk.read("token_layers", filter=f"run = '{run}'")
+    assert tl.num_rows == lk.dataset("activations").count_rows(filter=f"run = '{run}'") > 0
+    key = list(zip(*(tl.column(c).to_pylist() for c in ("sample_id", "layer", "site"))))
+    pos = tl.column("pos").to_pylist()
+    for i in range(1, len(key)):  # physical order: runs of one block, pos 0, 1, ... n-1
+        assert pos[i] == (pos[i - 1] + 1 if key[i] == key[i - 1] else 0), i
+    blocks = set(key)
+    for sid, layer, site in sorted(blocks):
+        t = tl.filter((pc.field("sample_id") == sid) & (pc.field("layer") == layer) & (pc.field("site") == site))
+        h = stored(lake, run, sid, layer, site)
+        assert t.column("pos").to_pylist() == list(range(len(h)))
+        np.testing.assert_allclose(t.column("norm").to_numpy(), np.linalg.norm(h, axis=1), rtol=1e-5, atol=0)
+        cos = t.column("cos_prev")
+        if (sid, layer - 1, "resid_post") in blocks:
+            p = stored(lake, run, sid, layer - 1)
+            want = np.sum(h * p, axis=1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(p, axis=1))
+            assert cos.null_count == 0
+            np.testing.assert_allclose(cos.to_numpy(), want, rtol=0, atol=1e-5)
+        else:  # the embedding, or layer l-1 not stored
+            assert cos.null_count == len(h), (layer, site)
+
+
+def test_float32_store_equals_independent_recompute(qwen3_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    summary, _ = capture(qwen3_model, corpus_dir, lake, store_dtype="float32")
+    assert summary["captured"] == 6
+    samples = Lake(lake).read("samples").to_pylist()
+    tokens = Lake(lake).read("tokens")
+    for s in samples:
+        ids, hs, surprisal, entropy = reference(qwen3_model, s["text"])
+        assert s["n_tokens"] == len(ids)
+        for layer in range(-1, 3):
+            got = stored(lake, "r", s["sample_id"], layer)
+            assert got.shape == hs[layer + 1].shape
+            assert rel_err(got, hs[layer + 1]) < 1e-5, (s["source"], layer)  # stated tolerance: 1e-5 relative
+        t = tokens.filter(tokens.column("sample_id").to_numpy(zero_copy_only=False) == s["sample_id"]).sort_by("pos").to_pydict()
+        assert t["token_id"] == list(ids)
+        assert t["surprisal"][0] is None and t["entropy"][0] is None
+        np.testing.assert_allclose(np.array(t["surprisal"][1:], np.float64), surprisal, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(t["entropy"][1:], np.float64), entropy, rtol=1e-4, atol=1e-4)
+        # text tokens' character spans cover the text in order; for ASCII text they tile it exactly
+        # (byte-level BPE can split a CJK character, so neighbouring spans may share a character)
+        spans = [(a, b) for a, b, seg in zip(t["char_start"], t["char_end"], t["segment"]) if seg == "text"]
+        covered = np.zeros(len(s["text"]), bool)
+        for a, b in spans:
+            covered[a:b] = True
+        assert covered.all() and spans == sorted(spans)
+        if s["text"].isascii():
+            assert "".join(s["text"][a:b] for a, b in spans) == s["text"]
+    assert_text_spans_match_segments(lake)
+    assert_token_layers_equal_numpy(lake)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_store_dtypes_round_trip_within_precision(qwen3_model, corpus_dir, tmp_path, ray_session, dtype, tol):
+    lake = tmp_path / "lake"
+    capture(qwen3_model, corpus_dir, lake, store_dtype=dtype, layers="embed,2")
+    s = Lake(lake).read("samples").to_pylist()[0]
+    _, hs, _, _ = reference(qwen3_model, s["text"])
+    for layer in (-1, 2):
+        got = stored(lake, "r", s["sample_id"], layer)
+        want = hs[layer + 1]
+        # relative to each value's magnitude: float16 has 11 significant bits, bfloat16 8
+        assert np.all(np.abs(got - want) <= tol * np.abs(want) + 1e-6), (dtype, layer)
+    assert Lake(lake).dataset("activations").schema.field("h").type.list_size == 128
+    assert_token_layers_equal_numpy(lake)  # layer 2 without layer 1: cos_prev null
+
+
+def test_resid_mid_and_llama_chat_template(llama_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    sp = tmp_path / "sp.md"
+    sp.write_text("You are a tour guide.")
+    capture(llama_model, corpus_dir, lake, store_dtype="float32", sites="resid_post,resid_mid", system_prompt=str(sp))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(llama_model)
+    s = Lake(lake).read("samples").to_pylist()[0]
+    enc = PromptFormat(tok, "You are a tour guide.").encode(s["text"])
+    mids = {}
+    for i, blk in enumerate(model.model.layers):
+        blk.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: mids.update({i: a[0][0].numpy()}))
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(enc.input_ids)[None])
+    for layer in (0, 1):
+        assert rel_err(stored(lake, "r", s["sample_id"], layer, "resid_mid"), mids[layer]) < 1e-5
+    segs = Lake(lake).read("tokens", filter=f"sample_id = '{s['sample_id']}'").column("segment").to_pylist()
+    assert {"system", "template", "text"} <= set(segs)
+    assert_text_spans_match_segments(lake)  # template tokens on both sides of the text
+    assert_token_layers_equal_numpy(lake)  # resid_mid of layer l against resid_post of l-1
+
+
+def test_rerun_is_idempotent_and_identity_is_guarded(qwen3_model, llama_model, fresh_corpus, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    capture(qwen3_model, fresh_corpus, lake)
+    before = lake_snapshot(lake)
+    summary, _ = capture(qwen3_model, fresh_corpus, lake)
+    assert summary["captured"] == 0 and summary["already_done"] == 6
+    assert {k: v[0] for k, v in lake_snapshot(lake).items()} == {k: v[0] for k, v in before.items()}
+    before = lake_snapshot(lake)
+    with pytest.raises(UserError, match="model"):
+        capture(llama_model, fresh_corpus, lake)
+    (fresh_corpus / "train/xian__bell-tower.txt").write_text("Changed text about the Bell Tower.\n")
+    with pytest.raises(UserError, match=r"texts changed: 1 \(train/xian__bell-tower.txt\)"):
+        capture(qwen3_model, fresh_corpus, lake)
+    with pytest.raises(UserError, match="--layers"):
+        capture(qwen3_model, fresh_corpus, lake, run="other", layers="0-7")
+    assert lake_snapshot(lake) == before
+
+
+def test_text_span_is_the_text_segment_also_when_truncated(llama_model):
+    """The span CaptureStage records equals the text-segment positions, for a whole prompt (template
+    tokens after the text), a text cut short, and a text cut away (then text_start = text_end = n)."""
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(llama_model), "You are a tour guide.")
+    text = "The Sydney Opera House opened in 1973."
+    start, end = CaptureStage._text_span(fmt.encode(text))
+    n = len(fmt.encode(text).input_ids)
+    assert 0 < start < end < n
+    want = {None: (start, end), end: (start, end), (start + end) // 2: (start, (start + end) // 2),
+            start: (start, start), start - 1: (start - 1, start - 1)}
+    for max_length, span in want.items():
+        enc = fmt.encode(text, max_length)
+        assert CaptureStage._text_span(enc) == span, max_length
+        assert list(range(*span)) == np.flatnonzero(enc.segment == SEGMENTS.index("text")).tolist()
+
+
+def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_path, ray_session):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    big = tmp_path / "big"
+    model = AutoModelForCausalLM.from_pretrained(qwen3_model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(1e6)  # pushes block 1's output past float16's 65504
+    model.save_pretrained(big)
+    AutoTokenizer.from_pretrained(qwen3_model).save_pretrained(big)
+    with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16"):
+        capture(big, corpus_dir, tmp_path / "lake", layers="0-2")
+
+
+def test_find_blocks_is_architecture_agnostic(qwen3_model, llama_model):
+    from transformers import AutoModelForCausalLM
+
+    for path, n in ((qwen3_model, 3), (llama_model, 2)):
+        name, blocks = find_blocks(AutoModelForCausalLM.from_pretrained(path), n)
+        assert name == "model.layers" and len(blocks) == n
+
+
+def test_token_only_capture_writes_no_vectors(qwen3_model, corpus_dir, tmp_path, ray_session):
+    lake = tmp_path / "lake"
+    summary, _ = capture(qwen3_model, corpus_dir, lake, layers="none")
+    lk = Lake(str(lake))
+    assert summary["captured"] == 6 and summary["bytes"] == 0
+    assert not lk.exists("activations") and not lk.exists("token_layers") and lk.read("blocks").num_rows == 0
+    tokens = lk.read("tokens")
+    assert tokens.num_rows == sum(lk.read("samples").column("n_tokens").to_pylist())
+    assert tokens.column("surprisal").null_count == 6  # only pos 0 of each sample
+
+
+def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tmp_path, ray_session):
+    """tokens.kl_ref against an independent float64 recomputation (1e-4 nats); zero against itself;
+    every text token classed; a reference with another tokenizer refused before anything is written."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "perturbed"
+    shutil.copytree(qwen3_model, other)
+    m = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    m.save_pretrained(other)
+    capture(other, corpus_dir, tmp_path / "lake", run="v", layers="none", reference=str(qwen3_model))
+    capture(qwen3_model, corpus_dir, tmp_path / "lake", run="self", layers="none", reference=str(qwen3_model))
+    lake = Lake(str(tmp_path / "lake"))
+    tok = lake.read("tokens", filter="run = 'v'")
+    s = lake.read("samples", filter="run = 'v'").to_pylist()[0]
+    t = tok.filter(pc.field("sample_id") == s["sample_id"]).sort_by("pos")
+    ids = torch.tensor(t.column("token_id").to_numpy().astype(np.int64))[None]
+    with torch.no_grad():
+        lp = [torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(input_ids=ids).logits[0]
+                                .double(), -1) for d in (qwen3_model, other)]
+    want = (lp[0].exp() * (lp[0] - lp[1])).sum(-1)[:-1].numpy()
+    got = t.column("kl_ref").to_numpy(zero_copy_only=False)
+    assert np.isnan(got[0]) and np.abs(got[1:] - want).max() < 1e-4 and want.mean() > 1e-3
+    self_kl = lake.read("tokens", ["kl_ref"], filter="run = 'self' AND kl_ref IS NOT NULL").column(0).to_numpy()
+    assert np.abs(self_kl).max() < 1e-5
+    classes = dict(zip(*np.unique(tok.column("token_class").drop_null().to_numpy(zero_copy_only=False),
+                                  return_counts=True)))
+    text = pc.equal(tok.column("segment"), "text")
+    assert set(classes) <= {"number", "proper", "word", "punct"} and {"number", "proper", "word"} <= set(classes)
+    assert pc.sum(text).as_py() == sum(classes.values())  # text tokens, and only they, have a class
+    before = lake_snapshot(tmp_path / "lake")
+    with pytest.raises(UserError, match="--reference .*tokenizer differs"):
+        capture(qwen3_model, corpus_dir, tmp_path / "lake", run="bad", layers="none", reference=str(llama_model))
+    assert lake_snapshot(tmp_path / "lake") == before
+
+
+def test_only_forward_passes_run_on_the_forward_thread(qwen3_model, corpus_dir, tmp_path, monkeypatch):
+    """Checksums, Arrow building and token tables run on the stage's own thread, so the model thread
+    never waits on them (a mutation moving them back into the producer fails this)."""
+    import threading
+
+    seen = {"capture": set(), "arrow": set()}
+    orig_batch, orig_tokens = CaptureStage._activations_batch, CaptureStage._tokens_table
+
+    def spy(kind, fn):
+        def wrapped(*a, **k):
+            seen[kind].add(threading.current_thread().name)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(CaptureStage, "_activations_batch", spy("arrow", orig_batch))
+    monkeypatch.setattr(CaptureStage, "_tokens_table", spy("arrow", orig_tokens))
+    from tourray.capture.hf import HFEngine
+
+    monkeypatch.setattr(HFEngine, "capture", spy("capture", HFEngine.capture))
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(tmp_path / "lake"), run="t",
+                              batch_size=2, group_size=4), progress=False, executor="local")
+    assert seen["capture"] and all(n.startswith("capture-forward") for n in seen["capture"])
+    assert seen["arrow"] and not any(n.startswith("capture-forward") for n in seen["arrow"])

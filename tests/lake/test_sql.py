@@ -1,0 +1,185 @@
+"""DuckDB over the lake: view types, values, filter/projection pushdown, and the shipped queries."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tourray.capture import CaptureConfig, run_capture
+from tourray.lake.tables import Lake, arrow_to_numpy
+from tourray.lake.sql import LakeView, connect, query_file, run_query
+
+DTYPES = ("float16", "bfloat16", "float32")
+LAYERS = {"float16": "embed,0", "bfloat16": "embed,0", "float32": "all"}  # all = embed + 3 blocks
+
+
+@pytest.fixture(scope="module")
+def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
+    out = {}
+    for dtype in DTYPES:
+        lake = tmp_path_factory.mktemp(f"lake-{dtype}")
+        cfg = CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="r",
+                            store_dtype=dtype, layers=LAYERS[dtype], group_size=2, batch_size=2)
+        assert run_capture(cfg, progress=False)["captured"] == 6
+        out[dtype] = lake
+    return out
+
+
+def types(con, view):
+    return {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_view_types(lakes, dtype):
+    con = connect(str(lakes[dtype]))
+    per_sample = ["activations", "blocks", "token_layers", "tokens"]
+    assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
+        per_sample + ["leases", "run_texts", "runs", "samples"] + [f"raw_{t}" for t in per_sample])
+    a = types(con, "activations")
+    assert a["h"] == "FLOAT[128]" and a["layer"] == "SMALLINT" and a["pos"] == "INTEGER"
+    t = types(con, "tokens")
+    assert t["surprisal"] == "FLOAT" and t["entropy"] == "FLOAT" and t["char_start"] == "INTEGER"
+    assert types(con, "samples")["truncated"] == "BOOLEAN" and types(con, "samples")["text_start"] == "INTEGER"
+    tl = types(con, "token_layers")
+    assert tl["norm"] == "FLOAT" and tl["cos_prev"] == "FLOAT" and tl["layer"] == "SMALLINT"
+    assert types(con, "runs")["created_at"] == "TIMESTAMP WITH TIME ZONE"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sql_values_equal_lance_values(lakes, dtype):
+    key = ["sample_id", "layer", "pos"]
+    direct = Lake(str(lakes[dtype])).read("activations").sort_by([(k, "ascending") for k in key])
+    want = arrow_to_numpy(direct.column("h"), np.float32)  # float32 conversion of the stored bits
+    con = connect(str(lakes[dtype]))
+    got_t = con.sql("SELECT sample_id, layer, pos, h FROM activations ORDER BY sample_id, layer, pos").to_arrow_table()
+    assert got_t.column("layer").to_pylist() == direct.column("layer").to_pylist()
+    got = np.array(got_t.column("h").to_pylist(), np.float32)
+    assert got.shape == want.shape == (direct.num_rows, 128)
+    assert np.array_equal(got, want)  # exact: both are the same stored value widened to float32
+    n = con.execute("SELECT count(*) FROM activations").fetchone()[0]
+    n_layers = 4 if dtype == "float32" else 2
+    assert n == direct.num_rows == Lake(str(lakes[dtype])).dataset("tokens").count_rows() * n_layers
+
+
+def test_layer_filter_is_pushed_into_lance(lakes, monkeypatch):
+    calls = []
+    orig = LakeView.scanner
+
+    def spy(self, columns=None, filter=None, **kw):
+        sc = orig(self, columns=columns, filter=filter, **kw)
+        rec = dict(uri=self.uri, columns=columns, filter=None if filter is None else str(filter), rows=0)
+        calls.append(rec)
+        reader = sc.to_reader
+
+        def counted():
+            r = reader()
+
+            def gen():
+                for b in r:
+                    rec["rows"] += b.num_rows
+                    yield b
+            return pa.RecordBatchReader.from_batches(r.schema, gen())
+
+        sc.to_reader = counted
+        return sc
+
+    monkeypatch.setattr(LakeView, "scanner", spy)
+    lake = Lake(str(lakes["float32"]))
+    total = lake.dataset("activations").count_rows()
+    layer0 = lake.dataset("activations").count_rows(filter="layer = 0")
+    assert 0 < layer0 < total
+    con = connect(lake)
+    n, dim = con.execute("SELECT count(*), max(len(h)) FROM activations WHERE layer = 0").fetchone()
+    assert (n, dim) == (layer0, 128)
+    scans = [c for c in calls if c["uri"].endswith("activations.lance")]
+    assert scans, calls
+    assert all(c["filter"] is not None and "layer" in c["filter"] for c in scans), scans
+    assert sum(c["rows"] for c in scans) == layer0  # Lance returned only layer 0's rows
+    # run and sample_id are the join keys that keep only complete samples (narrow columns)
+    assert all(c["columns"] is not None and set(c["columns"]) <= {"h", "layer", "run", "sample_id"} for c in scans), scans
+
+
+def numpy_layer_similarity(lake, run: str = "r") -> dict[int, dict]:
+    """Reference: for each block l with layer l-1 stored, cosines of the stored resid_post vectors
+    (widened to float32, computed in float64) of layers l-1 and l at the positions whose
+    tokens.segment is 'text' (independent of token_layers and of the samples text span)."""
+    lk = Lake(str(lake))
+    t = lk.read("activations", filter=f"run = '{run}' AND site = 'resid_post'").sort_by(
+        [("sample_id", "ascending"), ("layer", "ascending"), ("pos", "ascending")])
+    h = arrow_to_numpy(t.column("h"), np.float32).astype(np.float64)
+    keys = list(zip(t.column("sample_id").to_pylist(), t.column("layer").to_pylist()))
+    vectors, start = {}, 0
+    for key, rows in itertools.groupby(keys):
+        n = len(list(rows))
+        vectors[key], start = h[start : start + n], start + n
+    tokens = lk.read("tokens", ["sample_id", "pos", "segment"], filter=f"run = '{run}'").sort_by(
+        [("sample_id", "ascending"), ("pos", "ascending")]).to_pydict()
+    text = {sid: np.array([seg == "text" for _, seg in rows]) for sid, rows in itertools.groupby(
+        zip(tokens["sample_id"], tokens["segment"]), key=lambda r: r[0])}
+    cos: dict[int, list[np.ndarray]] = {}
+    for (sid, layer), b in vectors.items():
+        if (sid, layer - 1) in vectors:
+            a = vectors[sid, layer - 1]
+            c = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cos.setdefault(layer, []).append(c[text[sid]])
+    out = {}
+    for layer, parts in sorted(cos.items()):
+        c = np.concatenate(parts)
+        out[layer] = dict(tokens=len(c), mean_cos=c.mean(), angular_distance=(np.arccos(np.clip(c, -1, 1)) / np.pi).mean())
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_similarity_query_equals_numpy_on_stored_vectors(lakes, dtype):
+    con = connect(str(lakes[dtype]))
+    rows = run_query(con, query_file("layer_similarity").read_text(), {"run": "r"}).fetchall()
+    cols = ["layer", "tokens", "mean_cos", "block_influence", "angular_distance"]
+    got = {r[0]: dict(zip(cols, r)) for r in rows}
+    want = numpy_layer_similarity(lakes[dtype])
+    assert list(got) == list(want) == ([0, 1, 2] if dtype == "float32" else [0])  # layer -1 has no input
+    [(text_tokens,)] = con.sql("SELECT count(*) FROM tokens WHERE segment = 'text'").fetchall()
+    for layer, w in want.items():
+        g = got[layer]
+        assert g["tokens"] == w["tokens"] == text_tokens
+        # stated tolerance: 1e-5 absolute (token_layers holds float32 cosines of the stored vectors)
+        assert g["mean_cos"] == pytest.approx(w["mean_cos"], abs=1e-5)
+        assert g["angular_distance"] == pytest.approx(w["angular_distance"], abs=1e-5)
+        assert g["block_influence"] == pytest.approx(1 - g["mean_cos"], abs=1e-12)  # the same float64 avg
+    assert run_query(con, query_file("layer_similarity").read_text(), {"run": "other"}).fetchall() == []
+
+
+def test_perplexity_by_category_query(lakes):
+    con = connect(str(lakes["float16"]))
+    rows = run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall()
+    by_cat = {r[0]: r for r in rows}
+    assert set(by_cat) == {"train", "eval"} and len(rows) == 2  # one row per category
+    assert by_cat["train"][1] == 4 and by_cat["eval"][1] == 2
+    for cat, samples, tokens, mean_s, ppl, mean_e in rows:
+        assert ppl > 1 and ppl == pytest.approx(np.exp(mean_s), rel=1e-9)
+        assert mean_e > 0
+
+
+def test_views_show_only_complete_samples(lakes, tmp_path):
+    """Rows of a sample with no samples row (a killed capture's leftovers) are not counted."""
+    import shutil
+
+    lake = Lake(str(shutil.copytree(lakes["float16"], tmp_path / "lake")))
+    con = connect(lake)
+    per_sample = ("tokens", "activations", "token_layers", "blocks")
+    before = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in per_sample}
+    ppl = run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall()
+    src = lake.read("samples").column("sample_id")[0].as_py()
+    for t in per_sample:
+        rows = lake.read(t, filter=f"sample_id = '{src}'")
+        rows = rows.set_column(rows.schema.get_field_index("sample_id"), "sample_id", pa.array(["orphan"] * rows.num_rows))
+        lake.append(t, rows, lake.dataset(t).schema)
+    con = connect(lake)
+    for t in per_sample:
+        assert lake.dataset(t).count_rows(filter="sample_id = 'orphan'") > 0
+        assert con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] == before[t]
+        raw = con.execute(f"SELECT count(*) FROM raw_{t}").fetchall()[0][0]
+        assert raw == lake.dataset(t).count_rows() > before[t]
+    assert run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall() == ppl
