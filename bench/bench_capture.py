@@ -9,7 +9,7 @@ load (other work may share the cores: compare ratios, not absolute figures, acro
     (b) tourray run_capture, layers=all, float16, into a fresh lake  tokens/s (3 ways, see below)
     (c) forward hooks + one torch.save .pt per sample + metadata.jsonl
     query: mean cosine between layers l-1 and l: (b) SQL on the lake, (c) .pt + torch, over the text
-           tokens (queries/layer_similarity.sql on token_layers) and over all tokens (token_layers,
+           tokens (tourray/lake/queries/layer_similarity.sql on token_layers) and over all tokens (token_layers,
            and the self-join of activations it replaced)
     memory: peak RSS of the capture actor and the driver at 1x and 4x the samples (fresh processes)
 
@@ -49,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)  # always an embedded Ray of our own, never a `ray start` cluster
 
 # All-token figures: the same mean cosine from token_layers' scalars, and the self-join of the
-# vectors that it replaced (queries/layer_similarity.sql before token_layers existed).
+# vectors that it replaced (tourray/lake/queries/layer_similarity.sql before token_layers existed).
 ALL_TOKENS_SQL = """
 SELECT layer, count(*) AS tokens, avg(cos_prev) AS mean_cos
 FROM token_layers WHERE run = $run AND site = 'resid_post' AND cos_prev IS NOT NULL

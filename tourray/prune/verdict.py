@@ -1,7 +1,7 @@
 """Does a pruned model pass? Compare its capture (the variant run) with the original's (the
 baseline run) over the same texts, and apply the seeds' criteria.
 
-The comparison is `queries/compare_runs.sql`: per category and pooled (`ALL`), over text tokens
+The comparison is `tourray/lake/queries/compare_runs.sql`: per category and pooled (`ALL`), over text tokens
 matched by (sample_id, pos), the two perplexities and their ratio, surprisal on factual tokens
 (`token_class IN ('number', 'proper')`), mean KL(original || variant) and the files whose
 perplexity exceeds 1000. Before it runs, `compare` refuses what cannot be compared token by
@@ -47,7 +47,7 @@ class Criteria(BaseConfig):
 
 # -- comparison --------------------------------------------------------------------------------
 def compare(lake: str | Lake, base: str, variant: str) -> pa.Table:
-    """`queries/compare_runs.sql` for two runs of one lake, after checking they can be compared.
+    """`tourray/lake/queries/compare_runs.sql` for two runs of one lake, after checking they can be compared.
 
     One row per category (the four eval sets in their usual order, then any others by name) and a
     pooled `ALL` row last. The table's schema metadata holds `base` and `variant`. Raises UserError
