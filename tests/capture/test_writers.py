@@ -200,7 +200,7 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     import subprocess
 
     L = lk.Lake(str(tmp_path / "lake"))
-    code = ("import sys, os; from tourray import lake as lk; l = lk.RunLease(lk.Lake(sys.argv[1]), 'r', ttl_s=600)"
+    code = ("import sys, os; from tourray.lake import tables as lk; l = lk.RunLease(lk.Lake(sys.argv[1]), 'r', ttl_s=600)"
             ".acquire(); os._exit(0)")  # exits without releasing, heartbeat thread and all
     subprocess.run([sys.executable, "-c", code, L.root], check=True, timeout=120)
     assert L.read("leases").num_rows == 1  # the dead holder's row is still there, unexpired

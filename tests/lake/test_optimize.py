@@ -106,7 +106,7 @@ def test_cli_optimize(lake, capsys, tmp_path):
         p.set_defaults(fn=fn)
         return p
 
-    add_parser(sub, command)
+    add_parser(command)
     args = top.parse_args(["optimize", "--lake", lake.root, "--older-than", "0s"])
     assert args.fn(args) == 0
     out = capsys.readouterr().out

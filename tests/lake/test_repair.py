@@ -42,3 +42,14 @@ def test_never_committed_files_are_removed_and_committed_ones_kept(lake):
     assert remove_unreferenced(lake, min_age_s=0) == {"tokens": 1}
     assert unreferenced_files(lake, "tokens", min_age_s=0) == []
     assert lake.read("tokens", ["sample_id"]).column(0).to_pylist() == ["a"] * 4  # committed data intact
+
+
+def test_a_live_writers_files_are_kept(lake):
+    """A file younger than a live lease is a writer's in-flight fragment: kept (file times on the
+    store's clock, lease times on the writer's), removed once the writer is gone."""
+    sch = lk.schema("tokens")
+    lake.ensure("tokens", sch)
+    with lake.lease("writer"):
+        lake.write_fragments("tokens", _tokens("b"), sch)
+        assert remove_unreferenced(lake, min_age_s=0) == {}
+    assert remove_unreferenced(lake, min_age_s=0) == {"tokens": 1}

@@ -16,8 +16,9 @@ from tourray.lake.tables import Lake, arrow_to_numpy, check, empty_table, schema
 PARAMS = dict(store_dtype="float16", hidden_size=8)
 
 
-# samples 2: text_start, text_end; 3: tokens_sha256. tokens 2: token_class, kl_ref. Others 1.
-VERSIONS = {"samples": 3, "tokens": 2}
+# samples 2: text_start, text_end; 3: tokens_sha256. tokens 2: token_class, kl_ref. leases 2: kind, host
+# identity, started. Others 1.
+VERSIONS = {"samples": 3, "tokens": 2, "leases": 2}
 
 
 @pytest.mark.parametrize("table", lk.TABLES)

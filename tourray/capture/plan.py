@@ -21,7 +21,8 @@ from tourray.config import compact_layers, parse_layers
 from tourray.errors import UserError
 from tourray.lake.repair import clean_marks, delete_incomplete, remove_unreferenced
 from tourray.model.identity import ModelInfo, inspect_model, load_tokenizer, model_revision, require_folder, tokenizer_sha256
-from tourray.lake.runs import capture_versions, read_manifest, run_changes, snapshot_hash, stored_texts, update_manifest
+from tourray.lake import runs as run_records
+from tourray.lake.runs import read_manifest, run_changes, snapshot_hash, stored_texts, update_manifest
 from tourray.runtime import git_commit
 
 log = logging.getLogger("tourray")
@@ -39,7 +40,7 @@ def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, sys
         samples_root=str(Path(cfg.samples).resolve()),
         n_texts=len(samples),  # the texts themselves: the run_texts table (see text_rows)
         texts_sha256=snapshot_hash({s.source: s.sha256 for s in samples}),
-        versions=capture_versions(),
+        versions=run_records.capture_versions(),  # through the module: what a resume records is patched there in tests
     )
     if cfg.reference:
         manifest["reference_revision"] = model_revision(cfg.reference, cfg.reference_revision)
@@ -170,7 +171,8 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
     """Create missing tables and the run row, delete every row of groups that are not complete (a
     killed run, possibly with groups committed out of order), and return the ids of samples in
     complete groups. A group is the unit of resume: a partial one is captured again whole. `own`:
-    this driver's lease holder id (never-committed files are removed only with it).
+    this driver's lease holder id (never-committed files are removed only with it, and only those
+    older than every live lease: see `repair.remove_unreferenced`).
 
     Cost: the run's `samples` ids, plus what was committed since the run's clean marks (see
     `repair.delete_incomplete`), not every token row of the run."""
@@ -196,7 +198,7 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
     marks, before = clean_marks(lake, len(done)), read_manifest(lake, cfg.run).get("clean_fragments")
     delete_incomplete(lake, cfg.run, done, since=before, committed=committed)  # a partial group is redone whole
     if own is not None and len(done) < len(plan.samples):
-        # an interrupted run: its actors' never-committed fragment files, when no other driver is live
+        # an interrupted run: its actors' never-committed fragment files (older than every live lease)
         remove_unreferenced(lake, {own})
     if marks != before:
         update_manifest(lake, cfg.run, clean_fragments=marks)

@@ -9,22 +9,28 @@ What is kept: always each table's latest version (what a resumed run and new rea
 every version younger than `older_than` (a reader that opened an older snapshot, such as a stats
 plan pinned to an activations version, keeps working if it finishes within that window).
 
-Never while a capture holds the lake: its workers write data files before the driver commits
-them, and a commit of a compaction racing orphan deletes, or a cleanup with `delete_unverified`,
-would lose them: any unexpired row of the lake's `leases` table (`tourray.lake.tables.live_leases`, the
-capture's lease) refuses the command.
+Optimize holds a lake-wide lease (kind "optimize") for the whole command, from its check to its
+last delete: its compaction writes new files before it commits them, and `tourray repair` or a
+resuming capture removes an unreferenced file only when it is older than every live lease. It is
+refused when another writer holds a lease at its start (a capture, a repair); a writer that
+starts later is safe from it: `--delete-unverified` removes unreferenced files only when they are
+older than the oldest live lease (its own included), never Lance's blanket cleanup of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass
 
 from tourray.config import add_storage_options_flag
 from tourray.errors import UserError
-from tourray.lake.tables import Lake, live_leases
+from tourray.lake.repair import remove_unreferenced_sized
+from tourray.lake.tables import Lake, Lease, _retrying, live_leases
+
+log = logging.getLogger("tourray")
 
 
 @dataclass
@@ -47,30 +53,60 @@ def parse_age(text: str) -> dt.timedelta:
 
 def optimize(lake: str | Lake, older_than: dt.timedelta = dt.timedelta(hours=1), delete_unverified: bool = False,
              target_rows_per_fragment: int = 1 << 20) -> list[TableResult]:
-    """Compact every table, then drop versions older than `older_than` (never the latest).
+    """Compact every table, then drop versions older than `older_than` (never the latest), all under
+    a lake-wide lease of kind "optimize".
 
     `delete_unverified` also removes data files no version references that are younger than
-    Lance's 7-day safety window: leftovers of a crashed writer, but also a live writer's
-    not-yet-committed files, hence only with no capture running (the lease check)."""
+    Lance's 7-day safety window (leftovers of a crashed writer), but only those older than the
+    oldest live lease: a live writer's not-yet-committed files are younger than its lease."""
     lake = lake if isinstance(lake, Lake) else Lake(lake)
-    tables = lake.tables()
-    if not tables:
+    if not lake.tables():
         raise UserError(f"--lake: no tourray tables under {lake.root}")
-    if held := live_leases(lake):
-        who = ", ".join(str(r.get("run") or r.get("holder") or r) for r in held[:3])
-        raise UserError(f"--lake {lake.root} is held by a running capture ({len(held)} live lease(s): {who}); "
-                        "optimize after it finishes")
-    out = []
-    for t in tables:
-        ds = lake.dataset(t)
-        frags, versions = len(ds.get_fragments()), len(ds.versions())
-        if frags > 1 or ds.stats.dataset_stats()["num_deleted_rows"]:
-            ds.optimize.compact_files(target_rows_per_fragment=target_rows_per_fragment)
-        ds = lake.dataset(t)
-        stats = ds.cleanup_old_versions(older_than=older_than, delete_unverified=delete_unverified)
-        ds = lake.dataset(t)
-        out.append(TableResult(t, frags, len(ds.get_fragments()), versions, len(ds.versions()), stats.bytes_removed))
+    with lake.lease("optimize") as lease:
+        if held := [r for r in live_leases(lake) if r["holder"] != lease.holder]:
+            kinds = " and ".join(sorted({r.get("kind") or "capture" for r in held}))
+            who = ", ".join(str(r.get("run") or r.get("holder") or r) for r in held[:3])
+            raise UserError(f"--lake {lake.root} is held by a running {kinds} ({len(held)} live lease(s): {who}); "
+                            "optimize after it finishes")
+        out = []
+        for t in lake.tables():
+            ds = lake.dataset(t)
+            frags, versions = len(ds.get_fragments()), len(ds.versions())
+            if frags > 1 or ds.stats.dataset_stats()["num_deleted_rows"]:
+                _retrying(lambda: compact(lake, t, lease, target_rows_per_fragment), tries=4)
+            ds = lake.dataset(t)
+            stats = ds.cleanup_old_versions(older_than=older_than)  # files of dropped versions: never in flight
+            ds = lake.dataset(t)
+            out.append(TableResult(t, frags, len(ds.get_fragments()), versions, len(ds.versions()), stats.bytes_removed))
+        if delete_unverified:
+            lease.check()
+            removed = remove_unreferenced_sized(lake, {lease.holder}, min_age_s=0)
+            for r in out:
+                r.bytes_removed += removed.get(r.table, (0, 0))[1]
     return out
+
+
+def compact(lake: Lake, table: str, lease: Lease, target_rows_per_fragment: int) -> None:
+    """Lance's compaction (`compact_files`) in its three steps: plan, write the merged fragments
+    (files no version references yet), commit them; the lease is checked right before the commit
+    (an optimize that stalled past its lease may have had those files removed as debris)."""
+    from lance.optimize import Compaction
+
+    ds = lake.dataset(table)
+    plan = Compaction.plan(ds, dict(target_rows_per_fragment=target_rows_per_fragment))
+    if not plan.num_tasks():
+        return
+    rewrites = [task.execute(ds) for task in plan.tasks]
+    commit_compaction(lake, table, lease, ds, rewrites)
+
+
+def commit_compaction(lake: Lake, table: str, lease: Lease, ds, rewrites) -> None:
+    """Commit written compaction fragments (a seam: tests hold a compaction here, files written)."""
+    from lance.optimize import Compaction
+
+    lease.check()
+    Compaction.commit(ds, rewrites)
+    log.info("optimize: %s compacted", table)
 
 
 def report(results: list[TableResult], root: str) -> str:
@@ -90,7 +126,7 @@ def cmd_optimize(args) -> int:
 def add_parser(command) -> argparse.ArgumentParser:
     """Add `tourray optimize`; `command(name, fn, help)` is `tourray.cli.parser`'s helper."""
     p = command("optimize", cmd_optimize, "Compact the lake's fragments and drop old table versions "
-                                          "(refused while a capture holds the lake).")
+                                          "(refused while a capture or repair holds a lease on the lake).")
     p.description = __doc__.split("\n\n", 1)[1]
     p.epilog = "examples:\n  tourray optimize --lake lake\n  tourray optimize --lake lake --older-than 0s"
     p.add_argument("--lake", default="lake", help="Lake root (default: lake).")
@@ -98,6 +134,7 @@ def add_parser(command) -> argparse.ArgumentParser:
     p.add_argument("--older-than", default="1h",
                    help="Drop versions older than this (s, m, h, d; default 1h); the latest is always kept.")
     p.add_argument("--delete-unverified", action="store_true",
-                   help="Also delete unreferenced data files younger than 7 days (a crashed writer's leftovers).")
+                   help="Also delete unreferenced data files younger than 7 days (a crashed writer's leftovers), "
+                        "when older than every live lease.")
     p.add_argument("--target-rows", type=int, default=1 << 20, help="Rows per compacted fragment (default 1048576).")
     return p

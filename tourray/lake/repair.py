@@ -1,10 +1,12 @@
 """`tourray repair`: remove what killed writers leave behind, without touching live writers' work.
 
 Two kinds of debris: rows of samples that never got their `samples` row (a driver killed between a
-group's table commits), and fragment files written by actors whose group was never committed (no
-version's manifest references them; they cost storage and nothing else). A run's rows are only
-deleted while this process holds the run's lease, and files only while no other lease in the lake is
-live and the file is older than a lease's lifetime (a writer without a lease is still that fresh).
+group's table commits), and fragment files written by processes whose commit never came (no
+version's manifest references them; they cost storage and nothing else). Repair holds a lake-wide
+lease of kind "repair" for its whole run (so `tourray optimize` waits for it), deletes a run's rows
+only while it also holds that run's lease, and removes a file only when it is older than the oldest
+live lease of any kind (`tables.removable_before`: every writer holds a lease from before its first
+file until its last commit, so a live writer's files are younger) and than `--min-age`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import time
+from typing import Iterable
 
 import pyarrow.fs as pafs
 
@@ -93,40 +96,70 @@ def referenced_files(lake: lk.Lake, table: str) -> set[str]:
 
 
 def unreferenced_files(lake: lk.Lake, table: str, min_age_s: float) -> list[str]:
-    """Full paths of `table`'s data files that no version references, older than `min_age_s`."""
+    """Full paths of `table`'s data files that no version references, older than `min_age_s` (no
+    lease considered: see `remove_unreferenced`)."""
+    infos = data_files(lake, table, min_age_s)
+    keep = referenced_files(lake, table)  # listed after the files: a file committed meanwhile is kept
+    return [i.path for i in infos if i.base_name not in keep]
+
+
+def data_files(lake: lk.Lake, table: str, min_age_s: float) -> list[pafs.FileInfo]:
+    """`table`'s data files (under data/), older than `min_age_s` by the store's clock."""
     if not lake.exists(table):
         return []
     fs, root = lake.filesystem(table)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/data", allow_not_found=True))
-    keep = referenced_files(lake, table)  # listed after the files: a file committed meanwhile is kept
     now = time.time()
-    return [i.path for i in infos if i.type == pafs.FileType.File and i.base_name not in keep
-            and i.mtime is not None and now - i.mtime.timestamp() >= min_age_s]
+    return [i for i in infos if i.type == pafs.FileType.File and i.mtime is not None
+            and now - i.mtime.timestamp() >= min_age_s]
 
 
-def remove_unreferenced(lake: lk.Lake, own: set[str] = frozenset(), min_age_s: float | None = None) -> dict[str, int]:
-    """Remove never-committed fragment files of every table, unless a lease other than `own`
-    (holder ids) is live: that writer's in-flight fragments look exactly like debris."""
-    others = [r for r in lk.live_leases(lake) if r["holder"] not in own]
-    if others:
-        log.info("repair: not removing unreferenced files: %d other driver(s) live (%s)", len(others),
-                 ", ".join(sorted({r["run"] for r in others})))
-        return {}
+#: Never-committed files of `leases` younger than this are kept whatever --min-age says: a lease's
+#: first row is written before the lease exists (its commit takes moments, never this long).
+LEASES_MIN_AGE_S = 60.0
+
+
+def remove_unreferenced(lake: lk.Lake, own: Iterable[str] = frozenset(), min_age_s: float | None = None,
+                        tables: Iterable[str] | None = None) -> dict[str, int]:
+    """Remove never-committed data files of every table (or of `tables`): files no version
+    references, older than `min_age_s` (default: a lease's lifetime) and older than the oldest live
+    lease of any kind (`own`: the caller's holder ids; see `tables.removable_before`): a live writer's
+    in-flight files look exactly like debris, but are younger than its lease."""
+    return {t: n for t, (n, _) in remove_unreferenced_sized(lake, own, min_age_s, tables).items()}
+
+
+def remove_unreferenced_sized(lake: lk.Lake, own: Iterable[str] = frozenset(), min_age_s: float | None = None,
+                              tables: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """`remove_unreferenced`, returning table -> (files, bytes) removed."""
     age = lk.LEASE_TTL_S if min_age_s is None else min_age_s
-    removed = {}
-    for table in lake.tables():
-        files = unreferenced_files(lake, table, age)
+    # order matters: list the files, then read the leases, then what versions reference (see removable_before)
+    listed = {t: data_files(lake, t, max(age, LEASES_MIN_AGE_S) if t == "leases" else age)
+              for t in (lake.tables() if tables is None else tables)}
+    bound = lk.removable_before(lake, own)
+    removed, spared = {}, 0
+    for table, infos in listed.items():
+        if not infos:
+            continue
+        keep = referenced_files(lake, table)
+        debris = [i for i in infos if i.base_name not in keep]
+        files = [i for i in debris if bound is None or i.mtime < bound]
+        spared += len(debris) - len(files)
         if files:
             fs, _ = lake.filesystem(table)
-            for f in files:
-                fs.delete_file(f)
-            removed[table] = len(files)
+            for i in files:
+                fs.delete_file(i.path)
+            removed[table] = (len(files), sum(i.size or 0 for i in files))
             log.info("repair: %s: removed %d never-committed fragment file(s)", table, len(files))
+    if spared:
+        live = lk.live_leases(lake)
+        log.info("repair: kept %d unreferenced file(s) younger than the oldest live lease (%s)", spared,
+                 ", ".join(sorted({f"{r.get('kind') or 'capture'} {r['run'] or ''}".strip() for r in live})) or "ended since")
     return removed
 
 
 def run_repair(lake_root: str | lk.Lake, run: str | None = None, min_age_s: float | None = None) -> dict:
-    """Repair `run` (or every run): orphan rows of runs whose lease this process can take, then files."""
+    """Repair `run` (or every run): orphan rows of runs whose lease this process can take, then files.
+    Holds a lake-wide "repair" lease throughout, and each repaired run's lease while it deletes rows."""
     lake = lake_root if isinstance(lake_root, lk.Lake) else lk.Lake(lake_root)
     if not lake.exists("runs"):
         raise UserError(f"--lake {lake.root}: no lake here (no runs table)")
@@ -134,20 +167,23 @@ def run_repair(lake_root: str | lk.Lake, run: str | None = None, min_age_s: floa
     if run is not None and run not in runs:
         raise UserError(f"--run {run!r}: no such run in {lake.root} (runs: {', '.join(runs) or 'none'})")
     out = dict(rows={}, busy=[], files={})
-    leases = []
-    try:
-        for r in [run] if run else runs:
-            try:
-                leases.append(lk.RunLease(lake, r).acquire())
-            except UserError:
-                out["busy"].append(r)
-                log.warning("repair: run %s is being captured; left alone", r)
-                continue
-            out["rows"][r] = len(delete_incomplete(lake, r))
-        out["files"] = remove_unreferenced(lake, {l.holder for l in leases}, min_age_s)
-    finally:
-        for l in leases:
-            l.release()
+    with lake.lease("repair") as whole:
+        leases = [whole]
+        try:
+            for r in [run] if run else runs:
+                try:
+                    leases.append(lease := lake.lease("repair", run=r).acquire())
+                except UserError:
+                    out["busy"].append(r)
+                    log.warning("repair: run %s is being written by another process; left alone", r)
+                    continue
+                lease.check()  # the fence: this run is still ours right before its deletes
+                out["rows"][r] = len(delete_incomplete(lake, r))
+            whole.check()
+            out["files"] = remove_unreferenced(lake, {l.holder for l in leases}, min_age_s)
+        finally:
+            for l in leases[1:]:
+                l.release()
     return out
 
 
@@ -167,5 +203,6 @@ def add_parser(command) -> argparse.ArgumentParser:
     p.add_argument("--lake", default="lake", help="Lake root (folder or URI).")
     p.add_argument("--run", help="Only this run's rows (files are shared by all runs).")
     p.add_argument("--min-age", type=float, default=None,
-                   help=f"Only remove files older than this many seconds (default: the lease lifetime, {lk.LEASE_TTL_S:.0f}).")
+                   help=f"Only remove files older than this many seconds (default: the lease lifetime, {lk.LEASE_TTL_S:.0f}); "
+                        "files younger than a live lease (a capture's, an optimize's) are never removed.")
     return p

@@ -203,6 +203,12 @@ class Lake:
                 "holds one hidden size and store dtype: use another --lake for this model or dtype."
             )
 
+    def lease(self, kind: str = "writer", run: str | None = None, ttl_s: float | None = None) -> "Lease":
+        """A lease for a writer of this lake, held for the writer's whole life (returned not yet
+        acquired: `with lake.lease("heal", run=name): ...`). `run`: exclusive on that run; None: a
+        lake-wide lease, shared. Call its `check()` right before each commit. See `Lease`."""
+        return Lease(self, kind, run, ttl_s)
+
     # -- workers ---------------------------------------------------------------------------
     def write_fragments(
         self, table: str, data: pa.RecordBatchReader | pa.Table, expected: pa.Schema
@@ -364,115 +370,268 @@ def arrow_to_numpy(col: pa.FixedSizeListArray | pa.ChunkedArray, dtype=None):
     return out.astype(dtype, copy=False) if dtype is not None else out
 
 
-#: Seconds without a heartbeat after which a driver's lease is stale (it crashed): long enough for a
-#: slow object store, short enough that a killed capture can be resumed soon.
+# -- leases ----------------------------------------------------------------------------------
+#: Seconds without a heartbeat after which a lease is stale (its holder crashed or stalled): long
+#: enough for a slow object store, short enough that a killed capture can be resumed soon.
 LEASE_TTL_S = float(os.environ.get("TOURRAY_LEASE_TTL_S", "120"))
 
+#: Seconds by which the clocks of two hosts (or a host and its object store, which stamps files, s3 to
+#: the second) may disagree: an unreferenced file is removed only when it is this much older than
+#: another writer's lease (`removable_before`).
+CLOCK_SKEW_S = float(os.environ.get("TOURRAY_CLOCK_SKEW_S", "5"))
 
-class RunLease:
-    """Exclusive right to write one run, kept as rows of the Lance table `leases`.
+#: What holds leases today; a new writer names itself (any lowercase word) and uses `Lake.lease`.
+LEASE_KINDS = ("capture", "optimize", "repair", "writer")
 
-    Why rows and not a lock file: Lance commits are atomic and ordered on a local folder and on
-    s3:// alike, so "append a pending row, then the earliest-committed live row wins" needs no
-    conditional put. A driver that loses deletes its row and is refused; the winner marks its row
-    `held` (so later askers see it whatever its position) and refreshes `expires` from a thread."""
+_BUSY = {"capture": "captured by another driver", "repair": "repaired by tourray repair",
+         "optimize": "optimized by tourray optimize"}
 
-    def __init__(self, lake: Lake, run: str, ttl_s: float | None = None):
-        self.lake, self.run, self.ttl_s = lake, run, LEASE_TTL_S if ttl_s is None else ttl_s
+_HOST: tuple[str | None, int | None] | None = None
+
+
+def host_identity() -> tuple[str | None, int | None]:
+    """(boot id, PID-namespace inode) of this process: two processes see each other's pids only when
+    both match (a hostname does not tell: containers with host networking and Kubernetes pods with
+    hostNetwork share one across PID namespaces). (None, None) without /proc: leases then end only
+    by expiry."""
+    global _HOST
+    if _HOST is None:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+        except OSError:
+            boot = None
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino or None
+        except OSError:
+            ns = None
+        _HOST = (boot, ns)
+    return _HOST
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _ts(t: dt.datetime) -> str:
+    """A timestamp literal for a Lance filter or update."""
+    return f"CAST({sql_quote(t.astimezone(dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S.%f'))} AS TIMESTAMP)"
+
+
+class LeaseLost(UserError):
+    """This process's lease went stale or was taken over: it must not commit (see `Lease.check`)."""
+
+
+class Lease:
+    """A writer's claim on the lake, kept as a row of the Lance table `leases` for the writer's whole
+    life and refreshed from a heartbeat thread. Every process that writes files before it commits them
+    (captures, `tourray optimize`, `tourray repair`, and any new writer) holds one, so that
+
+    * an unreferenced data file is removed (by repair, a resuming capture, optimize
+      --delete-unverified) only when it is older than the oldest live lease (`removable_before`):
+      a live writer's not-yet-committed files are always younger than its lease;
+    * a lease on a `run` is exclusive: one holder per run, whatever its kind. A lake-wide lease
+      (`run=None`: optimize, repair) is shared;
+    * a holder that stalled past its expiry, or was taken over, is refused at its next commit
+      (`check`, the fence).
+
+    Exclusive leases: Lance commits are atomic and ordered on a local folder and on s3:// alike, so
+    "append a `pending` row, then the earliest-committed live row wins" needs no conditional put. The
+    loser deletes its row and is refused; the winner marks its row `held` (so later askers see it
+    whatever its position). A holder is judged gone before its expiry only when it ran in this PID
+    namespace of this boot (`host_identity`) and its pid is gone.
+
+    >>> with lake.lease("heal", run="demo-heal"):  # doctest: +SKIP
+    ...     lake.append(...)
+    """
+
+    def __init__(self, lake: Lake, kind: str = "writer", run: str | None = None, ttl_s: float | None = None):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", kind or ""):
+            raise ValueError(f"lease kind {kind!r}: a lowercase word such as {', '.join(LEASE_KINDS)}")
+        self.lake, self.kind, self.run = lake, kind, run
+        self.ttl_s = LEASE_TTL_S if ttl_s is None else float(ttl_s)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.started: dt.datetime | None = None  # set by acquire: the bound for other removers
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._expires: dt.datetime | None = None
 
-    def _where(self, mine: bool = False) -> str:
-        w = f"run = {sql_quote(self.run)}"
-        return w + f" AND holder = {sql_quote(self.holder)}" if mine else w
+    def __repr__(self) -> str:
+        return f"Lease({self.kind}, run={self.run!r}, holder={self.holder!r})"
+
+    @property
+    def exclusive(self) -> bool:
+        return self.run is not None
+
+    def _scope(self) -> str:
+        return f"run = {sql_quote(self.run)}" if self.exclusive else "run IS NULL"
+
+    def _mine(self) -> str:
+        return f"holder = {sql_quote(self.holder)}"
 
     def _row(self, state: str) -> pa.Table:
-        now = dt.datetime.now(dt.timezone.utc)
-        return pa.Table.from_pylist([dict(run=self.run, holder=self.holder, state=state, heartbeat=now,
-                                          expires=now + dt.timedelta(seconds=self.ttl_s))], schema=schema("leases"))
+        boot, ns = host_identity()
+        now = self.started = _now()
+        self._expires = now + dt.timedelta(seconds=self.ttl_s)
+        row = dict(run=self.run, holder=self.holder, kind=self.kind, state=state, host=socket.gethostname(),
+                   pid=os.getpid(), boot_id=boot, pid_ns=ns, started=now, heartbeat=now, expires=self._expires)
+        return pa.Table.from_pylist([row], schema=schema("leases"))
 
     def live(self) -> list[dict]:
-        """Unexpired rows of this run, in commit order (row address)."""
+        """Rows of this lease's scope (its run, or the lake-wide leases) that still hold, in commit order."""
         ds = self.lake._open("leases")
         if ds is None:
             return []
-        t = ds.to_table(filter=self._where(), with_row_address=True).to_pylist()
-        now = dt.datetime.now(dt.timezone.utc)
+        t = ds.to_table(filter=self._scope(), with_row_address=True).to_pylist()
+        now = _now()
         return sorted((r for r in t if holds(r, now)), key=lambda r: r["_rowaddr"])
 
-    def acquire(self) -> "RunLease":
+    def acquire(self) -> "Lease":
         sch = schema("leases")
-        try:
-            self.lake.ensure("leases", sch)
-        except Exception:  # noqa: BLE001 - another driver created it in the meantime
-            if not self.lake.exists("leases"):
-                raise
-        self.lake.append("leases", self._row("pending"), sch)
-        live = self.live()
-        others_held = [r for r in live if r["state"] == "held" and r["holder"] != self.holder]
-        first = next((r for r in live if r["state"] == "pending"), None)
-        if others_held or first is None or first["holder"] != self.holder:
-            _retrying(lambda: self.lake.delete("leases", self._where(mine=True)))
-            other = (others_held or [r for r in live if r["holder"] != self.holder])[0]
-            raise UserError(f"run {self.run!r} in {self.lake.root} is being captured by another driver ({other['holder']}, "
-                            f"alive until {other['expires']:%H:%M:%S} UTC); wait for it, or use another --run. A crashed "
-                            f"driver's lease goes stale {self.ttl_s:.0f} s after its last heartbeat")
-        # one atomic commit turns our row into `held` (never a moment without it); then drop stale rows
-        _retrying(lambda: self.lake.dataset("leases").update({"state": "'held'"}, where=self._where(mine=True)))
-        now = sql_quote(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
-        _retrying(lambda: self.lake.delete("leases", f"{self._where()} AND holder != {sql_quote(self.holder)} AND "
-                                                     f"expires < CAST({now} AS TIMESTAMP)"))
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run}", daemon=True)
+        ensure_leases(self.lake)
+        self.lake.append("leases", self._row("pending" if self.exclusive else "held"), sch)
+        if self.exclusive:
+            live = self.live()
+            others_held = [r for r in live if r["state"] == "held" and r["holder"] != self.holder]
+            first = next((r for r in live if r["state"] == "pending"), None)
+            if others_held or first is None or first["holder"] != self.holder:
+                _retrying(lambda: self.lake.delete("leases", self._mine()))
+                other = (others_held or [r for r in live if r["holder"] != self.holder])[0]
+                what = _BUSY.get(other.get("kind") or "capture", f"written by another {other.get('kind')}")
+                raise UserError(f"run {self.run!r} in {self.lake.root} is being {what} ({other['holder']}, "
+                                f"alive until {other['expires']:%H:%M:%S} UTC); wait for it, or use another --run. A "
+                                f"crashed holder's lease goes stale {self.ttl_s:.0f} s after its last heartbeat")
+            # one atomic commit turns our row into `held` (never a moment without it)
+            _retrying(lambda: self.lake.dataset("leases").update({"state": "'held'"}, where=self._mine()))
+        # stale rows of any holder go (a row that expired never holds again: see `beat`)
+        _retrying(lambda: self.lake.delete("leases", f"holder != {sql_quote(self.holder)} AND expires < {_ts(_now())}"))
+        self._thread = threading.Thread(target=self._beat_loop, name=f"lease-{self.kind}-{self.run or 'lake'}",
+                                        daemon=True)
         self._thread.start()
         return self
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
+    def beat(self) -> bool:
+        """Refresh this lease's expiry, but only while it has not expired: a holder that stalled past
+        its expiry never revives its row (another may have judged it stale and taken over meanwhile).
+        False (and `lost`) when there was no unexpired row to refresh."""
+        if self.lost:
+            return False
+        now = _now()
+        exp = now + dt.timedelta(seconds=self.ttl_s)
+        res = _retrying(lambda: self.lake.dataset("leases").update(
+            {"heartbeat": _ts(now), "expires": _ts(exp)}, where=f"{self._mine()} AND expires > {_ts(now)}"))
+        if not (res or {}).get("num_rows_updated", 1):
+            self.lost = True
+            log.error("%s lease%s lost (it went stale; another process may have taken over)", self.kind,
+                      f" on run {self.run}" if self.run else "")
+            return False
+        self._expires = exp
+        return True
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4) and not self.lost:
             try:
-                now = dt.datetime.now(dt.timezone.utc)
-                exp = (now + dt.timedelta(seconds=self.ttl_s)).strftime("%Y-%m-%d %H:%M:%S.%f")
-                res = self.lake.dataset("leases").update(
-                    {"heartbeat": f"CAST({sql_quote(now.strftime('%Y-%m-%d %H:%M:%S.%f'))} AS TIMESTAMP)",
-                     "expires": f"CAST({sql_quote(exp)} AS TIMESTAMP)"}, where=self._where(mine=True))
-                if not (res or {}).get("num_rows_updated", 1):
-                    self.lost = True
-                    log.error("lease on run %s lost (stale and taken over?)", self.run)
+                self.beat()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; expiry is the safety net
-                log.warning("lease heartbeat for run %s failed: %s", self.run, e)
+                log.warning("lease heartbeat (%s%s) failed: %s", self.kind, f", run {self.run}" if self.run else "", e)
+
+    def _lose(self, why: str) -> None:
+        self.lost = True
+        what = f"run {self.run!r}" if self.run else f"the lake {self.lake.root}"
+        raise LeaseLost(f"{what}: this {self.kind}'s lease {why}; stopping before it commits anything more")
 
     def check(self) -> None:
-        """Refuse to commit after the lease was lost (another driver took the run over)."""
+        """The fence: call it right before each commit. Raises `LeaseLost` unless this lease's row is
+        still in the table, `held`, unexpired with at least half its lifetime left (refreshed here if
+        the heartbeat fell behind), and no other live holder of the run took over after it. So a
+        commit made right after a `check` lands within this lease's lifetime: no other process can
+        have judged it stale and deleted this writer's files or rows (commits take far less than
+        TTL/2; the hosts' clocks agree to well within it)."""
         if self.lost:
-            raise UserError(f"run {self.run!r}: this driver's lease went stale and was taken over; stopping")
+            self._lose("went stale and may have been taken over")
+        ds = self.lake._open("leases")
+        rows = ds.to_table(filter=self._scope() if self.exclusive else self._mine()).to_pylist() if ds is not None else []
+        now = _now()
+        mine = next((r for r in rows if r["holder"] == self.holder), None)
+        if mine is None:
+            self._lose("is gone from the leases table (it went stale and another process removed it)")
+        if mine["state"] != "held" or mine["expires"] <= now:
+            self._lose(f"expired at {mine['expires']:%H:%M:%S} UTC (a stall longer than its {self.ttl_s:.0f} s lifetime)")
+        newer = [r for r in rows if r["holder"] != self.holder and r["state"] == "held" and holds(r, now)
+                 and (r.get("started") or now) >= (mine.get("started") or now)]
+        if newer:
+            self._lose(f"was taken over by {newer[0]['holder']}")
+        if (mine["expires"] - now).total_seconds() < self.ttl_s / 2 and not self.beat():
+            self._lose("expired before its heartbeat could refresh it")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         try:
-            self.lake.delete("leases", self._where(mine=True))
+            _retrying(lambda: self.lake.delete("leases", self._mine()))
         except Exception as e:  # noqa: BLE001 - the row then goes stale by itself
-            log.warning("could not release lease on run %s: %s", self.run, e)
+            log.warning("could not release %s lease%s: %s", self.kind, f" on run {self.run}" if self.run else "", e)
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> "Lease":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
+class RunLease(Lease):
+    """A capture driver's exclusive lease on its run: `Lease` of kind "capture" (see there)."""
+
+    def __init__(self, lake: Lake, run: str, ttl_s: float | None = None, kind: str = "capture"):
+        super().__init__(lake, kind, run, ttl_s)
+
+
+def ensure_leases(lake: Lake) -> None:
+    """Create the `leases` table, or bring one written by an older tourray (schema version 1, no
+    kinds, hosts or start times) to this schema when none of its rows is live."""
+    sch = schema("leases")
+    ds = lake._open("leases")
+    if ds is not None and not set(sch.names) <= set(ds.schema.names):
+        now = _now()
+        if live := [r for r in ds.to_table().to_pylist() if r["expires"] > now]:
+            raise UserError(f"lake {lake.root}: a capture by an older tourray holds run {live[0].get('run')!r} "
+                            f"({live[0].get('holder')}) until {live[0]['expires']:%H:%M:%S} UTC; let it finish")
+        lance.write_dataset(empty_table(sch), lake.uri("leases"), schema=sch, mode="overwrite",
+                            storage_options=lake.storage_options)
+        log.info("lake: %s upgraded to schema version %s", lake.uri("leases"), _declaration("leases")["version"])
+    try:
+        lake.ensure("leases", sch)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - another process created it in the meantime
+        if not lake.exists("leases"):
+            raise
+
+
 def live_leases(lake: Lake) -> list[dict]:
-    """Unexpired lease rows of every run: drivers that may have fragments in flight."""
+    """Lease rows of every kind that still hold: writers that may have files in flight."""
     if (ds := lake._open("leases")) is None:
         return []
-    now = dt.datetime.now(dt.timezone.utc)
-    return [r for r in ds.to_table(columns=["run", "holder", "expires"]).to_pylist() if holds(r, now)]
+    now = _now()
+    return [r for r in ds.to_table().to_pylist() if holds(r, now)]
+
+
+def removable_before(lake: Lake, own: Iterable[str] = ()) -> dt.datetime | None:
+    """The instant before which an unreferenced data file cannot be a live writer's not-yet-committed
+    file: the start of the oldest live lease, less `CLOCK_SKEW_S` for other holders (`own`: holder ids
+    of the caller's leases, whose start is on its own clock). None when no lease is live. Read it
+    after listing the files and before reading what versions reference: a writer whose file was
+    listed either still holds its lease then, or has committed that file, or never will."""
+    own, starts = set(own), []
+    for r in live_leases(lake):
+        start = r.get("started") or dt.datetime.min.replace(tzinfo=dt.timezone.utc)  # older rows: unknown
+        starts.append(start if r["holder"] in own else start - dt.timedelta(seconds=CLOCK_SKEW_S))
+    return min(starts, default=None)
 
 
 def _retrying(fn, tries: int = 8):
-    """Run a mutation of the small `leases` table again when a concurrent driver's commit conflicts
+    """Run a mutation of the small `leases` table again when a concurrent holder's commit conflicts
     with it (Lance rebases appends, not deletes/updates racing each other)."""
     for i in range(tries):
         try:
@@ -484,13 +643,16 @@ def _retrying(fn, tries: int = 8):
 
 
 def holds(row: dict, now: dt.datetime) -> bool:
-    """A lease row still holds unless it expired, or its holder ran on this host and that process is
-    gone (a killed driver on this machine: resuming need not wait for the expiry)."""
+    """A lease row holds until it expires, or until its holder's process is seen to be gone: only
+    when it ran in this boot and this PID namespace (`host_identity`; a killed driver on this machine:
+    resuming need not wait for the expiry). Anywhere else a pid means nothing here."""
     if row["expires"] <= now:
         return False
-    host, _, rest = row["holder"].partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    boot, ns = host_identity()
+    pid = row.get("pid")
+    if boot is None or ns is None or row.get("boot_id") != boot or row.get("pid_ns") != ns or not pid:
+        return True
+    if pid == os.getpid():
         return True
     try:
         os.kill(int(pid), 0)

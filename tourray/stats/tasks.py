@@ -398,38 +398,42 @@ def run_stats(cfg: StatsConfig, progress: bool = True) -> dict:
         store_pairs = cfg.matrices and cfg.pairs.strip().lower() != "all"
         args = lambda tile: (lake.root, lake.storage_options, cfg.run, plan.site, tile, mask_ref, key,  # noqa: E731
                              cfg.batch_rows, threads, cfg.near_zero, cfg.matrices, store_pairs)
-        queue_, running, results = list(plan.tiles), [], []
-        bar = tqdm(total=len(plan.tiles), unit="task", desc=f"stats {plan.site}", disable=not progress, dynamic_ncols=True)
-        try:
-            while queue_ or running:
-                while queue_ and len(running) < cfg.workers:
-                    running.append(task.remote(*args(queue_.pop(0))))
-                ready, running = ray.wait(running, num_returns=1)
-                res = ray.get(ready[0])
-                lake.commit("moments", res["fragments"])  # matrices first: a stats row implies its matrix
-                if res["layer_rows"]:
-                    s = lk.schema("layer_stats")
-                    lake.append("layer_stats", pa.Table.from_pylist(list(res["layer_rows"].values()), schema=s), s)
-                results.append(res)
-                bar.update(1)
-        except Exception as e:  # noqa: BLE001 - a UserError raised in a task, as itself
-            raise user_error_in(e) or e
-        finally:
-            bar.close()
-        summary["tasks"] += len(results)
-        info["task_seconds"] = round(sum(r["seconds"] for r in results), 2)
-        info["task_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in results), 1)  # a worker's high-water mark
-        frob = _stored_frob(lake, key, plan.layers)
-        parts = {}
-        for r in results:
-            frob.update(r["frob"])
-            parts.update(r["pair_parts"])
-        prov = _provenance(plan.mask.source)
-        rows = [dict(key, layer_a=a, layer_b=b, origin="stats", n_tokens=p["n"], weight_sum=p["w"], mean_cos=p["cos"],
-                     mean_angular=p["angular"], cka=cka_from_norms(p["frob_ab"], frob[a], frob[b]),
-                     rel_rms_diff=p["rel_rms"], **prov) for (a, b), p in sorted(parts.items())]
-        if rows:
-            s = lk.schema("pair_stats")
-            lake.append("pair_stats", pa.Table.from_pylist(rows, schema=s), s)
+        # the tasks write moments fragments before the driver commits them: hold a lease meanwhile, so
+        # that repair and optimize leave those files alone (tourray.lake.tables.Lease)
+        with lake.lease("stats") as lease:
+            queue_, running, results = list(plan.tiles), [], []
+            bar = tqdm(total=len(plan.tiles), unit="task", desc=f"stats {plan.site}", disable=not progress, dynamic_ncols=True)
+            try:
+                while queue_ or running:
+                    while queue_ and len(running) < cfg.workers:
+                        running.append(task.remote(*args(queue_.pop(0))))
+                    ready, running = ray.wait(running, num_returns=1)
+                    res = ray.get(ready[0])
+                    lease.check()  # the fence: a lease taken over must not commit
+                    lake.commit("moments", res["fragments"])  # matrices first: a stats row implies its matrix
+                    if res["layer_rows"]:
+                        s = lk.schema("layer_stats")
+                        lake.append("layer_stats", pa.Table.from_pylist(list(res["layer_rows"].values()), schema=s), s)
+                    results.append(res)
+                    bar.update(1)
+            except Exception as e:  # noqa: BLE001 - a UserError raised in a task, as itself
+                raise user_error_in(e) or e
+            finally:
+                bar.close()
+            summary["tasks"] += len(results)
+            info["task_seconds"] = round(sum(r["seconds"] for r in results), 2)
+            info["task_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in results), 1)  # a worker's high-water mark
+            frob = _stored_frob(lake, key, plan.layers)
+            parts = {}
+            for r in results:
+                frob.update(r["frob"])
+                parts.update(r["pair_parts"])
+            prov = _provenance(plan.mask.source)
+            rows = [dict(key, layer_a=a, layer_b=b, origin="stats", n_tokens=p["n"], weight_sum=p["w"], mean_cos=p["cos"],
+                         mean_angular=p["angular"], cka=cka_from_norms(p["frob_ab"], frob[a], frob[b]),
+                         rel_rms_diff=p["rel_rms"], **prov) for (a, b), p in sorted(parts.items())]
+            if rows:
+                s = lk.schema("pair_stats")
+                lake.append("pair_stats", pa.Table.from_pylist(rows, schema=s), s)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
