@@ -61,9 +61,9 @@ def main(argv=None) -> int:
     print(f"captured {s['captured']} samples, {s['tokens']:,} tokens ({s['already_done']} already committed)")
 
     step("3. verify")
-    r = verify_lake(lake, run)
-    print(f"{r.blocks} blocks, {r.samples} samples, {r.token_rows:,} token rows checked (activation and token "
-          f"checksums, completeness): {'all match' if not r.problems else r.problems}")
+    verified = verify_lake(lake, run)
+    print(f"{verified.blocks} blocks, {verified.samples} samples, {verified.token_rows:,} token rows checked (activation "
+          f"and token checksums, completeness): {'all match' if not verified.problems else verified.problems}")
 
     con = connect(lake)
     queries = [("layer_similarity", layer_similarity_plot)] + [("perplexity_by_category", perplexity_plot)] * (cfg.sweep is None)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     print(f"Outputs: lake {lake.root} (tables: {', '.join(lake.tables())}); "
           f"plots and reports in {reports.resolve()}.\nExplore: {tourray} runs --lake {root} --run {shlex.quote(run)}; "
           f"{tourray} sql --lake {root} \"SELECT ...\"")
-    return 0 if not r.problems else 1
+    return 0 if not verified.problems else 1
 
 
 def tourray_command() -> str:

@@ -41,6 +41,7 @@ def world(qwen3_model, tmp_path_factory):
         "wrong_type.yaml": "run: x\nbatch_size: many\n",
         "other_prompt.md": "You are someone else.\n",
         "spec.json": "{not json",
+        "not_eager.yaml": "engine: vllm\nvllm:\n  enforce_eager: false\n",
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -96,6 +97,11 @@ CASES = {
     "unknown model dtype": (lambda w: capture(w, "--model-dtype", "float8"), ["--model-dtype", "float8"]),
     "engine sub-config out of range": (lambda w: capture(w, "--vllm-gpu-memory-utilization", "2"),
                                        ["--vllm-gpu-memory-utilization"]),
+    # module hooks do not fire under vLLM's compiled / CUDA-graph forwards: refused, not accepted
+    "vllm without eager mode": (lambda w: capture(w, "--engine", "vllm", "--no-vllm-enforce-eager"),
+                                ["--vllm-enforce-eager", "must be true", "hooks"]),
+    "vllm without eager mode (YAML)": (lambda w: capture(w, "--config", w["root"] / "not_eager.yaml"),
+                                       ["vllm.enforce_eager", "must be true"]),
     "missing system prompt file": (lambda w: capture(w, "--system-prompt", w["root"] / "nope.md"), ["nope.md"]),
     "missing reference": (lambda w: capture(w, "--reference", w["root"] / "no-ref"), ["--reference"]),
     "include matches nothing": (lambda w: capture(w, "--include", "nothing/*"), ["--include", "nothing/*"]),

@@ -13,6 +13,8 @@ process group (this driver, its Ray and the actors) gets SIGKILL:
 - uncommitted:    at the first group's first commit: its fragments are written, none committed
 - out_of_order:   results are reordered so that a group other than the first of the fixed order is
                   committed whole, then the first group is killed half committed (after `tokens`)
+- merge:          inside the inline statistics' merge (`finalize`, run with --stats moments): every
+                  group is committed and the merged `moments` rows are, the `layer_stats` rows never will be
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def die() -> None:
 
 
 def main(instant: str, cfg: CaptureConfig) -> None:
-    real_commit, samples_commits = lk.Lake.commit, [0]
+    real_commit, real_append, samples_commits = lk.Lake.commit, lk.Lake.append, [0]
+
+    def append(self, table, data, expected):
+        if instant == "merge" and table == "layer_stats" and self.root == lake_root:
+            die()
+        return real_append(self, table, data, expected)
 
     def commit(self, table, fragments):
         if table in ("samples", "activations", "blocks") and fragments and self.root == lake_root:
@@ -85,10 +92,11 @@ def main(instant: str, cfg: CaptureConfig) -> None:
                 raise RuntimeError("out_of_order: the pipeline ended before two groups were out")
 
         driver.build_capture = lambda plan, done: Reordered(real_build(plan, done))
-    elif instant not in ("half_group", "between_groups", "uncommitted"):
+    elif instant not in ("half_group", "between_groups", "uncommitted", "merge"):
         raise SystemExit(f"unknown instant {instant!r}")
     lake_root = lk.Lake(cfg.lake).root
     lk.Lake.commit = commit
+    lk.Lake.append = append
     driver.run_capture(cfg, progress=False)
     raise SystemExit(f"{instant}: the capture finished without being killed")
 

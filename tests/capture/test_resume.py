@@ -154,16 +154,19 @@ def _kill_marked(marker: str, timeout_s: float = 60) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("instant", ["tables", "half_group", "between_groups", "uncommitted", "out_of_order"])
+@pytest.mark.parametrize("instant", ["tables", "half_group", "between_groups", "uncommitted", "out_of_order", "merge"])
 def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, reference, tmp_path, monkeypatch):
     """A real driver process (2 actors, batches of 3, groups of 3, its own Ray) SIGKILLed at `instant`
     (see _kill_capture.py: tables made, no group; a group half committed; between groups; a group's
-    files written, none committed; a later group committed before the first); the lake is checked to
-    be in that state, then a normal run resumes it: byte-identical to the uninterrupted reference,
-    `verify` clean, and no never-committed file left."""
+    files written, none committed; a later group committed before the first; inside the inline
+    statistics' merge, every group committed); the lake is checked to be in that state, then a normal
+    run resumes it: byte-identical to the uninterrupted reference, `verify` clean, no never-committed
+    file left, and (merge) the run's merged statistics complete."""
     samples, _, ref = reference
     lake = tmp_path / "lake"
-    args = dict(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="r", **OPTS)
+    # inline statistics do not change the stored vectors: the reference (captured without) still holds
+    opts = dict(OPTS, stats=["moments"]) if instant == "merge" else OPTS
+    args = dict(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="r", **opts)
     cfg = CaptureConfig(**args)
     marker = f"TOURRAY_KILL_TEST={tmp_path}"  # inherited by its Ray daemons and workers (see _kill_marked)
     env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="3", TOURRAY_KILL_TEST=str(tmp_path),
@@ -202,6 +205,10 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
     elif instant == "out_of_order":  # a later group complete, the first one half committed
         assert len(complete) == 1 and complete != [0], complete  # not a prefix of the fixed order
         assert started == done | groups[0] and _ids(lake, "activations") == done
+    elif instant == "merge":  # every group committed, the merge cut short: no layer rows of the run
+        assert len(complete) == len(groups) and started == done
+        assert L.exists("layer_stats") and not L.read("layer_stats", filter="run = 'r'").num_rows
+        assert L.read("moments", ["kind"], filter="run = 'r' AND kind = 'layer'").num_rows == 4
     # never-committed files are removed once older than a lease's lifetime (here 3 s)
     monkeypatch.setenv("TOURRAY_LEASE_TTL_S", "3")
     monkeypatch.setattr(lk, "LEASE_TTL_S", 3.0)
@@ -216,3 +223,6 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
     report = verify_lake(str(lake))
     assert report.problems == [] and report.samples == 8 and not any("incomplete" in n for n in report.notes)
     assert _debris(lake) == {}
+    if instant == "merge":  # merged once more on resume, although nothing was pending: embed + 3 blocks
+        assert s["inline_stats"]["layers"] == 4
+        assert sorted(L.read("layer_stats", ["layer"], filter="run = 'r'").column(0).to_pylist()) == [-1, 0, 1, 2]

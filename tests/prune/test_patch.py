@@ -71,3 +71,22 @@ def test_patch_needs_resid_mid(prune_lake):
                                         "capture the unpruned model with --sites resid_post,resid_mid"):
         check_patchable(lk, "bare", [(1, 1)])
     check_patchable(lk, "full", [(0, 0), (2, 2)])
+
+
+@pytest.mark.parametrize("layers, first, last", [("embed,0,2", 1, 2), ("embed,2", 0, 2)])
+def test_patch_reads_only_what_the_fit_needs(prune_lake, qwen3_model, corpus_dir, tmp_path, layers, first, last):
+    """A run with exactly what check_patchable asks for (block a-1's resid_mid and resid_post, or the
+    embedding, and block b's resid_post) but not the first removed block: the check passes, and so
+    does the solve (it read the first removed block's resid_post and blamed lake corruption)."""
+    from tourray.capture import CaptureConfig, run_capture
+
+    lake = tmp_path / "lake"
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="part",
+                              layers=layers, sites="resid_post,resid_mid", store_dtype="float32", batch_size=2,
+                              group_size=3, stats=[]), progress=False, executor="local")
+    lk = Lake(str(lake))
+    check_patchable(lk, "part", [(first, last)])
+    fit = solve_span(lk, "part", first, last)
+    full = solve_span(Lake(str(prune_lake)), "full", first, last)  # the same capture, every block stored
+    assert fit.tokens == full.tokens
+    assert np.abs(fit.matrix - full.matrix).max() / np.abs(full.matrix).max() < 1e-4

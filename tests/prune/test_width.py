@@ -142,6 +142,23 @@ def test_hidden_slicing_is_the_projected_original(run, model, width_lake, reques
         assert rel(sliced(IDS).logits, orig(IDS).logits) < 1e-5
 
 
+def test_hidden_uses_the_stored_blocks_of_a_partly_stored_run(qwen3_model, corpus_dir, tmp_path):
+    """A run that hooked every block but stored only some (--store embed,0,2; the rest feed inline
+    statistics): --hidden slices from the stored blocks (it asked `tourray stats` for every block and
+    was refused with a --layers flag `prune width` does not have)."""
+    from tourray.capture import CaptureConfig, run_capture
+
+    lake = tmp_path / "lake"
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="p",
+                              store="embed,0,2", stats=["units"], store_dtype="float32", batch_size=3, group_size=3),
+                progress=False, executor="local")
+    s = run_width(WidthConfig(model=str(qwen3_model), lake=str(lake), run="p", hidden=96, out=str(tmp_path / "w")),
+                  progress=False)
+    sl = s["evidence"]["slicing"]
+    assert sl["layers"] == [0, 2] and sorted(sl["kept_energy"]) == [0, 2]
+    assert s["config_changes"]["hidden_size"] == 96
+
+
 def test_slicing_basis_is_the_numpy_eigenbasis(width_lake):
     """The kept subspace is the top eigenspace of the trace-normalised uncentred second moments of the
     stored blocks, over all tokens (numpy on the activations table)."""

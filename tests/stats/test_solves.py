@@ -149,6 +149,23 @@ def test_pca_without_heldout_tokens_out_file_and_reuse(lake, none_heldout, tmp_p
     assert np.array_equal(np.load(out), p)
 
 
+def test_hooked_but_not_stored_layer_is_named(qwen3_model, corpus_dir, tmp_path, capsys):
+    """A layer the run hooked (for inline statistics) but did not store has no vectors to solve from:
+    refused as such, not read as if stored."""
+    lake = tmp_path / "lake"
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="p",
+                              store="embed,0", stats=["units"], store_dtype="float32", batch_size=3, group_size=3),
+                progress=False, executor="local")
+    before = lake_snapshot(lake)
+    for args in (["pca", "--from", "p:1"], ["lstsq", "--from", "p:0", "--to", "p:2"],
+                 ["procrustes", "--from", "p:0", "--to", f"{lake}:p:1"]):
+        assert main(["-q", "solve", *args[:1], "--lake", str(lake), *args[1:], "--no-progress"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        want = "layer " + args[-1].rsplit(":", 1)[1] + " was hooked but not stored"
+        assert len(errors) == 1 and want in errors[0], errors
+    assert lake_snapshot(lake) == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["lstsq", "--from", "nope:0", "--to", "nope:1"], "no run 'nope'"),
     (["lstsq", "--from", "r:0", "--to", "r:2"], "did not store layer 2"),

@@ -181,6 +181,20 @@ def test_cli_stages_out_folder_and_reuse(planted, tmp_path, capsys):
     assert "already there" in capsys.readouterr().out
 
 
+def test_transport_uses_the_stored_layers(planted, qwen3_model, corpus_dir, tmp_path):
+    """A student run that hooked every block but stored only embed,0 (the rest fed inline statistics):
+    the default pairs are of its stored layers (it paired the hooked ones and failed with "no
+    overlapping text spans"), and a pair naming a hooked-only layer says so."""
+    p = planted
+    student = capture(qwen3_model, corpus_dir, tmp_path / "student", store="embed,0", stats=["units"])
+    args = dict(teacher_lake=str(p["teacher"]), student_lake=str(student), run="r", heldout=p["heldout"])
+    s = run_transport(TransportConfig(**args), progress=False)
+    assert [x["name"] for x in s["pairs"]] == ["embed->embed", "0->0"]
+    assert all(x["own"]["cos_after"] > 0.99999 for x in s["pairs"])  # the same model on both sides
+    with pytest.raises(UserError, match="layer 1 was hooked but not stored"):
+        run_transport(TransportConfig(**args, pairs="1:1"), progress=False)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_texts(qwen3_model, tmp_path_factory):

@@ -21,10 +21,18 @@ class HFEngineConfig(BaseConfig):
 class VLLMEngineConfig(BaseConfig):
     """Settings only the vLLM engine reads (`vllm:` in YAML, `--vllm-...` flags)."""
 
-    enforce_eager: bool = Field(True, description="Eager mode (no CUDA graphs): hooks run on every forward; a captured graph would replay without them.")
+    enforce_eager: bool = Field(True, description="Eager mode (no CUDA graphs, no torch.compile): required, and the only value accepted; the capture's module hooks do not fire in a compiled or graph-replayed forward.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Fraction of each GPU vLLM may take (model + KV cache).")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per vLLM step (chunked prefill is off); default: max(--max-length, 4096). Must be >= --max-length, so no prompt is split over steps.")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU builds: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, rounded, at least 1; an already-set environment variable wins); a prefill-only capture needs little.")
+
+    @field_validator("enforce_eager")
+    @classmethod
+    def _eager_only(cls, v: bool) -> bool:
+        if not v:  # refused, not trusted: nothing would say that the stored vectors are missing or stale
+            raise ValueError("must be true: the capture reads activations with PyTorch module hooks, which do not "
+                             "fire in a torch.compile'd or CUDA-graph-replayed forward (vLLM's non-eager mode)")
+        return v
 
 class CaptureConfig(BaseConfig):
     """Everything a capture needs. Every field is also a `tourray capture` flag."""

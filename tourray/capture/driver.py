@@ -27,7 +27,7 @@ from tourray.errors import UserError
 from tourray.lake.tables import RunLease
 from tourray.lake.runs import record_summary
 from tourray.lake.repair import clean_marks
-from tourray.stats.inline import finalize
+from tourray.stats.inline import finalize, finalized
 
 log = logging.getLogger("tourray")
 
@@ -163,9 +163,13 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
-    if cfg.stats and (pending or not plan.lake.exists("layer_stats")):
-        summary["inline_stats"] = finalize(plan.lake, cfg.run)  # merge the groups' parts into layer/pair stats
+    # merge the groups' parts into layer/pair stats, unless this run's merge of exactly these samples
+    # finished (decided per run: a capture killed inside the merge has nothing pending when resumed)
+    if cfg.stats and (pending or not finalized(plan.lake, cfg.run)):
+        lease.check()  # the fence, before the merge's commits
+        summary["inline_stats"] = finalize(plan.lake, cfg.run)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     # every group is committed: none of the run's rows is incomplete (the next start reads from here)
+    lease.check()  # the fence, before the summary's commit of the runs row
     record_summary(plan.lake, cfg.run, summary, clean_fragments=clean_marks(plan.lake, len(plan.samples)))
     return summary

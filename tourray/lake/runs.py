@@ -122,6 +122,19 @@ def record_summary(lake: lk.Lake, run: str, summary: dict, **fields) -> None:
     update_manifest(lake, run, captures=captures, **fields)
 
 
+def drop_run(lake: lk.Lake, run: str) -> None:
+    """Delete every row of `run` (a derived run to be captured again from scratch), under its lease.
+    `samples` goes first, so an interrupted drop leaves an incomplete run (which a capture repairs),
+    never a complete-looking one; the `runs` row goes last."""
+    q = sql_quote(run)
+    with lake.lease("drop", run=run) as lease:  # exclusive: no capture of the run meanwhile
+        for table in ("samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
+                      "moments", "run_texts", "runs"):
+            if lake.exists(table):
+                lease.check()  # the fence: a lease taken over must not commit
+                lake.delete(table, f"run = {q}")
+
+
 def _lake(root) -> Lake:
     lake = root if isinstance(root, Lake) else Lake(root)
     if not lake.exists("runs"):

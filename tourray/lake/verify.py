@@ -7,7 +7,7 @@ rows of a sample without one are a killed run's leftovers, which a re-run delete
   rows in `activations` and in `token_layers`, each once, positions 0..n_tokens-1 in order; its
   `tokens` rows are positions 0..n_tokens-1, once each;
 - integrity: each activation block's h bytes hash to the sha256 recorded in `blocks`, and each
-  sample's `tokens` rows to `samples.tokens_sha256` (tourray/checksum.py, the function capture
+  sample's `tokens` rows to `samples.tokens_sha256` (tourray/lake/checksum.py, the function capture
   used), so a changed value or a flipped byte names its sample and file. `token_layers` holds
   scalars derived from the vectors and has no checksum; lakes whose samples predate
   tokens_sha256 (schema v2) get their tokens checked by position only, with a note;
@@ -228,6 +228,15 @@ def _read_small(lake: Lake, table: str, columns: list[str], where: str | None, r
         return None
 
 
+def _rows_to_scan(lake: Lake, tables: tuple[str, ...], where: str | None) -> int | None:
+    """The progress bar's total. A filtered count reads the data files, so a missing or unreadable one
+    would fail here, before the per-fragment scan that names it: then the bar has no total."""
+    try:
+        return sum(lake.dataset(t).count_rows(filter=where) for t in tables if lake.exists(t))
+    except Exception:  # noqa: BLE001 - the scan reports the bad file as a problem
+        return None
+
+
 def stored_keys(run: dict) -> list[tuple[int, str]]:
     """(layer, site) the run stores: the embedding (-1) has no mid-block site, as in every engine."""
     return [(l, s) for l in expected_layers(run) for s in run["sites"] if l != -1 or s == "resid_post"]
@@ -312,8 +321,7 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
 
     ray = init_ray()
     tables = ("activations", "token_layers", "tokens")
-    total = sum(lake.dataset(t).count_rows(filter=where) for t in tables if lake.exists(t))
-    bar = tqdm(total=total, unit="row", disable=not progress, desc="verify")
+    bar = tqdm(total=_rows_to_scan(lake, tables, where), unit="row", disable=not progress, desc="verify")
 
     def scan_blocks(table: str, want: dict[tuple, tuple], hashed: Hashed | None) -> set[tuple]:
         """`table`'s (sample, layer, site) runs of rows against `want` (key -> (start, end, sha256 or

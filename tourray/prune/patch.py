@@ -56,19 +56,43 @@ class SpanFit:
         return self.first - 1
 
 
+def needed_vectors(first: int, last: int) -> list[tuple[int, str]]:
+    """(layer, site) the fit of span first..last reads, and nothing else: the map's input m (block
+    a-1's resid_post minus its resid_mid, or the embedding output) and the target x_b."""
+    inputs = [(first - 1, "resid_mid"), (first - 1, "resid_post")] if first > 0 else [(-1, "resid_post")]
+    return inputs + [(last, "resid_post")]
+
+
 def check_patchable(lake: lk.Lake, run: str, spans: list[tuple[int, int]]) -> None:
-    """Refuse, before anything is written, a patch whose vectors the run did not store."""
+    """Refuse, before anything is written, a patch whose vectors the run did not store: exactly what
+    `solve_span` reads (`needed_vectors`)."""
     rows = lake.read("runs", filter=f"run = {lk.sql_quote(run)}").to_pylist()
     if not rows:
         raise UserError(f"--patch: no run {run!r} in {lake.root} to solve the patch from")
     row = rows[0]
     stored, sites = set(stored_layers(row)), set(row["sites"])
     for a, b in spans:
-        need = [(a - 1, "resid_mid"), (a - 1, "resid_post"), (b, "resid_post")] if a > 0 else [(-1, "resid_post"), (b, "resid_post")]
+        need = needed_vectors(a, b)
         miss = [f"{'embed' if l < 0 else l}:{s}" for l, s in need if l not in stored or s not in sites]
         if miss:
             raise UserError(f"--patch for the removed span {a}-{b}: run {run} has no stored vectors of {', '.join(miss)}; "
                             "capture the unpruned model with --sites resid_post,resid_mid --layers all --store all")
+
+
+def span_inputs(lake: lk.Lake, run: str, first: int, mask) -> Iterator[np.ndarray]:
+    """The map's input m alone, in float64 batches of the selected tokens (no target is read)."""
+    if first == 0:
+        for c in layer_stream(lake, run, "resid_post", [-1], mask):
+            yield c.h[-1]
+        return
+    before = first - 1
+    post = layer_stream(lake, run, "resid_post", [before], mask)
+    mid = layer_stream(lake, run, "resid_mid", [before], mask)
+    for cp, cm in zip(post, mid, strict=True):
+        if not (np.array_equal(cp.pos, cm.pos) and cp.sample_id.equals(cm.sample_id)):
+            raise UserError(f"run {run}: resid_mid and resid_post rows of block {before} are not aligned; "
+                            "run `tourray verify`")
+        yield cp.h[before] - cm.h[before]
 
 
 def span_batches(lake: lk.Lake, run: str, first: int, last: int, mask) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -129,7 +153,7 @@ def protected_directions(lake: lk.Lake, run: str, first: int, scale: float, fact
     attention sink's activation on the first token. The fit never sees them, yet the folded block
     runs on them; the patch must leave them alone ([k, d], k <= rank; empty when there are none)."""
     rows = []
-    for m, _, _, _ in span_batches(lake, run, first, first, resolve(lake, run, Selection(text_only=False))):
+    for m in span_inputs(lake, run, first, resolve(lake, run, Selection(text_only=False))):
         big = np.einsum("ij,ij->i", m, m) > factor * scale * m.shape[1]
         if big.any():
             rows.append(m[big][:4096])

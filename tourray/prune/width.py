@@ -15,7 +15,7 @@ key/value head (`--head-unit group`). Kept units keep their original order.
 `--hidden K` slices the residual width: one orthonormal basis for the whole model, the top K
 eigenvectors of the sum over stored layers of each layer's uncentred second moment (normalised by its
 trace, all tokens: the attention sink's massive activation must survive), folded like a rotation with
-the RMSNorm correction (tourray/fold.py). Lossy by design: the QA report measures the loss.
+the RMSNorm correction (tourray/surgery/fold.py). Lossy by design: the QA report measures the loss.
 """
 
 from __future__ import annotations
@@ -154,8 +154,9 @@ def slicing_basis(lake: lk.Lake, run: str, k: int, d: int) -> tuple[np.ndarray, 
     if not layers:
         raise UserError(f"--hidden: run {run} stored no resid_post vectors: the slicing basis comes from them")
     sel = Selection(text_only=False)
-    run_stats(StatsConfig(lake=lake.root, storage_options=lake.storage_options or {}, run=run, layers="blocks",
-                          pairs="none", text_only=False), progress=False)
+    # exactly the stored blocks: a run may hook more (for inline statistics) than it stores
+    run_stats(StatsConfig(lake=lake.root, storage_options=lake.storage_options or {}, run=run,
+                          layers=",".join(map(str, layers)), pairs="none", text_only=False), progress=False)
     source = source_digest(complete_samples(lake, run))
     total = np.zeros((d, d))
     seconds = {}

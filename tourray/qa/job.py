@@ -18,7 +18,8 @@ reports/qa_<name>.md):
   a depth-pruned variant's state at depth b is the output of its last kept block <= b), and forward
   tokens/s measured in the same pass as the original's;
 - parameters (from the checkpoint's headers).
-Variants whose eval run is complete in the lake are not captured again (a QA run resumes).
+Variants whose eval run is complete in the lake, and of the checkpoint built now (same revision, texts
+and settings), are not captured again (a QA run resumes); a stale one is captured again.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _narrow(cfg: QAConfig, v: Variant, lay, out: Path, kept: list[int], original
     from tourray.prune.width import WidthConfig, choose, kept_count, scores, unit_moments
 
     deep = out.parent / f"{out.name}.depth"
+    shutil.rmtree(deep, ignore_errors=True)  # a failed earlier build's, which would block the rename
     out.rename(deep)
     now, target = parameters(deep), v.params["target"] * original_params
     dlay = read_layout(deep)
@@ -309,10 +311,62 @@ def check(cfg: QAConfig):
     return lay
 
 
+def eval_run_changes(cfg: QAConfig, folder: str, run: str, reference: str | None) -> list[str]:
+    """How the lake's eval run `run` differs from the capture QA would make of `folder` now (model
+    revision, eval texts, capture settings, library versions: the run's identity); [] when it matches
+    or does not exist. A run of another checkpoint (another seed or model, a config changed while the
+    workdir cache was lost, another machine on a shared lake) must not be judged as this one."""
+    from tourray.capture.plan import plan_capture
+    from tourray.lake.runs import run_changes, stored_texts
+
+    lake = cfg.open_lake()
+    old = lake.read("runs", filter=f"run = {lk.sql_quote(run)}").to_pylist() if lake.exists("runs") else []
+    if not old:
+        return []
+    # planned under a name of no run (planning writes nothing), compared as `capture` compares a resume;
+    # where the checkpoint lies (the workdir: another machine's, a temporary one) is no part of it, what
+    # it holds (model_revision, tokenizer_sha256) is
+    plan = plan_capture(cfg.capture_config(folder, f"{run}.identity-probe", reference))
+    now = dict(plan.run_row, run=run, model=old[0]["model"], tokenizer=old[0]["tokenizer"])
+    return run_changes(old[0], now, stored_texts(lake, old[0]), {s.source: (s.sha256, s.category) for s in plan.samples})
+
+
+#: Differences (see `run_changes`) that make a named base run another model's or other texts' capture.
+WRONG_BASE = ("model_revision", "tokenizer_sha256", "system_prompt_sha256", "prompt format", "texts ")
+
+
+def fresh_eval_run(cfg: QAConfig, folder: str, run: str, reference: str | None, owned: bool = True,
+                   flag: str = "variant") -> None:
+    """Make `run` a run of `folder`: a stale one QA owns is deleted (captured again by the caller);
+    one the user named (base_run) is refused."""
+    from tourray.lake.runs import drop_run
+
+    changes = eval_run_changes(cfg, folder, run, reference)
+    if not owned:  # another job's capture (a sweep's): only what makes the comparison wrong refuses it
+        changes = [c for c in changes if c.startswith(WRONG_BASE)]
+    if not changes:
+        return
+    if not owned:
+        raise UserError(f"{flag}: run {run} is not a capture of {folder} on these eval texts with these settings:\n  "
+                        + "\n  ".join(changes))
+    log.warning("qa: run %s was captured from another checkpoint or with other settings (%s); capturing it again",
+                run, "; ".join(changes))
+    drop_run(cfg.open_lake(), run)
+
+
+def run_identity(lake: lk.Lake, run: str) -> dict | None:
+    """What names one capture of an eval run: its model revision and when its row was made (a run
+    captured again, here or elsewhere, has a new one)."""
+    rows = lake.read("runs", ["model_revision", "created_at"], filter=f"run = {lk.sql_quote(run)}").to_pylist()
+    return dict(model_revision=rows[0]["model_revision"], created_at=rows[0]["created_at"].isoformat()) if rows else None
+
+
 def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str, n_eval: int, orig: Side,
              teacher: Side | None, base_params: int) -> dict:
-    """Build, capture, judge and compare one variant. A variant whose eval run is complete and whose
-    in-process measurements are cached in the workdir is only judged again (from the lake)."""
+    """Build, capture, judge and compare one variant. A variant whose eval run is complete, and whose
+    in-process measurements are cached in the workdir for the same settings and that very run, is only
+    judged again (from the lake). Otherwise the checkpoint is built and the eval run is reused only if
+    its identity (model revision, texts, settings) matches; a stale one is captured again."""
     from tourray.surgery.fold import parameters
 
     tv = time.perf_counter()
@@ -320,20 +374,22 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
     spec = dict(v.params) | dict(model=cfg.model, hidden_texts=cfg.hidden_texts, teacher=cfg.teacher) \
         | (dict(seed=cfg.seed) if v.family == "fold" else {})
     cache = work / f"{v.name}.json"
-    if is_complete(cfg.open_lake(), run, n_eval) and cache.is_file():
-        r = json.loads(cache.read_text())
-        if r["spec"] != spec:
-            raise UserError(f"variant {v.name}: run {run} was captured with settings {r['spec']}, the config now says "
-                            f"{spec}; use another --name or delete that run's rows")
-        return r | judge(cfg, base_run, run)
+    lake = cfg.open_lake()
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+    if cached and cached.get("spec") == spec and cached.get("eval_run") == run_identity(lake, run) \
+            and is_complete(lake, run, n_eval):
+        return cached | judge(cfg, base_run, run)
     ckpt = work / v.name
     shutil.rmtree(ckpt, ignore_errors=True)
     built = dict(basis=None, kept=list(range(lay.layers))) if v.family == "base" else build(cfg, v, lay, ckpt)
     folder = cfg.model if v.family == "base" else str(ckpt)
-    if not is_complete(cfg.open_lake(), run, n_eval):
-        capture_eval(cfg, folder, run, cfg.model)
+    reference = None if v.family == "base" else cfg.model  # the base run is the original's own (run_qa)
+    if v.family != "base":  # (the base run was checked and captured by run_qa)
+        fresh_eval_run(cfg, folder, run, reference)
+    if not is_complete(lake, run, n_eval):
+        capture_eval(cfg, folder, run, reference)
     r = dict(variant=v.name, family=v.family, spec=spec, settings=v.params, parameters=parameters(folder),
-             kept_blocks=built["kept"], run=run)
+             kept_blocks=built["kept"], run=run, eval_run=run_identity(lake, run))
     r["parameter_fraction"] = r["parameters"] / base_params
     patched = v.params.get("patch", "none") != "none"
     r |= agreement(orig, Side(folder, orig.texts), built["basis"], built["kept"], patched, teacher)
@@ -358,6 +414,7 @@ def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     n_eval = cfg.n_eval()
     prefix = f"{cfg.run}.qa-{cfg.name}"
     base_run = cfg.base_run or f"{prefix}.base"
+    fresh_eval_run(cfg, cfg.model, base_run, None, owned=cfg.base_run is None, flag="base_run")
     if not is_complete(lake, base_run, n_eval):
         capture_eval(cfg, cfg.model, base_run, None, progress=progress)
     texts = eval_texts(lake, base_run, cfg.hidden_texts)

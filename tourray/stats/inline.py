@@ -93,10 +93,32 @@ class InlineStats:
         return rows
 
 
+#: The run manifest's mark of a finished merge: the source digest of the samples it merged.
+MERGED_MARK = "inline_stats_merged"
+
+
+def finalized(lake: lk.Lake, run: str) -> bool:
+    """Whether `finalize` completed for the run's current complete samples: its manifest carries the
+    mark with their digest. Decided per run (a lake-wide test, such as "layer_stats exists", skips
+    the merge of a run killed inside it for good)."""
+    from tourray.lake.runs import read_manifest
+
+    mark = read_manifest(lake, run).get(MERGED_MARK)
+    return mark is not None and mark == source_digest(complete_samples(lake, run))
+
+
 def finalize(lake: lk.Lake, run: str) -> dict:
     """Merge a run's committed parts into `layer_stats`, `pair_stats` and `moments` (kinds layer,
     pair, mlp, head), keyed like `tourray stats` output so that it reuses them. Streams the parts one
-    row at a time: memory is one accumulator per key."""
+    row at a time: memory is one accumulator per key.
+
+    Crash-safe: the new merged rows are committed first, then the run's older merged rows (all but
+    this merge's, told apart by their `sources`) are deleted, and last the manifest gets the mark
+    (`finalized`). A merge killed at any point leaves the previous merged rows readable and no mark,
+    so the next capture of the run merges again."""
+    import uuid
+
+    from tourray.lake.runs import update_manifest
     from tourray.stats.linalg import cka
     from tourray.stats.tasks import _provenance, layer_row, moment_rows, moments_from_row, moments_row, moments_table
 
@@ -114,12 +136,10 @@ def finalize(lake: lk.Lake, run: str) -> dict:
             groups.add(r["source"])
     if not merged:
         return {}
-    prov = _provenance({"capture_groups": len(groups), "samples_version": lake.dataset("samples").version})
+    # `merge`: this merge's id, so that its rows are told apart from an earlier (or interrupted) one's
+    prov = _provenance({"capture_groups": len(groups), "samples_version": lake.dataset("samples").version,
+                        "merge": uuid.uuid4().hex[:16]})
     key = dict(run=run, selection=sel, source=digest)
-    w = f"run = {q} AND selection = {lk.sql_quote(sel)} AND source = {lk.sql_quote(digest)} AND kind NOT LIKE '%_part'"
-    lake.delete("moments", w)  # a re-finalised run (resumed capture) replaces its merged rows
-    lake.delete("layer_stats", f"run = {q} AND origin = 'capture'")
-    lake.delete("pair_stats", f"run = {q} AND origin = 'capture'")
     mrows, lrows, prows = [], [], []
     for (kind, a, b, site), m in sorted(merged.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][1])):
         final = kind.removesuffix("_part")
@@ -133,9 +153,18 @@ def finalize(lake: lk.Lake, run: str) -> dict:
                               rel_rms_diff=m.rel_rms_diff, **prov))
     for t in ("moments", "layer_stats", "pair_stats"):
         lake.ensure(t, lk.schema(t))
+    # the new rows first (matrices before the summaries that imply them) ...
     lake.append("moments", moments_table(mrows), lk.schema("moments"))
     for table, rows in (("layer_stats", lrows), ("pair_stats", prows)):
         if rows:
             s = lk.schema(table)
             lake.append(table, pa.Table.from_pylist(rows, schema=s), s)
+    # ... then the rows they replace: a re-finalised run (resumed capture, or a merge killed midway)
+    # keeps only this merge's
+    mine = lk.sql_quote(prov["sources"])
+    lake.delete("moments", f"run = {q} AND selection = {lk.sql_quote(sel)} AND source = {lk.sql_quote(digest)} "
+                           f"AND kind NOT LIKE '%_part' AND sources != {mine}")
+    lake.delete("layer_stats", f"run = {q} AND origin = 'capture' AND sources != {mine}")
+    lake.delete("pair_stats", f"run = {q} AND origin = 'capture' AND sources != {mine}")
+    update_manifest(lake, run, **{MERGED_MARK: digest})
     return dict(groups=len(groups), layers=len(lrows), pairs=len(prows), inner=len(mrows) - len(lrows) - len(prows))

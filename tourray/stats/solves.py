@@ -36,6 +36,7 @@ from tourray.config import EMBED_LAYER, BaseConfig, Site, StorageOptions, compac
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, complete_samples, layer_stream, paired_stream, resolve, source_digest
+from tourray.stats.tasks import stored_layers
 
 KINDS = ("pca", "procrustes", "lstsq")
 
@@ -176,10 +177,13 @@ def _check_stream(s: Stream, flag: str, lake: lk.Lake) -> dict:
         known = ", ".join(sorted(lake.read("runs", ["run"]).column(0).to_pylist())) or "none"
         raise UserError(f"{flag}: no run {s.run!r} in {lake.root} (runs: {known})")
     row = rows[0]
-    stored = sorted(row["layers"])
+    hooked, stored = sorted(row["layers"]), sorted(stored_layers(row))  # --store: hooked layers may feed inline stats only
     if not -1 <= s.layer < row["num_layers"]:
         raise UserError(f"{flag}: layer {s.layer_name} is out of range; run {s.run} has {row['num_layers']} decoder "
                         f"blocks (0-{row['num_layers'] - 1}) plus 'embed'")
+    if s.layer in hooked and s.layer not in stored:
+        raise UserError(f"{flag}: run {s.run}: layer {s.layer_name} was hooked but not stored (--store "
+                        f"{compact_layers(stored)}): it has no vectors to solve from")
     if s.layer not in stored:
         raise UserError(f"{flag}: run {s.run} did not store layer {s.layer_name} (stored: {compact_layers(stored)})")
     if s.site not in row["sites"]:
@@ -441,7 +445,8 @@ def run_solve(kind: str, cfg: SolveConfig, progress: bool = True) -> dict:
                    tourray_commit=git_commit(), created_at=dt.datetime.now(dt.timezone.utc))
         s = lk.schema("solves")
         plan.lake.ensure("solves", s)
-        plan.lake.append("solves", solves_table(row), s)
+        with plan.lake.lease("solve"):  # its data files exist before the commit: no repair may take them
+            plan.lake.append("solves", solves_table(row), s)
         summary["reused"] = False
         summary["result"] = result
     summary.update(row)

@@ -42,6 +42,7 @@ from tourray.lake import tables as lk
 from tourray.config import EMBED_LAYER, Site, StorageOptions, compact_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.solves import SplitSelection
+from tourray.stats.tasks import stored_layers
 
 DESCRIPTION = """\
 Teacher-to-student basis transport (the rotation recipe): for each stored layer of the student run
@@ -234,12 +235,13 @@ def plan_transport(cfg: TransportConfig) -> TransportPlan:
     if cfg.pairs:
         pairs = parse_pairs(cfg.pairs)
     else:
-        stored_s = [l for l in row_s["layers"] if not (site == Site.resid_mid.value and l == EMBED_LAYER)]
-        stored_t = [l for l in row_t["layers"] if not (site == Site.resid_mid.value and l == EMBED_LAYER)]
+        # the stored layers, not the hooked ones: --store may keep fewer (the rest fed inline statistics)
+        stored_s = [l for l in stored_layers(row_s) if not (site == Site.resid_mid.value and l == EMBED_LAYER)]
+        stored_t = [l for l in stored_layers(row_t) if not (site == Site.resid_mid.value and l == EMBED_LAYER)]
         pairs = nearest_depth(stored_s, row_s["num_layers"], stored_t, row_t["num_layers"])
         if not pairs:
-            raise UserError(f"--run: no layer pairs: the student run stored {compact_layers(row_s['layers'])}, the "
-                            f"teacher run {compact_layers(row_t['layers'])}")
+            raise UserError(f"--run: no layer pairs: the student run stored {compact_layers(stored_layers(row_s))}, "
+                            f"the teacher run {compact_layers(stored_layers(row_t))}")
     if cfg.fold_into is not None:
         _check_foldable(cfg, d_s, d_t)
     if cfg.out is not None:
@@ -497,7 +499,8 @@ def run_transport(cfg: TransportConfig, progress: bool = True) -> dict:
     s = lk.schema("solves")
     if new:
         plan.lake.ensure("solves", s)
-        plan.lake.append("solves", pa.concat_tables([solves_table(r) for r in new]), s)
+        with plan.lake.lease("solve"):  # its data files exist before the commit: no repair may take them
+            plan.lake.append("solves", pa.concat_tables([solves_table(r) for r in new]), s)
     summary = dict(transport_id=plan.transport_id, lake=plan.lake.root, teacher_lake=plan.teacher.root, run=cfg.run,
                    teacher_run=plan.teacher_run, site=site, d_student=plan.d_s, d_teacher=plan.d_t, tie=cfg.tie,
                    k=cfg.k, whiten=cfg.whiten, center=cfg.center, heldout=cfg.heldout,
