@@ -3,6 +3,8 @@ on resume, and usable with no vectors stored."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,23 @@ def _capture_rows(lake):
             lk.read("moments", ["kind"], filter="run = 'r' AND kind NOT LIKE '%_part'").num_rows)
 
 
+
+@contextlib.contextmanager
+def killed_at_append(table: str, monkeypatch):
+    """The merge dies at its append to `table` (the body must raise it); appends work again after."""
+    real = Lake.append
+
+    def dying(self, name, data, expected):
+        if name == table:
+            raise RuntimeError("killed inside the merge")
+        return real(self, name, data, expected)
+
+    monkeypatch.setattr(Lake, "append", dying)
+    with pytest.raises(RuntimeError, match="inside the merge"):
+        yield
+    monkeypatch.setattr(Lake, "append", real)
+
+
 def test_merge_killed_inside_is_redone_on_resume(qwen3_model, corpus_dir, tmp_path, monkeypatch):
     """A capture dies inside the merge, after its merged moments were committed, before its layer rows:
     nothing is pending on resume, `layer_stats` exists (the merge made it), yet the run has no merged
@@ -140,17 +159,8 @@ def test_merge_killed_inside_is_redone_on_resume(qwen3_model, corpus_dir, tmp_pa
     from tourray.stats.inline import finalized
 
     lake = tmp_path / "lake"
-    real = Lake.append
-
-    def dying(self, table, data, expected):
-        if table == "layer_stats":
-            raise RuntimeError("killed inside the merge")
-        return real(self, table, data, expected)
-
-    monkeypatch.setattr(Lake, "append", dying)
-    with pytest.raises(RuntimeError, match="inside the merge"):
+    with killed_at_append("layer_stats", monkeypatch):
         _local(qwen3_model, corpus_dir, lake)
-    monkeypatch.setattr(Lake, "append", real)
     assert Lake(lake).exists("layer_stats") and _capture_rows(lake)[:2] == (0, 0) and not finalized(Lake(lake), "r")
     s = _local(qwen3_model, corpus_dir, lake)
     assert s["captured"] == 0 and s["inline_stats"]["layers"] == 4
@@ -168,17 +178,8 @@ def test_merge_writes_new_rows_before_deleting_old(qwen3_model, corpus_dir, tmp_
     _local(qwen3_model, corpus_dir, lake)
     whole = _capture_rows(lake)
     assert whole == (4, 3, 13)
-    real = Lake.append
-
-    def dying(self, table, data, expected):
-        if table == "pair_stats":
-            raise RuntimeError("killed inside the merge")
-        return real(self, table, data, expected)
-
-    monkeypatch.setattr(Lake, "append", dying)
-    with pytest.raises(RuntimeError, match="inside the merge"):
+    with killed_at_append("pair_stats", monkeypatch):
         finalize(Lake(lake), "r")
-    monkeypatch.setattr(Lake, "append", real)
     rows = _capture_rows(lake)
     assert rows[1] == 3 and rows[0] >= 4 and rows[2] >= 13  # nothing lost (the new rows are there too)
     finalize(Lake(lake), "r")
