@@ -128,7 +128,7 @@ print(json.dumps(out))
         # `--working-dir .` uploads the folder (100 MiB at most): submit from a staged copy of what the
         # job needs, not the checkout with its virtual environments
         stage = tmp_path / "workdir"
-        for name in ("jobs", "tourray", "schemas", "queries"):
+        for name in ("jobs", "tourray"):  # the lake's schemas and queries are inside the package
             shutil.copytree(REPO / name, stage / name, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "configs"))
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
