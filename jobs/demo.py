@@ -9,7 +9,9 @@ layer, the angular-distance curve (and, with `pairs: all`, the all-pairs CKA hea
 evidence, pruned (and patched) checkpoints, each judged on held-out texts against the original,
 the verdict table, plots and generations in reports/prune_<run>.md; 7. the QA toggle report: a fold
 check (a rotation and permutations folded in, the logit difference printed), a width-pruned and a
-combined (depth + patch + width) variant, in reports/qa_demo.md.
+combined (depth + patch + width) variant, in reports/qa_demo.md; 8. a short heal: the teacher's
+next-token distribution captured on the training texts (--logits), one failing variant healed for a
+few steps on Ray Train, KL and perplexity before and after, in reports/heal_demo.md.
 """
 
 import argparse
@@ -115,6 +117,19 @@ def main(argv=None) -> int:
             print(f"fold check ({r['variant']}: a random rotation and permutations folded in): max |log-prob difference| "
                   f"{r['max_logprob_diff']:.2e}, mean KL {r['comparison'][-1]['mean_kl']:.2e} nats/token")
         print(f"report: {qa['report']}")
+
+    if cfg.heal is not None and cfg.teacher is not None:
+        from tourray.heal.job import run_study, summary_line as heal_line
+
+        h = cfg.heal
+        step(f"8. heal (tourray capture --logits {cfg.teacher.logits} --run {cfg.teacher.run}; tourray heal, "
+             f"{h.heal.max_steps} steps of {h.heal.batch_size} texts)")
+        t = run_capture(cfg.teacher)
+        print(f"teacher run {cfg.teacher.run}: {t['samples']} texts ({t['already_done']} already committed)")
+        out = run_study(h)
+        for r in out["variants"]:
+            print(f"{r['variant']:28} {heal_line(r, h.criteria.seen_category)}")
+        print(f"report: {out['report']}")
 
     step("done")
     tourray, root = shlex.quote(tourray_command()), shlex.quote(lake.root)

@@ -216,3 +216,32 @@ def moto_s3(bucket: str):
         yield endpoint
     finally:
         server.stop()
+
+
+def chatty_copy(src, dst, seed):
+    """A copy of a fixture model with larger random weights: the fixtures' own weights emit one
+    token over and over, which would let batching, decoding or streaming bugs pass unseen."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def one_error(p, *words) -> str:
+    """A user mistake: exit 2, no traceback, exactly one `error:` line, naming each of `words`."""
+    assert p.returncode == 2, (p.returncode, p.stdout[-1000:], p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [x for x in p.stderr.splitlines() if "error:" in x]
+    assert len(errors) == 1, p.stderr[-3000:]
+    shown = p.stderr[p.stderr.index(errors[0]):]
+    for word in words:
+        assert word in shown, (word, shown)
+    return shown

@@ -105,6 +105,8 @@ CASES = {
     "missing system prompt file": (lambda w: capture(w, "--system-prompt", w["root"] / "nope.md"), ["nope.md"]),
     "missing reference": (lambda w: capture(w, "--reference", w["root"] / "no-ref"), ["--reference"]),
     "include matches nothing": (lambda w: capture(w, "--include", "nothing/*"), ["--include", "nothing/*"]),
+    "malformed --logits": (lambda w: capture(w, "--logits", "top:5"), ["--logits", "sample:N"]),
+    "--logits beyond the vocabulary": (lambda w: capture(w, "--logits", "100000"), ["--logits", "vocabulary"]),
     # run identity: a resumed run must see the same inputs
     "changed texts": (lambda w: capture(w, "--run", "base", "--layers", "embed,0", "--samples", w["changed"]),
                       ["run 'base' already exists"]),

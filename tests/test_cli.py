@@ -120,9 +120,13 @@ def test_skip_invalid_captures_the_good_and_lists_the_bad(base):
     assert sorted(Lake(str(lake)).read("samples").column("source").to_pylist()) == ["eval/x/b.txt", "train/a.txt"]
 
 
-@pytest.mark.parametrize("command", [None, "capture", "sql", "stats", "solve", "model", "prune", "prune plan", "prune apply",
-                                     "prune verdict", "prune sweep", "prune width", "fold", "transport", "qa", "generate",
-                                     "verify", "runs", "demo-model", "index", "optimize", "repair"])
+HELP = [None, "capture", "sql", "stats", "solve", "model", "prune", "prune plan", "prune apply", "prune verdict",
+        "prune sweep", "prune width", "fold", "transport", "qa", "generate", "verify", "runs", "demo-model", "index",
+        "optimize", "repair", "serve", "tours", "tours generate", "tours examples", "heal", "soup",
+        "compress"]
+
+
+@pytest.mark.parametrize("command", HELP)
 def test_help_exits_0(command):
     p = tourray(*(command.split() if command else []), "--help", timeout=120)
     assert p.returncode == 0, p.stderr
@@ -133,8 +137,7 @@ def test_every_subcommand_has_a_help_test():
     from tourray.cli import parser
 
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"capture", "sql", "stats", "solve", "model", "prune", "fold", "transport", "qa", "generate",
-                                "verify", "runs", "demo-model", "index", "optimize", "repair"}
+    assert set(sub.choices) == {c for c in HELP if c and " " not in c}
 
 
 HEAVY = ("torch", "transformers", "ray")
@@ -152,7 +155,9 @@ def test_import_tourray_is_light():
 
 
 def test_help_does_not_import_torch():
-    for argv in (["--help"], ["capture", "--help"], ["fold", "--help"], ["qa", "--help"]):
+    for argv in (["--help"], ["capture", "--help"], ["fold", "--help"], ["qa", "--help"], ["serve", "--help"],
+                 ["tours", "generate", "--help"], ["heal", "--help"], ["soup", "--help"],
+                 ["compress", "--help"]):
         loaded = imported(f"from tourray import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit as e:\n"
                           f"    assert e.code == 0\n")
         assert "torch" not in loaded.split(","), (argv, loaded)

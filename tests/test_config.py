@@ -100,7 +100,7 @@ def test_from_yaml_refuses_a_key_given_twice(tmp_path):
 def test_shipped_job_configs_validate():
     """Every YAML in jobs/configs validates: a flat file as a CaptureConfig, a sectioned job file
     (demo.yaml: demo_model / capture / reports, read by jobs/demo.py) as a DemoConfig."""
-    from tourray.recipes import DemoConfig
+    from tourray.recipes import DemoConfig, HealJobConfig
 
     folder = REPO / "jobs" / "configs"
     if not folder.exists():
@@ -109,7 +109,18 @@ def test_shipped_job_configs_validate():
     assert {"capture.yaml", "demo.yaml", "prune_sweep.yaml"} <= {f.name for f in files}
     for f in files:
         data = yaml.safe_load(f.read_text())
-        if "capture" in data:
+        if "steps" in data:  # `tourray compress --config`: the rounds read a teacher run and an evidence run
+            from tourray.heal.config import CompressConfig
+
+            c = CompressConfig.from_yaml(f)
+            assert c.model and c.samples and c.teacher_run, f
+            continue
+        if "study" in data:  # jobs/heal.py: the heal study reads the teacher run of its own lake
+            job = HealJobConfig.from_yaml(f)
+            cfg = job.capture
+            assert job.teacher.logits and job.teacher.lake == cfg.lake == job.study.lake, f
+            assert job.study.teacher_run == job.teacher.run and job.study.run == cfg.run, f
+        elif "capture" in data:
             job = DemoConfig.from_yaml(f)
             cfg = job.capture
             if job.sweep is not None:  # the sweep judges what the capture section captured

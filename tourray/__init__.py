@@ -11,8 +11,8 @@ Public API (cheap to import: torch, transformers and ray load only when used)::
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureConfig", "CrossMoments", "Lake", "Moments", "Selection", "StatsConfig", "UserError", "build_capture",
-           "connect", "run_capture", "run_stats", "verify"]
+__all__ = ["CaptureConfig", "CrossMoments", "HealConfig", "Lake", "Moments", "Selection", "SoupConfig", "StatsConfig",
+           "UserError", "build_capture", "connect", "run_capture", "run_heal", "run_soup", "run_stats", "verify"]
 
 
 def __getattr__(name):  # lazy re-exports keep `import tourray` light
@@ -28,6 +28,18 @@ def __getattr__(name):  # lazy re-exports keep `import tourray` light
         from tourray.stats import moments
 
         return getattr(moments, name)
+    if name in ("HealConfig", "SoupConfig"):
+        from tourray.heal import config
+
+        return getattr(config, name)
+    if name == "run_heal":
+        from tourray.heal.train import run_heal
+
+        return run_heal
+    if name == "run_soup":
+        from tourray.heal.soup import run_soup
+
+        return run_soup
     if name == "Selection":
         from tourray.stats.stream import Selection
 

@@ -13,7 +13,7 @@ import sys
 from tourray.config import guarded
 
 #: Packages whose `commands.add_commands` the CLI calls, in the order a user meets them.
-PACKAGES = ("model", "corpus", "capture", "lake", "stats", "prune", "surgery", "qa")
+PACKAGES = ("model", "corpus", "capture", "lake", "stats", "prune", "surgery", "qa", "heal", "serve")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -149,7 +149,7 @@ def test_vllm_run_through_ray_verifies(qwen3_model, tmp_path):
     (tmp_path / "sys.txt").write_text("You are a tour guide.")
     lake = tmp_path / "lake"
     common = dict(samples=str(samples), lake=str(lake), system_prompt=str(tmp_path / "sys.txt"), batch_size=2,
-                  group_size=3, max_length=96, sites="resid_post")  # resid_mid: see the engine-level tests
+                  group_size=3, max_length=96, sites="resid_post", logits="8")  # resid_mid: see the engine-level tests
     run_capture(_cfg(qwen3_model, run="v", engine="vllm", **common), progress=False, executor="ray")
     run_capture(_cfg(qwen3_model, run="h", **common), progress=False, executor="local")
     assert run_row(Lake(str(lake)), "v")["engine"] == "vllm"
@@ -171,6 +171,18 @@ def test_vllm_run_through_ray_verifies(qwen3_model, tmp_path):
     for col in ("surprisal", "entropy"):
         np.testing.assert_allclose(tv[col].to_numpy(zero_copy_only=False), th[col].to_numpy(zero_copy_only=False),
                                    rtol=0, atol=NATS, equal_nan=True)
+    # --logits 8: the same stored distribution from both engines (ids may swap only where values tie)
+    order = [("sample_id", "ascending"), ("pos", "ascending")]
+    lv, lh = (lk.read("logits", filter=f"run = '{r}'").sort_by(order).to_pylist() for r in ("v", "h"))
+    assert len(lv) == len(lh) > 0
+    for a, b in zip(lv, lh):
+        assert (a["sample_id"], a["pos"]) == (b["sample_id"], b["pos"])
+        np.testing.assert_allclose(a["top_logprobs"], b["top_logprobs"], rtol=0, atol=NATS)
+        np.testing.assert_allclose(a["rest_logprob"], b["rest_logprob"], rtol=0, atol=NATS)
+        gaps = np.diff(b["top_logprobs"])
+        for j, (x, y) in enumerate(zip(a["top_ids"], b["top_ids"])):
+            tie = (j > 0 and -gaps[j - 1] < NATS) or (j < len(gaps) and -gaps[j] < NATS)
+            assert x == y or tie, (a["sample_id"], a["pos"], j)
 
 
 def test_split_prompt_is_refused_not_stitched():

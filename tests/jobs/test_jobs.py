@@ -43,6 +43,12 @@ def job_config(work: Path) -> dict:
                      eval_samples=str(REPO / "samples" / "eval"), eval_include=EVAL, system_prompt=system,
                      combined=[{"method": "block-influence", "remove": 1, "patch": "lstsq", "target": 0.8}],
                      hidden_texts=2, workdir=str(work / "qa-work"))
+    cfg["teacher"].update(model=folder, samples=samples, lake=lake, system_prompt=system, run="tiny.teach",
+                          include=["train/sydney__a*", "train/rome__c*"], max_length=1024, logits="16")
+    cfg["heal"].update(model=folder, lake=lake, run="tiny", base_run="tiny.original", teacher_run="tiny.teach",
+                       eval_samples=str(REPO / "samples" / "eval"), eval_include=EVAL, system_prompt=system,
+                       workdir=str(work / "heal-work"),
+                       heal=dict(max_steps=2, batch_size=2, eval_every=2, warmup_steps=1, val_fraction=0.2, patience=0))
     return cfg
 
 
@@ -69,19 +75,19 @@ def test_demo_runs_every_step_and_writes_each_report(demo):
     work, cfg, p = demo
     out = p.stdout
     for step in ("1. model", "2. capture", "3. verify", "4. layer_similarity", "5. layer statistics",
-                 "6. pruning sweep", "7. QA toggle report", "done"):
+                 "6. pruning sweep", "7. QA toggle report", "8. heal", "done"):
         assert f"== {step}" in out, out[-3000:]
     assert "all match" in out  # the verify step found no problem
     reports = work / "reports"
     for f in ("tiny_layer_similarity.png", "tiny_angular.png", "prune_tiny.md", "qa_demo.md", "qa_demo.csv",
-              "qa_demo.json"):
+              "qa_demo.json", "heal_demo.md"):
         assert (reports / f).is_file() and (reports / f).stat().st_size > 0, (f, sorted(os.listdir(reports)))
     assert "fold check" in out and "max |log-prob difference|" in out
 
 
 def test_prune_sweep_job_reuses_the_demo_capture(demo):
     work, cfg, _ = demo
-    cfg = dict(cfg, qa=None)
+    cfg = dict(cfg, qa=None, heal=None, teacher=None)
     cfg["sweep"] = dict(cfg["sweep"], methods=["reverse"], patch=["none"], patch_methods=[], generate_prompts=None)
     p = run_job("prune_sweep.py", cfg, work, "sweep")
     assert "evidence run tiny" in p.stdout and "already committed" in p.stdout
@@ -90,7 +96,7 @@ def test_prune_sweep_job_reuses_the_demo_capture(demo):
 
 def test_qa_job_reuses_the_demo_capture(demo):
     work, cfg, _ = demo
-    cfg = dict(cfg, sweep=None, stats=None)
+    cfg = dict(cfg, sweep=None, stats=None, heal=None, teacher=None)
     cfg["qa"] = dict(cfg["qa"], name="job", base_run=None, rotation=False, permutations=True, width=[], combined=[],
                      depth=[{"method": "block-influence", "remove": 1}])
     p = run_job("qa.py", cfg, work, "qa")
@@ -104,7 +110,33 @@ def test_capture_job_help():
     assert p.returncode == 0 and "--model" in p.stdout
 
 
-@pytest.mark.parametrize("script", ["demo.py", "prune_sweep.py", "qa.py"])
+def test_heal_job_heals_a_width_pruned_demo_model(tmp_path):
+    """jobs/heal.py at test size: the demo Qwen3, its evidence and teacher captures, one width-pruned
+    variant judged, healed for a few steps on Ray Train and judged again; the report is written."""
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "heal.yaml").read_text())
+    demo = job_config(tmp_path)
+    samples, lake = demo["capture"]["samples"], demo["capture"]["lake"]
+    cfg.update(model="demo", model_dir=demo["model_dir"], demo_model=demo["demo_model"], reports=demo["reports"],
+               capture=demo["capture"])
+    cfg["teacher"].update(samples=samples, lake=lake, system_prompt=demo["capture"]["system_prompt"], run="tiny.teach",
+                          include=["train/sydney__a*", "train/rome__c*"], max_length=1024, logits="16")
+    cfg["study"].update(lake=lake, run="tiny", teacher_run="tiny.teach", eval_samples=str(REPO / "samples" / "eval"),
+                        eval_include=EVAL, system_prompt=demo["capture"]["system_prompt"], width=[{"keep_neurons": 0.75}],
+                        depth=[], combined=[], workdir=str(tmp_path / "heal-work"), max_new_tokens=4,
+                        generate_prompts=str(REPO / "jobs" / "configs" / "prompts.txt"),
+                        heal=dict(max_steps=4, batch_size=2, eval_every=2, warmup_steps=1, learning_rate=1e-3,
+                                  val_fraction=0.2))
+    p = run_job("heal.py", cfg, tmp_path, "heal")
+    for step in ("1. model", "2. evidence run tiny", "3. teacher run tiny.teach", "4. heal study"):
+        assert f"== {step}" in p.stdout, p.stdout[-3000:]
+    assert "width-n0.75-h1" in p.stdout and "4 steps" in p.stdout, p.stdout[-3000:]
+    report = tmp_path / "reports" / "heal_smol.md"
+    assert report.is_file() and "| before |" in report.read_text() and "| after |" in report.read_text()
+    assert (tmp_path / "reports" / "heal_smol_ppl_vs_params.png").is_file()
+    assert (tmp_path / "heal-work" / "smol" / "width-n0.75-h1.healed" / "tourray_heal.json").is_file()
+
+
+@pytest.mark.parametrize("script", ["demo.py", "prune_sweep.py", "qa.py", "heal.py"])
 def test_job_help(script):
     p = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"], capture_output=True, text=True,
                        timeout=120)

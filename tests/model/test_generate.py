@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, chatty_copy
 from tourray.errors import UserError
 from tourray.model.generate import Generator, add_parser, cmd_generate, generate, read_prompts, side_by_side
 from tourray.model.prompt import PromptFormat
@@ -32,27 +32,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _chatty(src, dst, seed):
-    """A copy of a fixture model with larger random weights: the fixtures' own weights emit one
-    token over and over, which would let batching or decoding bugs pass unseen."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def chatty(llama_model, qwen3_model, tmp_path_factory):
     """{"llama": chat template, "qwen3": plain format} -> loaded Generator with the system prompt."""
-    return {name: Generator(str(_chatty(src, tmp_path_factory.mktemp(f"chatty-{name}"), seed)), SYS)
+    return {name: Generator(str(chatty_copy(src, tmp_path_factory.mktemp(f"chatty-{name}"), seed)), SYS)
             for name, src, seed in (("llama", llama_model, 2), ("qwen3", qwen3_model, 3))}
 
 

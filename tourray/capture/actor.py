@@ -28,7 +28,7 @@ from tourray.stats.tasks import moments_table
 from tourray.corpus.token_class import classify
 
 #: Order in which a group's tables are committed; `samples` last marks the group complete.
-COMMIT_ORDER = ("blocks", "tokens", "activations", "token_layers", "moments", "samples")
+COMMIT_ORDER = ("blocks", "tokens", "activations", "token_layers", "moments", "logits", "samples")
 
 
 def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]) -> Engine:
@@ -88,7 +88,7 @@ class CaptureStage(Stage):
         enc = [self.fmt.encode(r["text"], cfg.max_length) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(enc[i].input_ids))
         spans = [self._text_span(e) for e in enc]  # once per sample: the inline sink and `samples` use them
-        tokens, layer_rows, blocks, nbytes = [], [], [], [0]
+        tokens, layer_rows, blocks, nbytes, logit_rows = [], [], [], [0], []
         tokens_sha = [""] * len(rows)  # samples.tokens_sha256, of the rows exactly as written
 
         def forwards():  # on the forward thread: the model and nothing else
@@ -112,6 +112,8 @@ class CaptureStage(Stage):
                     tokens_sha[i] = tokens_sha256(tokens[-1])
                     if cap.vectors:
                         layer_rows.append(self._token_layers_table(sid, cap))
+                    if cfg.logits is not None:
+                        logit_rows.append(self._logits_table(sid, spans[i], cap))
                     for (layer, site), h in cap.vectors.items():
                         n = len(h)
                         blocks.append((sid, layer, site, 0, n, hashlib.sha256(np.ascontiguousarray(h)).hexdigest()))
@@ -137,6 +139,8 @@ class CaptureStage(Stage):
         if layer_rows:
             frags["token_layers"] = self.lake.write_fragments("token_layers", pa.concat_tables(layer_rows),
                                                               self.schemas["token_layers"])
+        if cfg.logits is not None:
+            frags["logits"] = self.lake.write_fragments("logits", pa.concat_tables(logit_rows), self.schemas["logits"])
         frags["blocks"] = self.lake.write_fragments("blocks", pa.table({
             "run": [run] * len(blocks),
             "sample_id": [b[0] for b in blocks],
@@ -188,6 +192,33 @@ class CaptureStage(Stage):
             "token_class": classify(text, e.char_start, e.char_end),
             "kl_ref": pa.nulls(n, pa.float32()) if cap.kl_ref is None else pa.array(cap.kl_ref, mask=np.isnan(cap.kl_ref)),
         }, schema=self.schemas["tokens"])
+
+    def _logits_table(self, sid: str, span: tuple[int, int], cap: Captured) -> pa.Table:
+        """One sample's `logits` rows: the text tokens at pos >= 1 (the tokens surprisal is judged on),
+        each with the distribution that predicted it (Support row pos - 1)."""
+        sup = cap.logits
+        if sup is None:
+            raise RuntimeError(f"--logits {self.cfg.logits}: the {self.cfg.engine.value} engine returned no distribution")
+        a, b = max(span[0], 1), span[1]
+        m = max(b - a, 0)
+        ids, lp, rest = sup.ids[a - 1 : b - 1], sup.logprobs[a - 1 : b - 1], sup.rest[a - 1 : b - 1]
+        if sup.counts is None:
+            keep = np.ones(ids.shape, bool)
+            counts = pa.nulls(m, pa.list_(pa.int32()))
+        else:  # sample mode: the distinct ids lead each row, padding (-1) follows
+            keep = ids >= 0
+        offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32))
+        if sup.counts is not None:
+            counts = pa.ListArray.from_arrays(offsets, pa.array(sup.counts[a - 1 : b - 1][keep].astype(np.int32)))
+        return pa.table({
+            "run": pa.repeat(self.cfg.run, m),
+            "sample_id": pa.repeat(sid, m),
+            "pos": pa.array(np.arange(a, a + m, dtype=np.int32)),
+            "top_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[keep].astype(np.int32))),
+            "top_logprobs": pa.ListArray.from_arrays(offsets, pa.array(lp[keep].astype(np.float32))),
+            "rest_logprob": pa.array(rest.astype(np.float32)),
+            "counts": counts,
+        }, schema=self.schemas["logits"])
 
     @classmethod
     def _text_span(cls, e: Encoded) -> tuple[int, int]:

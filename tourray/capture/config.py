@@ -4,6 +4,7 @@ in its engine processor configs."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -71,6 +72,7 @@ class CaptureConfig(BaseConfig):
     skip_invalid: bool = Field(False, description="Skip (and list) empty, whitespace-only or non-UTF-8 files instead of stopping.")
     storage_options: StorageOptions = storage_options_field()
     lake_shared: bool = Field(False, description="A local-folder --lake is on storage every Ray node mounts at the same path (NFS, ...): allow actors on several nodes to write it.")
+    logits: str | None = Field(None, description="Also store the model's next-token distribution per text token (table `logits`, for `tourray heal`): K = the K most likely ids with their log-probabilities (temperature 1, from a float32 log-softmax over the whole vocabulary) and the log of the remaining mass; sample:N = N ids drawn from the distribution (Sparse Logit Sampling, unbiased; the distinct ids with their counts, log-probabilities and remaining mass). ~8 bytes per id per text token (64 -> ~0.5 KB).")
     allow_version_change: bool = Field(False, description="Resume a run under other torch / transformers / vllm / tourray versions than it was captured with (refused by default: kernels change the last bits); each capture records its versions in the manifest.")
 
     @field_validator("sites", "stats", "include", mode="before")
@@ -84,6 +86,24 @@ class CaptureConfig(BaseConfig):
         if not v:
             raise ValueError("at least one site")
         return sorted(set(v), key=list(Site).index)
+
+    @field_validator("logits", mode="before")
+    @classmethod
+    def _logits_spec(cls, v):
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "0")):
+            return None
+        text = str(v).strip().lower().replace(" ", "")
+        if not re.fullmatch(r"(sample:)?[1-9][0-9]*", text):
+            raise ValueError("expected K (the top K ids, e.g. 64) or sample:N (N ids drawn from the distribution, e.g. sample:12)")
+        return text
+
+    @property
+    def logits_spec(self) -> tuple[str, int] | None:
+        """("top", K) or ("sample", N) from --logits, None without it."""
+        if self.logits is None:
+            return None
+        mode, _, n = self.logits.rpartition(":")
+        return ("sample" if mode else "top", int(n))
 
     @property
     def resolved_model_dtype(self) -> str:

@@ -7,6 +7,7 @@ engine returns, so every engine fills the very same tables.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -23,6 +24,74 @@ class Captured:
     vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
     not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
     kl_ref: np.ndarray | None = None      # float32 [n] KL(reference || model), nan at pos 0 (with a reference)
+    logits: "Support | None" = None       # --logits: row i = the distribution that predicted token i + 1
+
+
+@dataclass
+class Support:
+    """One sample's stored next-token distribution (`--logits`), row i for position i + 1 (every
+    predicting position: the stage keeps the text tokens). Sample mode pads each row to N ids with
+    id -1 and count 0."""
+
+    ids: np.ndarray                       # int32 [n - 1, k], most likely first
+    logprobs: np.ndarray                  # float32 [n - 1, k]
+    rest: np.ndarray                      # float32 [n - 1]: log of the mass outside ids
+    counts: np.ndarray | None = None      # int32 [n - 1, k] (sample mode)
+
+    @staticmethod
+    def split(parts: list[tuple], lengths: list[int]) -> list["Support"]:
+        """Flattened rows of a batch (chunks of (ids, logprobs, rest, counts) tensors, samples one
+        after another, n - 1 rows each) -> one Support per sample."""
+        import torch
+
+        cat = [torch.cat([p[j] for p in parts]).cpu().numpy() if parts and parts[0][j] is not None else None
+               for j in range(4)]
+        out, off = [], 0
+        for n in lengths:
+            m = max(n - 1, 0)
+            sl = slice(off, off + m)
+            k = cat[0].shape[1] if cat[0] is not None else 0
+            out.append(Support(*(x[sl] if x is not None else None for x in cat)) if cat[0] is not None else
+                       Support(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32)))
+            off += m
+        return out
+
+
+def support_uniforms(ids: np.ndarray, n_draws: int) -> np.ndarray:
+    """--logits sample:N: the uniforms of one sample's draws, [n - 1, N] float64, from a generator
+    seeded by the sample's token ids: the same draws whatever the batching, engine or resume."""
+    seed = int.from_bytes(hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).digest()[:8], "little")
+    return np.random.default_rng(seed).random((max(len(ids) - 1, 0), n_draws))
+
+
+def logit_support(lp, spec: tuple[str, int], u=None, rows: int = 128):
+    """The stored support of log-softmax rows `lp` [m, vocab] (float32): ("top", K) -> the K largest
+    log-probabilities and their ids, descending; ("sample", N) -> the distinct ids of N draws by
+    inverse CDF (float64 cumulative sums) from uniforms `u` [m, N], most likely first, padded with
+    id -1 / count 0. Both with the log of the remaining mass (a logsumexp over the other ids).
+    Returns int32 ids, float32 log-probs, float32 rest, int32 counts (None for top-K)."""
+    import torch
+
+    mode, k = spec
+    if mode == "top":
+        vals, ids = lp.topk(k, dim=-1)
+        rest = lp.scatter(1, ids, float("-inf")).logsumexp(-1)
+        return ids.int(), vals, rest, None
+    outs = []
+    for a in range(0, lp.shape[0], rows):  # float64 cumulative sums: [rows, vocab] at a time
+        x = lp[a : a + rows]
+        cdf = x.double().exp().cumsum(-1)
+        uu = torch.as_tensor(u[a : a + rows], dtype=torch.float64, device=x.device) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, uu).clamp_max(x.shape[1] - 1)
+        full = torch.zeros(x.shape, dtype=torch.int32, device=x.device).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.int32))
+        vals, ids = x.masked_fill(full == 0, float("-inf")).topk(min(k, x.shape[1]), dim=-1)
+        cnt = full.gather(1, ids)
+        ids = ids.masked_fill(cnt == 0, -1)
+        vals = vals.masked_fill(cnt == 0, float("nan"))
+        rest = x.masked_fill(full > 0, float("-inf")).logsumexp(-1)
+        outs.append((ids.int(), vals, rest, cnt))
+    return tuple(torch.cat([o[j] for o in outs]) for j in range(4))
 
 
 #: Hooked inputs of sub-modules, accumulated inline for width pruning but never stored as vectors:
@@ -60,10 +129,11 @@ def _plogp(lp):
     return torch.where(lp > float("-inf"), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
 
 
-def token_stats(logits, next_ids, ref_logits=None):
+def token_stats(logits, next_ids, ref_logits=None, support=None):
     """Surprisal of `next_ids` [m] under `logits` [m, vocab], the entropy of those distributions and,
     with `ref_logits`, KL(p_ref || p), in nats from float32 log-softmaxes, as float32 tensors on
-    the logits' device. One chunk of positions at a time, so float32 logits stay [m, vocab]."""
+    the logits' device. One chunk of positions at a time, so float32 logits stay [m, vocab].
+    `support(lp)`: also return what it makes of the same log-softmax (the --logits rows), 4th."""
     import torch
 
     lp = torch.log_softmax(logits.float(), dim=-1)
@@ -75,6 +145,8 @@ def token_stats(logits, next_ids, ref_logits=None):
         # p_ref = 0 terms are 0, even where the model's log p is -inf too
         term = torch.where(lr > float("-inf"), lr.exp() * (lr - lp), torch.zeros((), device=lr.device))
         kl = term.sum(-1).clamp_min(0)
+    if support is not None:
+        return s, e, kl, support(lp)
     return s, e, kl
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, _submodule, token_stats
+from tourray.capture.engine import INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
 from tourray.model.identity import find_blocks, text_model_type
 from tourray.config import Site
 from tourray.errors import UserError
@@ -90,7 +90,7 @@ class HFEngine:
                  layers: list[int], sites: list[Site], num_layers: int, device: str = "cpu",
                  store: list[int] | None = None, inner_sites: tuple[str, ...] = (), reference: str | None = None,
                  reference_revision: str | None = None, hf=None, gpus: float | None = None,
-                 gguf_file: str | None = None):
+                 gguf_file: str | None = None, logits: tuple[str, int] | None = None):
         import torch
 
         self.torch = torch
@@ -103,6 +103,7 @@ class HFEngine:
         device_map = "auto" if gpus > 1 else None
         self.device = "cuda" if gpus > 0 else "cpu"
         self.chunk = 512 if hf is None else hf.lm_head_positions
+        self.logits = logits  # --logits: ("top", K) or ("sample", N)
         self.store = getattr(torch, store_dtype)
         self.model = _load(torch, model, revision, model_dtype, hf, gguf_file, device_map)
         if device_map is None:
@@ -153,7 +154,7 @@ class HFEngine:
         return cls(cfg.model, cfg.revision, cfg.resolved_model_dtype, cfg.store_dtype.value, layers, cfg.sites,
                    num_layers, device="cuda" if cfg.gpus_per_actor > 0 else "cpu", store=stored,
                    inner_sites=inner_sites, reference=cfg.reference, reference_revision=cfg.reference_revision, hf=cfg.hf, gpus=cfg.gpus_per_actor,
-                   gguf_file=getattr(cfg, "gguf_file", None))
+                   gguf_file=getattr(cfg, "gguf_file", None), logits=cfg.logits_spec)
 
     def _keep(self, key, t) -> None:
         # a copy, never a view: later in-place kernels must not change what was captured
@@ -203,14 +204,15 @@ class HFEngine:
             self._buf.clear()
             ref_hidden = None if self.reference is None else \
                 self.ref_base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-            s, e, kl = self._stats(hidden, ref_hidden, ids, mask, n)
+            s, e, kl, sup = self._stats(hidden, ref_hidden, ids, mask, n, batch)
         out = []
         for i, length in enumerate(n):
             vecs = {}
             for j, k in enumerate(self.stored_keys):
                 v = host[j, i, :length]
                 vecs[k] = v.numpy() if self.store != torch.bfloat16 else v.view(torch.int16).numpy().view(np.uint16)
-            out.append(Captured(s[i], e[i], vecs, kl_ref=None if kl is None else kl[i]))
+            out.append(Captured(s[i], e[i], vecs, kl_ref=None if kl is None else kl[i],
+                                logits=None if sup is None else sup[i]))
         if host is not None:
             finite = torch.isfinite(host).all(-1)  # [K, B, T]
             for i, length in enumerate(n):
@@ -219,19 +221,26 @@ class HFEngine:
                     out[i].not_finite = self.stored_keys[int(bad[0, 0])]
         return out
 
-    def _stats(self, hidden, ref_hidden, ids, mask, n):
-        """Per-sample surprisal, entropy (and KL to the reference), nan at position 0: the LM head and
-        float32 log-softmax run over the batch's predicting positions `self.chunk` at a time."""
+    def _stats(self, hidden, ref_hidden, ids, mask, n, batch=None):
+        """Per-sample surprisal, entropy (and KL to the reference, and the --logits support), nan at
+        position 0: the LM head and float32 log-softmax run over the batch's predicting positions
+        `self.chunk` at a time."""
         torch = self.torch
         pred = mask[:, 1:].bool()  # position t predicts token t+1 of the same sample
         h = hidden[:, :-1][pred]
         nxt = ids[:, 1:][pred]
         rh = None if ref_hidden is None else ref_hidden[:, :-1][pred.to(ref_hidden.device)]
-        parts = []
+        u = None
+        if self.logits is not None and self.logits[0] == "sample":  # rows in the same (row-major) order
+            u = np.concatenate([support_uniforms(np.asarray(x), self.logits[1]) for x in batch])
+        parts, sup_parts = [], []
         for a in range(0, h.shape[0], self.chunk):
             logits = self.head(h[a : a + self.chunk])
             ref = None if rh is None else self.ref_head(rh[a : a + self.chunk]).to(logits.device)
-            cs, ce, ck = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref)
+            support = None if self.logits is None else \
+                (lambda lp, a=a: logit_support(lp, self.logits, None if u is None else u[a : a + self.chunk]))
+            cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support)
+            sup_parts += sp
             parts.append(torch.stack([cs, ce] + ([] if ck is None else [ck])))
         flat = torch.cat(parts, 1).cpu().numpy() if parts else np.zeros((3, 0), np.float32)
         res = [[], [], []]
@@ -243,4 +252,5 @@ class HFEngine:
                 col[1:] = flat[r, off : off + max(m, 0)]
                 res[r].append(col)
             off += max(m, 0)
-        return res[0], res[1], (res[2] if ref_hidden is not None else None)
+        sup = None if self.logits is None else Support.split(sup_parts, n)
+        return res[0], res[1], (res[2] if ref_hidden is not None else None), sup

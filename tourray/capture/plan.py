@@ -120,6 +120,8 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
         if tokenizer_sha256(ref_tok) != info.tokenizer_sha256:
             raise UserError(f"--reference {cfg.reference}: its tokenizer differs from --model's "
                             f"({cfg.tokenizer or cfg.model}); KL per token needs one tokenizer")
+    if cfg.logits_spec is not None:
+        check_logits(cfg)
     layers = parse_layers(cfg.layers, info.num_layers)
     stored = layers if cfg.store.strip().lower() == "all" else parse_layers(cfg.store, info.num_layers)
     if extra := [l for l in stored if l not in layers]:
@@ -145,6 +147,23 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
     actor_cfg = pin_revisions(cfg, info.model_revision, json.loads(row["manifest"]).get("reference_revision"))
     return Plan(cfg, actor_cfg, system_prompt, tok, lake, samples, skipped, layers, stored, info, row, bool(existing),
                 schemas)
+
+
+def check_logits(cfg: CaptureConfig) -> None:
+    """--logits K beyond the vocabulary, or sample:N absurdly large: refused before any work."""
+    from transformers import AutoConfig
+
+    from tourray.model.gguf import resolve_gguf
+
+    path, gguf = resolve_gguf(cfg.model, cfg.gguf_file)
+    try:
+        vocab = AutoConfig.from_pretrained(path, revision=cfg.revision, **({"gguf_file": gguf} if gguf else {})
+                                           ).get_text_config().vocab_size
+    except (OSError, ValueError):
+        return  # inspect_model has already named a model it cannot read
+    mode, k = cfg.logits_spec
+    if k > vocab:
+        raise UserError(f"--logits {cfg.logits}: {k} ids per token, but the vocabulary has {vocab}; use at most {vocab}")
 
 
 def pin_revisions(cfg: CaptureConfig, model_commit: str, reference_commit: str | None) -> CaptureConfig:
@@ -178,6 +197,7 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
     `repair.delete_incomplete`), not every token row of the run."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
     for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
+                  + ("logits",) * bool(cfg.logits)
                   + ("runs", "run_texts", "samples", "tokens", "blocks")):
         lake.ensure(table, plan.schemas[table])
     if not lake.read("runs", ["run"], filter=f"run = {q}").num_rows:  # again: another driver may have made it

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, _submodule, token_stats
+from tourray.capture.engine import INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
 from tourray.config import Site
 from tourray.errors import UserError
 
@@ -88,6 +88,7 @@ class VLLMEngine:
         self.params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self.store = getattr(torch, cfg.store_dtype.value)
         self.chunk = cfg.hf.lm_head_positions
+        self.logits = cfg.logits_spec  # --logits: from the same full float32 log-softmax as the surprisal
         self.keys = []
         for layer in layers:
             for site in cfg.sites:
@@ -194,14 +195,14 @@ class VLLMEngine:
             sink({k: _pad(torch, [p[k] for p in per], max(n)) for k in names}, n)
         out = []
         for i, x in enumerate(batch):
-            s, e = self._stats(per[i]["final"], torch.from_numpy(np.asarray(x, dtype=np.int64)))
+            s, e, sup = self._stats(per[i]["final"], torch.from_numpy(np.asarray(x, dtype=np.int64)))
             vecs, bad = {}, None
             for k in self.stored_keys:
                 v = per[i][k].to("cpu", self.store)
                 if bad is None and not bool(torch.isfinite(v).all()):
                     bad = k
                 vecs[k] = v.numpy() if self.store != torch.bfloat16 else v.view(torch.int16).numpy().view(np.uint16)
-            out.append(Captured(s, e, vecs, not_finite=bad))
+            out.append(Captured(s, e, vecs, not_finite=bad, logits=sup))
         return out
 
     def _assign(self, batch) -> list[dict]:
@@ -237,22 +238,28 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM ran no forward pass for {len(missing)} prompt(s) of the batch")
         return per
 
-    def _stats(self, final, ids) -> tuple[np.ndarray, np.ndarray]:
+    def _stats(self, final, ids):
         """Surprisal and entropy per position from a float32 log-softmax of the full LM head output,
-        `self.chunk` positions at a time; nan at position 0."""
+        `self.chunk` positions at a time; nan at position 0. With --logits, the support of the same
+        log-softmax rows (`Support`, or None)."""
         torch = self.torch
         n = final.shape[0]
         s = np.full(n, np.nan, dtype=np.float32)
         e = np.full(n, np.nan, dtype=np.float32)
         w = self._head_w[: self.vocab]
+        u = support_uniforms(ids.numpy(), self.logits[1]) if self.logits and self.logits[0] == "sample" else None
+        sup_parts = []
         with torch.inference_mode():
             for a in range(0, n - 1, self.chunk):
                 b = min(n - 1, a + self.chunk)
                 logits = torch.nn.functional.linear(final[a:b].to(w.device, w.dtype), w).float() * self._logit_scale
-                cs, ce, _ = token_stats(logits, ids[a + 1 : b + 1].to(logits.device))
+                support = None if self.logits is None else \
+                    (lambda lp, a=a, b=b: logit_support(lp, self.logits, None if u is None else u[a:b]))
+                cs, ce, _, *sp = token_stats(logits, ids[a + 1 : b + 1].to(logits.device), None, support)
+                sup_parts += sp
                 s[a + 1 : b + 1] = cs.cpu().numpy()
                 e[a + 1 : b + 1] = ce.cpu().numpy()
-        return s, e
+        return s, e, (None if self.logits is None else Support.split(sup_parts, [n])[0])
 
 
 def _fused_sum(args, kwargs):

@@ -111,17 +111,21 @@ def to_table(samples: list[Sample]) -> pa.Table:
     return pa.Table.from_pylist([asdict(s) for s in samples])
 
 
-def read_system_prompt(path: str | Path | None) -> str:
-    if path is None:
-        return ""
+def read_user_file(path: str | Path, flag: str) -> str:
+    """A text file a flag names, or one UserError naming the flag and what is wrong with the file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"--system-prompt: {p} does not exist") from None
+        raise UserError(f"{flag}: {p} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag}: {p} is a folder, not a file") from None
     except UnicodeDecodeError:
-        raise UserError(f"--system-prompt: {p} is not UTF-8") from None
-    return text.strip()
+        raise UserError(f"{flag}: {p} is not UTF-8") from None
+
+
+def read_system_prompt(path: str | Path | None) -> str:
+    return "" if path is None else read_user_file(path, "--system-prompt").strip()
 
 
 # -- the corpus ledger -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ log = logging.getLogger("tourray")
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # package data: tourray/lake/schemas/*.yaml
 TABLES = ("runs", "run_texts", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
-          "moments", "solves", "leases")
+          "moments", "solves", "leases", "logits", "heal_log", "tours")
 
 _SCALARS = {
     "string": pa.string(),

@@ -11,7 +11,10 @@ rows of a sample without one are a killed run's leftovers, which a re-run delete
   used), so a changed value or a flipped byte names its sample and file. `token_layers` holds
   scalars derived from the vectors and has no checksum; lakes whose samples predate
   tokens_sha256 (schema v2) get their tokens checked by position only, with a note;
-- readability: a data file Lance cannot decode, or one that is gone, is named as a problem.
+- readability: a data file Lance cannot decode, or one that is gone, is named as a problem;
+- `logits` (runs captured with --logits): one row per text token at pos >= 1 of each complete sample
+  (positions max(text_start, 1) .. text_end - 1, once each, in order), none for runs without it. Its
+  values carry no checksum (like `token_layers`): rows and positions are what is checked.
 
 `activations`, `token_layers` and `tokens` are read fragment by fragment in parallel Ray tasks (one
 per group of consecutive fragments); each returns one small record (with a running sha256) per
@@ -271,8 +274,9 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
     runs = runs_t.to_pylist()
     sam_schema = lake.dataset("samples").schema if lake.exists("samples") else pa.schema([])
     has_sha = "tokens_sha256" in sam_schema.names
-    samples = _read_small(lake, "samples", ["run", "sample_id", "n_tokens", "source"] + ["tokens_sha256"] * has_sha,
-                          where, report)
+    has_span = "text_start" in sam_schema.names
+    samples = _read_small(lake, "samples", ["run", "sample_id", "n_tokens", "source"] + ["tokens_sha256"] * has_sha
+                          + ["text_start", "text_end"] * has_span, where, report)
     blocks = _read_small(lake, "blocks", ["run", "sample_id", "layer", "site", "pos_start", "pos_end", "sha256"],
                          where, report) if lake.exists("blocks") else pa.table({})
     if samples is None or blocks is None:
@@ -320,7 +324,7 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
                         if k[0] in stored and k[2:] not in stored[k[0]]]
 
     ray = init_ray()
-    tables = ("activations", "token_layers", "tokens")
+    tables = ("activations", "token_layers", "tokens", "logits")
     bar = tqdm(total=_rows_to_scan(lake, tables, where), unit="row", disable=not progress, desc="verify")
 
     def scan_blocks(table: str, want: dict[tuple, tuple], hashed: Hashed | None) -> set[tuple]:
@@ -391,6 +395,7 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
                                        f"samples.tokens_sha256 (in {files})")
     report.problems += [f"run {k[0]} sample {k[1]} tokens: no rows for a complete sample"
                         for k in sorted(n_tokens.keys() - tok_seen.keys())]
+    _check_logits(ray, lake, by_run, info if has_span else {}, where, bar, report, orphans)
     bar.close()
     if not has_sha and n_tokens:
         version = (sam_schema.metadata or {}).get(b"tourray.schema_version", b"1").decode()
@@ -400,6 +405,49 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
         report.notes.append(f"ignored rows of {len(orphans)} incomplete sample(s) with no samples row "
                             "(an interrupted capture; re-running it removes them)")
     return report
+
+
+def _logits_spans(by_run: dict, info: dict) -> dict[tuple, tuple[int, int]]:
+    """(run, sample) -> the [start, end) positions its `logits` rows must cover, for runs captured
+    with --logits: the text tokens at pos >= 1 (the ones with a surprisal)."""
+    with_logits = {rn for rn, r in by_run.items() if (json.loads(r["manifest"]).get("config") or {}).get("logits")}
+    return {k: (max(r["text_start"], 1), r["text_end"]) for k, r in info.items() if k[0] in with_logits}
+
+
+def _check_logits(ray, lake: Lake, by_run: dict, info: dict, where, bar, report: Report, orphans: set) -> None:
+    want = _logits_spans(by_run, info)
+    if not lake.exists("logits"):
+        if want:
+            report.problems.append(f"table logits is missing: {len(want)} complete sample(s) of runs captured with "
+                                   "--logits need it")
+        return
+    segs, problems, _ = _scan_table(ray, lake, "logits", TOK_KEY, None, where, bar)
+    report.problems += problems
+    seen: set[tuple] = set()
+    for chain in _merge(segs):
+        k = chain[0].key
+        if k not in info:
+            orphans.add(k)
+            continue
+        name = f"run {k[0]} sample {k[1]} ({info[k]['source']}) logits"
+        if k not in want:
+            report.problems.append(f"{name}: rows, but run {k[0]} was not captured with --logits")
+            continue
+        rows = sum(s.rows for s in chain)
+        if k in seen:
+            report.problems.append(f"{name}: rows are not contiguous or duplicated (pos {chain[0].start}-"
+                                   f"{chain[0].start + rows - 1} again)")
+            continue
+        seen.add(k)
+        a, b = want[k]
+        bad = (a, chain[0].start) if chain[0].start != a else _gap(chain)
+        if bad is not None:
+            report.problems.append(f"{name}: positions out of order or missing at pos {bad[0]} (found {bad[1]})")
+        elif rows != b - a:
+            report.problems.append(f"{name}: {rows} rows, the sample has {b - a} text tokens at pos >= 1 "
+                                   f"({a}..{b - 1})")
+    report.problems += [f"run {k[0]} sample {k[1]} ({info[k]['source']}) logits: no rows for a complete sample "
+                        f"({b - a} text tokens)" for k, (a, b) in sorted(want.items()) if k not in seen and b > a]
 
 
 def verify(lake: str | Lake, run: str | None = None, progress: bool = False) -> tuple[int, list[str]]:

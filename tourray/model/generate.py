@@ -6,7 +6,10 @@ appended, so the model speaks the assistant turn. Without a chat template the pl
 `<bos?><system prompt>\\n\\n<prompt>\\n` (just `<bos?><prompt>\\n` with no system prompt).
 
 Batches are left-padded, so a batch generates the same tokens as one prompt at a time. float32 on
-CPU, `torch.inference_mode()`, `do_sample=False`. Importing this module imports no torch.
+CPU, `torch.inference_mode()`. The next-token rule is a `Decoding` (`tourray.model.decoding`): plain
+greedy by default, or a repetition penalty, no repeated n-grams, or seeded sampling (`--repetition-penalty`,
+`--no-repeat-ngram-size`, `--sample --seed`); the tour server uses the same rule, so its text for a
+prompt equals this command's. Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import time
 from pathlib import Path
 
 from tourray.errors import UserError
+from tourray.model.decoding import Decoding, add_decoding_flags, decoding_from_args
 
 log = logging.getLogger("tourray")
 
 EPILOG = """examples:
   tourray generate --model .cache/smollm2-135m-instruct --prompts prompts.txt --system-prompt samples/system_prompt.md
   tourray generate --model ckpt/pruned-3-4 --prompts prompts.txt --max-new-tokens 96 --out pruned-3-4.jsonl
+  tourray generate --model .cache/smollm2-135m-instruct --prompts prompts.txt --repetition-penalty 1.1 --no-repeat-ngram-size 4
+  tourray generate --model .cache/smollm2-135m-instruct --prompts prompts.txt --sample --temperature 0.7 --seed 3
 
 prompts.txt: one prompt per line (UTF-8); blank lines and lines starting with # are skipped."""
 
@@ -101,31 +107,48 @@ class Generator:
         # the rendered text already holds bos and template tokens, as capture's encoding does
         return self.tok(self.render(prompt), add_special_tokens=False)["input_ids"]
 
-    def __call__(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens: must be at least 1, not {max_new_tokens}")
-        if batch_size < 1:
-            raise UserError(f"--batch-size: must be at least 1, not {batch_size}")
+    def __call__(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
+                 decoding: Decoding | None = None, seeds: list[int] | None = None) -> list[dict]:
+        """`seeds[i]`: prompt i's random stream when `decoding.sample` (default: `decoding.seed` for all)."""
+        check_limits(max_new_tokens, batch_size)
         ids = [self.encode(p) for p in prompts]
+        seeds = seeds if seeds is not None else [(decoding or Decoding()).seed] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar lengths share a batch
         out: list[dict | None] = [None] * len(prompts)
         for s in range(0, len(order), batch_size):
             chunk = order[s: s + batch_size]
-            for i, new in zip(chunk, self._batch([ids[i] for i in chunk], max_new_tokens)):
-                out[i] = self._result(prompts[i], new)
+            new = self.generate_ids([ids[i] for i in chunk], max_new_tokens, decoding, [seeds[i] for i in chunk])
+            for i, n in zip(chunk, new):
+                out[i] = self._result(prompts[i], n)
         return out
 
-    def _batch(self, batch: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(self, batch: list[list[int]], max_new_tokens: int, decoding: Decoding | None = None,
+                     seeds: list[int] | None = None, streamer=None, stopping_criteria=None) -> list[list[int]]:
+        """New token ids (eos and whatever follows it included) for a batch of encoded prompts, left-padded
+        into one `generate` call. `streamer`: a transformers streamer; `stopping_criteria`: extra
+        transformers stopping criteria (e.g. a cancelled request)."""
+        from tourray.model.decoding import logits_processors
+
         torch = self.torch
+        decoding = decoding or Decoding()
         width = max(map(len, batch))
         pad = self.tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long)
+        device = self.model.device
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long, device=device)
+        procs = logits_processors(decoding, [width - len(x) for x in batch], width, seeds)
         with torch.inference_mode():
             seqs = self.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
                                        max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       eos_token_id=self.eos_ids or None, temperature=None, top_p=None, top_k=None)
+                                       eos_token_id=self.eos_ids or None, temperature=None, top_p=None, top_k=None,
+                                       repetition_penalty=None, no_repeat_ngram_size=None,
+                                       logits_processor=procs, streamer=streamer,
+                                       stopping_criteria=stopping_criteria)
         return seqs[:, width:].tolist()
+
+    def result(self, prompt: str, new: list[int]) -> dict:
+        """{"prompt", "text", "n_new_tokens", "stopped", "token_ids"} of one prompt's new tokens."""
+        return self._result(prompt, new)
 
     def _result(self, prompt: str, new: list[int]) -> dict:
         stop = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
@@ -136,10 +159,17 @@ class Generator:
 
 
 def generate(model_dir: str, prompts: list[str], system_prompt: str = "", max_new_tokens: int = 64,
-             batch_size: int = 8, chat_template: bool = True) -> list[dict]:
-    """Greedy continuations of `prompts`, in order: per prompt {"prompt", "text", "n_new_tokens"
-    (eos included when hit), "stopped" (eos hit), "token_ids" (the new tokens)}."""
-    return Generator(model_dir, system_prompt, chat_template)(prompts, max_new_tokens, batch_size)
+             batch_size: int = 8, chat_template: bool = True, decoding: Decoding | None = None) -> list[dict]:
+    """Continuations of `prompts` (greedy unless `decoding` says otherwise), in order: per prompt
+    {"prompt", "text", "n_new_tokens" (eos included when hit), "stopped" (eos hit), "token_ids" (the new tokens)}."""
+    return Generator(model_dir, system_prompt, chat_template)(prompts, max_new_tokens, batch_size, decoding)
+
+
+def check_limits(max_new_tokens: int, batch_size: int = 1) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be at least 1, not {max_new_tokens}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size: must be at least 1, not {batch_size}")
 
 
 # -- the report section ----------------------------------------------------------------------
@@ -180,13 +210,15 @@ def cmd_generate(args) -> int:
     prompts = read_prompts(args.prompts)
     system = read_system_prompt(args.system_prompt)
     t0 = time.perf_counter()
+    decoding = decoding_from_args(args)
+    check_limits(args.max_new_tokens, args.batch_size)
     gen = Generator(args.model, system, chat_template=not args.no_chat_template)
     t1 = time.perf_counter()
-    results = gen(prompts, args.max_new_tokens, args.batch_size)
+    results = gen(prompts, args.max_new_tokens, args.batch_size, decoding)
     t2 = time.perf_counter()
     tokens = sum(r["n_new_tokens"] for r in results)
-    log.info("generate: %d prompt(s), %d new tokens in %.1f s (%.1f tokens/s; model load %.1f s)",
-             len(results), tokens, t2 - t1, tokens / max(t2 - t1, 1e-9), t1 - t0)
+    log.info("generate: %d prompt(s), %d new tokens in %.1f s (%.1f tokens/s; model load %.1f s; %s)",
+             len(results), tokens, t2 - t1, tokens / max(t2 - t1, 1e-9), t1 - t0, decoding.describe())
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +235,8 @@ def cmd_generate(args) -> int:
 
 def add_parser(command) -> argparse.ArgumentParser:
     """Add `tourray generate`; `command(name, fn, help)` is `tourray.cli.parser`'s helper."""
-    p = command("generate", cmd_generate, "Greedy generation with the model's chat template and system prompt, "
-                                          "one prompt per line: does a (pruned) model still talk?")
+    p = command("generate", cmd_generate, "Generation with the model's chat template and system prompt, one prompt "
+                                          "per line (greedy unless told otherwise): does a (pruned) model still talk?")
     p.epilog = EPILOG
     p.add_argument("--model", required=True, metavar="DIR", help="Checkpoint folder (or hub id) to generate with.")
     p.add_argument("--prompts", required=True, metavar="FILE",
@@ -215,4 +247,5 @@ def add_parser(command) -> argparse.ArgumentParser:
                    help="Use the plain format <bos><system>\\n\\n<prompt>\\n even when the tokenizer has a chat template.")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="Prompts per batch, left-padded (default: 8).")
     p.add_argument("--out", metavar="FILE.jsonl", help="Write one JSON object per prompt here instead of printing.")
+    add_decoding_flags(p)
     return p

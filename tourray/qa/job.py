@@ -354,6 +354,16 @@ def fresh_eval_run(cfg: QAConfig, folder: str, run: str, reference: str | None, 
     drop_run(cfg.open_lake(), run)
 
 
+def original_eval(cfg: QAConfig, prefix: str, n_eval: int, progress: bool = True) -> str:
+    """The original model's eval run every variant is judged against (--base-run, or <prefix>.base
+    captured here once and reused while its identity holds)."""
+    base_run = cfg.base_run or f"{prefix}.base"
+    fresh_eval_run(cfg, cfg.model, base_run, None, owned=cfg.base_run is None, flag="base_run")
+    if not is_complete(cfg.open_lake(), base_run, n_eval):
+        capture_eval(cfg, cfg.model, base_run, None, progress=progress)
+    return base_run
+
+
 def run_identity(lake: lk.Lake, run: str) -> dict | None:
     """What names one capture of an eval run: its model revision and when its row was made (a run
     captured again, here or elsewhere, has a new one)."""
@@ -413,10 +423,7 @@ def run_qa(cfg: QAConfig, progress: bool = True) -> dict:
     lake = cfg.open_lake()
     n_eval = cfg.n_eval()
     prefix = f"{cfg.run}.qa-{cfg.name}"
-    base_run = cfg.base_run or f"{prefix}.base"
-    fresh_eval_run(cfg, cfg.model, base_run, None, owned=cfg.base_run is None, flag="base_run")
-    if not is_complete(lake, base_run, n_eval):
-        capture_eval(cfg, cfg.model, base_run, None, progress=progress)
+    base_run = original_eval(cfg, prefix, n_eval, progress)
     texts = eval_texts(lake, base_run, cfg.hidden_texts)
     orig = Side(cfg.model, texts)
     teacher = Side(cfg.teacher, texts) if cfg.teacher else None
