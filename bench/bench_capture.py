@@ -56,6 +56,18 @@ FROM token_layers WHERE run = $run AND site = 'resid_post' AND cos_prev IS NOT N
 GROUP BY layer
 ORDER BY layer
 """
+# The shipped layer_similarity.sql of 2026-12-01 (3.98x): the token_layers view (itself a semi join
+# with samples) joined to samples again on (run, sample_id), and the clamp on the FLOAT column.
+LAYER_SIMILARITY_BEFORE_SQL = """
+SELECT t.layer, count(*) AS tokens, avg(t.cos_prev) AS mean_cos, 1 - avg(t.cos_prev) AS block_influence,
+       avg(acos(least(greatest(t.cos_prev, -1), 1)) / pi()) AS angular_distance
+FROM token_layers AS t
+JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
+WHERE t.run = $run AND s.run = $run AND t.site = 'resid_post' AND t.cos_prev IS NOT NULL
+  AND t.pos >= s.text_start AND t.pos < s.text_end
+GROUP BY t.layer
+ORDER BY t.layer
+"""
 LAYER_PAIR_SQL = """
 WITH a AS (
     SELECT sample_id, pos, layer, h FROM activations WHERE run = $run AND site = 'resid_post'
@@ -224,11 +236,13 @@ def bench_pt(model, batches, tokens: int, out: Path) -> dict:
     return rate(tokens, s, c, bytes_on_disk=size, files=len(list(out.glob("*.pt"))))
 
 
-def query_pt(out: Path, num_layers: int, text_only: bool) -> tuple[dict, float]:
+def query_pt(out: Path, num_layers: int, text_only: bool, threads: int | None = None) -> tuple[dict, float]:
     """The seeds' way: load every sample's .pt, cosine of layers l-1 and l per token (over the text
-    span recorded in metadata.jsonl when `text_only`)."""
+    span recorded in metadata.jsonl when `text_only`); `threads`: torch threads meanwhile."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     t0 = time.perf_counter()
     sums = torch.zeros(num_layers, dtype=torch.float64)
     counts = torch.zeros(num_layers, dtype=torch.long)
@@ -242,6 +256,7 @@ def query_pt(out: Path, num_layers: int, text_only: bool) -> tuple[dict, float]:
                 sums[layer] += cos.double().sum()
                 counts[layer] += cos.numel()
     s = time.perf_counter() - t0
+    torch.set_num_threads(before)
     return {layer: dict(tokens=int(counts[layer]), mean_cos=float(sums[layer] / counts[layer])) for layer in range(num_layers)}, s
 
 
@@ -352,6 +367,7 @@ def sql_queries() -> dict[str, tuple[str, bool]]:
     from tourray.lake.sql import query_file
 
     return {"layer_similarity": (query_file("layer_similarity").read_text(), True),
+            "layer_similarity_2026_12_01": (LAYER_SIMILARITY_BEFORE_SQL, True),
             "token_layers_all": (ALL_TOKENS_SQL, False), "self_join_all": (LAYER_PAIR_SQL, False)}
 
 
@@ -367,20 +383,21 @@ def query_sql(lake: Path, run: str, sql: str) -> tuple[dict, float]:
     return {int(r[0]): dict(tokens=int(r[1]), mean_cos=float(r[2])) for r in rows}, s
 
 
-def bench_query(lake: Path, pt_dir: Path, num_layers: int, tokens: int, text_tokens: int) -> dict:
-    """Each SQL form (run "bench1") and each .pt scope three times, alternating: the first round warms
-    the page cache (untimed: cold files read at disk speed), the best of the other two counts (short
-    timings, noisy machine). Answers are checked against the .pt files."""
+def bench_query(lake: Path, pt_dir: Path, num_layers: int, tokens: int, text_tokens: int, rounds: int = 2,
+                pt_threads: int | None = None) -> dict:
+    """Each SQL form (run "bench1") and each .pt scope 1 + `rounds` times, alternating: the first round
+    warms the page cache (untimed: cold files read at disk speed), the best of the others counts
+    (short timings, noisy machine). Answers are checked against the .pt files."""
     log("query: mean cosine of layers l-1, l over text tokens and over all tokens ...")
     queries = sql_queries()
     sql_times, pt_times = {name: [] for name in queries}, {"text": [], "all": []}
     sql_res, pt_res = {}, {}
-    for timed in (False, True, True):
+    for timed in (False,) + (True,) * rounds:
         now = {}
         for name, (sql, _text_only) in queries.items():
             sql_res[name], now[name] = query_sql(lake, "bench1", sql)
         for scope in pt_times:
-            pt_res[scope], now[f".pt {scope}"] = query_pt(pt_dir, num_layers, text_only=scope == "text")
+            pt_res[scope], now[f".pt {scope}"] = query_pt(pt_dir, num_layers, scope == "text", pt_threads)
         for k, t in now.items():
             (pt_times[k[4:]] if k.startswith(".pt ") else sql_times[k]).extend([round(t, 3)] * timed)
         log(f"query ({'timed' if timed else 'warm-up'}): " + ", ".join(f"{k} {t:.3f} s" for k, t in now.items()))
@@ -389,7 +406,7 @@ def bench_query(lake: Path, pt_dir: Path, num_layers: int, tokens: int, text_tok
                duckdb_scan_only_seconds=round(query_scan_only(lake, "bench1"), 3),
                connect_seconds=round(connect_seconds(lake), 3),
                max_abs_diff_lance_numpy_pt=max(abs(ln_res[k]["mean_cos"] - pt_res["all"][k]["mean_cos"]) for k in ln_res),
-               pt=pt_res, pt_runs=pt_times)
+               pt=pt_res, pt_runs=pt_times, pt_threads=pt_threads)
     for name, (sql, text_only) in queries.items():
         scope = "text" if text_only else "all"
         got, want, n = sql_res[name], pt_res[scope], text_tokens if text_only else tokens
@@ -414,7 +431,7 @@ def query_targets(q: dict) -> list[dict]:
                  met=all(q[k]["max_abs_diff_pt"] <= 1e-3 and q[k]["token_counts_match"] for k in sql_queries()))]
 
 
-def query_only(out: Path) -> dict:
+def query_only(out: Path, rounds: int = 2, pt_threads: int | None = None) -> dict:
     """--query-only: the query figures on the lake and .pt files a previous run left in `out`."""
     from tourray.lake.tables import Lake
 
@@ -425,7 +442,8 @@ def query_only(out: Path) -> dict:
     meta = [json.loads(line) for line in (pt_dir / "metadata.jsonl").read_text().splitlines()]
     num_layers = Lake(str(lake)).read("runs", ["num_layers"], filter="run = 'bench1'").column(0)[0].as_py()
     return dict(environment=environment(), samples=len(meta), query=bench_query(
-        lake, pt_dir, num_layers, sum(m["n_tokens"] for m in meta), sum(m["text_end"] - m["text_start"] for m in meta)))
+        lake, pt_dir, num_layers, sum(m["n_tokens"] for m in meta), sum(m["text_end"] - m["text_start"] for m in meta),
+        rounds, pt_threads))
 
 
 def connect_seconds(lake: Path, repeat: int = 3) -> float:
@@ -693,6 +711,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-memory", action="store_true", help="Skip the 1x/Nx peak-memory captures.")
     p.add_argument("--query-only", action="store_true",
                    help="Only the query figures, on the lake and .pt files a previous full run left in --out.")
+    p.add_argument("--query-rounds", type=int, default=2, help="Timed rounds of the query figures (best counts; default 2).")
+    p.add_argument("--pt-threads", type=int, default=None,
+                   help="torch threads of the .pt query figures (default: all cores). On a shared machine use 1: two "
+                        "torch threads spin against other processes (28-58 s instead of ~1 s seen on 2 cores).")
     p.add_argument("--clean", action="store_true", help="Delete the bulk data (model, lakes, .pt files) at the end.")
     args = p.parse_args(argv)
     n = args.num_samples or (16 if args.quick else None)
@@ -703,7 +725,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     out = args.out.resolve()
     if args.query_only:
-        res = query_only(out)
+        res = query_only(out, args.query_rounds, args.pt_threads)
         res["targets"] = query_targets(res["query"])
         (out / "results_query.json").write_text(json.dumps(res, indent=1, default=str))
         print("\n".join([RULE, *fmt_query(res["query"]), RULE, *(fmt_row(t["target"], "MET" if t["met"] else "NOT MET")
@@ -782,7 +804,8 @@ def main(argv=None) -> int:
     res["capture_mean"] = dict(steady_tokens_per_s=b_steady, summary_tokens_per_s=b_summary,
                                steady_tokens_per_actor_cpu_s=b_cpu, bytes_vectors=cap_runs[0]["bytes_vectors"])
 
-    res["query"] = bench_query(lake, pt_dir, args.layers, tokens, sum(z - a for b in batches for a, z in b["text_spans"]))
+    res["query"] = bench_query(lake, pt_dir, args.layers, tokens, sum(z - a for b in batches for a, z in b["text_spans"]),
+                               args.query_rounds, args.pt_threads)
 
     # 4. memory
     if not args.skip_memory:

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tourray.capture import CaptureConfig, run_capture
@@ -149,6 +150,53 @@ def test_layer_similarity_query_equals_numpy_on_stored_vectors(lakes, dtype):
         assert g["angular_distance"] == pytest.approx(w["angular_distance"], abs=1e-5)
         assert g["block_influence"] == pytest.approx(1 - g["mean_cos"], abs=1e-12)  # the same float64 avg
     assert run_query(con, query_file("layer_similarity").read_text(), {"run": "other"}).fetchall() == []
+
+
+# The shipped layer_similarity.sql before it read raw_token_layers (2026-12-05): the token_layers view
+# (a semi join with samples) joined to samples again, and the clamp on the FLOAT column.
+LAYER_SIMILARITY_BEFORE = """
+SELECT t.layer,
+       count(*) AS tokens,
+       avg(t.cos_prev) AS mean_cos,
+       1 - avg(t.cos_prev) AS block_influence,
+       avg(acos(least(greatest(t.cos_prev, -1), 1)) / pi()) AS angular_distance
+FROM token_layers AS t
+JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
+WHERE t.run = $run AND s.run = $run AND t.site = 'resid_post' AND t.cos_prev IS NOT NULL
+  AND t.pos >= s.text_start AND t.pos < s.text_end
+GROUP BY t.layer
+ORDER BY t.layer
+"""
+
+
+def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
+    """The faster query gives the former one's rows (summation order aside) on a lake that also holds a
+    second run over the same sample ids (other cosines, one sample incomplete) and a killed capture's
+    leftover rows: neither may leak into a run's figures."""
+    import shutil
+
+    lake = Lake(str(shutil.copytree(lakes["float32"], tmp_path / "lake")))
+    tl, samples = lake.read("token_layers"), lake.read("samples")
+    other = tl.set_column(0, "run", pa.array(["r2"] * tl.num_rows))
+    other = other.set_column(other.schema.get_field_index("cos_prev"), "cos_prev",  # nulls stay null
+                             pc.multiply(other.column("cos_prev"), pa.scalar(0.5, pa.float32())))
+    lake.append("token_layers", other, lake.dataset("token_layers").schema)
+    s2 = samples.set_column(0, "run", pa.array(["r2"] * samples.num_rows)).slice(1)  # r2's first sample incomplete
+    s2 = s2.set_column(s2.schema.get_field_index("text_end"), "text_end",  # and other text spans
+                       pa.array(s2.column("text_end").to_numpy() - 1, pa.int32()))
+    lake.append("samples", s2, lake.dataset("samples").schema)
+    orphan = tl.slice(0, 40).set_column(1, "sample_id", pa.array(["orphan"] * 40))
+    lake.append("token_layers", orphan, lake.dataset("token_layers").schema)
+    con = connect(lake)
+    for run in ("r", "r2", "nope"):
+        new = run_query(con, query_file("layer_similarity").read_text(), {"run": run}).fetchall()
+        old = run_query(con, LAYER_SIMILARITY_BEFORE, {"run": run}).fetchall()
+        assert [r[:2] for r in new] == [r[:2] for r in old]  # layers and token counts, exactly
+        assert len(new) == (3 if run != "nope" else 0)
+        for a, b in zip(new, old):
+            assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-15)
+    assert con.sql("SELECT count(DISTINCT tokens) FROM (" + query_file("layer_similarity").read_text().rstrip("; \n")
+                   .replace("$run", "'r2'") + ")").fetchall() == [(1,)]
 
 
 def test_perplexity_by_category_query(lakes):

@@ -21,7 +21,7 @@ import lance
 import pyarrow as pa
 
 from tourray.errors import UserError
-from tourray.lake.tables import Lake, arrow_to_numpy
+from tourray.lake.tables import TABLES, Lake, arrow_to_numpy
 from tourray.lake.repair import SAMPLE_TABLES
 
 QUERY_DIR = Path(__file__).resolve().parent / "queries"  # package data: tourray/lake/queries/*.sql
@@ -77,12 +77,13 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     import duckdb
 
     lake = lake if isinstance(lake, Lake) else Lake(lake)
-    tables = lake.tables()
-    if not tables:
+    opened = {t: ds for t in TABLES if (ds := lake._open(t)) is not None}  # each table opened once
+    if not opened:
         raise UserError(f"--lake: no tourray tables under {lake.root}")
     con = duckdb.connect(database)
+    tables = list(opened)
     for t in sorted(tables, key=lambda t: t != "samples"):  # samples first: the per-sample views join it
-        ds = lake.dataset(t)
+        ds = opened[t]
         # only tables with vectors need the converting view; the others are scanned by DuckDB's own
         # Arrow dataset scan (no Python in the loop: token_layers, tokens, samples read ~1.5x faster)
         source = LakeView(ds) if any(_needs_view(f.type) for f in ds.schema) else ds

@@ -5,12 +5,16 @@
 text spans (no join against `tokens`) or, when a predicate or weights are asked for, per-sample
 position weights read from the narrow `tokens` table.
 
-`layer_stream` reads several layers of one run side by side: one Lance scan per layer (a layer
-filter reads only that layer's bytes), re-chunked to common row counts, keys checked (sample_id and
-pos must agree across layers, row for row; they are not assumed from physical order), masked and
-weighted; rows of samples outside the selection (including a killed capture's leftovers, which
-have no `samples` row) are dropped before alignment. Memory is one batch per layer, flat in corpus
-size; reading and conversion run on a background thread so that they overlap the caller's compute.
+`layer_stream` reads several layers of one run side by side: one Lance scan for all of them (the
+layer filter reads only those layers' bytes, and the run/site filters decode their string columns
+once, not once per layer), only rows of selected samples and positions kept (the span of
+positions the mask can select is part of the Lance filter), split by layer, re-chunked to common
+row counts of selected rows, keys checked (sample and pos must agree across layers, row for row;
+they are not assumed from physical order) and weighted; rows of samples outside the selection
+(including a killed capture's leftovers, which have no `samples` row) are dropped before
+alignment. Only kept rows are widened to float64. Memory is one batch per layer (plus one
+sample's blocks, as capture writes them), flat in corpus size; reading and conversion run on a
+background thread so that they overlap the caller's compute.
 """
 
 from __future__ import annotations
@@ -85,17 +89,35 @@ class TokenMask:
 
     def apply(self, sample_id: pa.Array, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Row indices selected in a chunk, and their weights (None = unit weights)."""
+        rows, _, w = self.locate(sample_id, pos)
+        return rows, w
+
+    def locate(self, sample_id: pa.Array, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Row indices selected in a chunk, each one's sample as an index into `ids`, and their
+        weights (None = unit weights). Rows of samples outside `ids` are never selected."""
         idx = pc.index_in(sample_id, value_set=self.ids)
         valid = ~np.asarray(idx.is_null().to_numpy(zero_copy_only=False))
         k = np.asarray(idx.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
         if self.weights is None:
-            keep = valid & (pos >= self.start[k]) & (pos < self.end[k])
-            return np.flatnonzero(keep), None
+            rows = np.flatnonzero(valid & (pos >= self.start[k]) & (pos < self.end[k]))
+            return rows, k[rows], None
         flat = self.offsets[k] + pos
         inside = valid & (pos < self.offsets[k + 1] - self.offsets[k])
         w = np.where(inside, self.weights[np.where(inside, flat, 0)], 0.0)
         rows = np.flatnonzero(w > 0)
-        return rows, w[rows]
+        return rows, k[rows], w[rows]
+
+    def pos_range(self) -> tuple[int, int]:
+        """[lo, hi): every selected position lies inside (a filter the Lance scan can apply itself:
+        the system prompt's rows are never decoded when only text tokens count)."""
+        if self.weights is None:
+            live = self.end > self.start
+            return (int(self.start[live].min()), int(self.end[live].max())) if live.any() else (0, 0)
+        flat = np.flatnonzero(self.weights > 0)
+        if not len(flat):
+            return 0, 0
+        pos = flat - self.offsets[np.searchsorted(self.offsets, flat, side="right") - 1]
+        return int(pos.min()), int(pos.max()) + 1
 
 
 def complete_samples(lake: Lake, run: str) -> pa.Table:
@@ -173,79 +195,109 @@ class Chunk:
         return len(self.pos)
 
 
-class _Rechunker:
-    """Buffers one layer's record batches so that several layers can be cut at the same row counts."""
+class _Buffer:
+    """One layer's selected rows (sample index, position, stored vector bits, weight), buffered
+    until every layer read has a chunk's worth."""
 
-    def __init__(self, batches: Iterator[pa.RecordBatch]):
-        self.batches, self.buf, self.size, self.done = batches, [], 0, False
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.size = 0
 
-    def fill(self, rows: int) -> None:
-        while self.size < rows and not self.done:
-            try:
-                b = next(self.batches)
-            except StopIteration:
-                self.done = True
-                return
-            if b.num_rows:
-                self.buf.append(b)
-                self.size += b.num_rows
+    def push(self, k: np.ndarray, pos: np.ndarray, h: np.ndarray, w: np.ndarray | None) -> None:
+        if len(pos):
+            self.parts.append((k, pos, h, w))
+            self.size += len(pos)
 
-    def take(self, rows: int) -> pa.Table:
-        t = pa.Table.from_batches(self.buf) if self.buf else None
-        if t is None:
-            return None
-        head, rest = t.slice(0, rows), t.slice(rows)
-        self.buf = rest.to_batches() if rest.num_rows else []
-        self.size -= head.num_rows
-        return head
+    def take(self, rows: int) -> list[tuple]:
+        """The first `rows` rows, as parts."""
+        out, n = [], 0
+        while n < rows:
+            k, pos, h, w = self.parts[0]
+            if n + len(pos) <= rows:
+                out.append(self.parts.pop(0))
+                n += len(pos)
+                continue
+            cut = rows - n
+            out.append((k[:cut], pos[:cut], h[:cut], None if w is None else w[:cut]))
+            self.parts[0] = (k[cut:], pos[cut:], h[cut:], None if w is None else w[cut:])
+            n = rows
+        self.size -= rows
+        return out
 
 
-def _selected(batches: Iterator[pa.RecordBatch], ids: pa.Array) -> Iterator[pa.RecordBatch]:
-    """Only rows of selected (hence complete) samples, before layers are aligned: rows a killed
-    capture left without a `samples` row must neither count nor break the row-for-row alignment."""
-    for b in batches:
-        keep = pc.is_in(b.column("sample_id"), value_set=ids)
-        yield b if pc.all(keep).as_py() else b.filter(keep)
+def _widen(parts: list[tuple], dtype) -> np.ndarray:
+    """The parts' stored vectors (float16 / float32, or bfloat16 as uint16 bits) as one [n, d] `dtype`
+    array, converted straight into it (no float64 temporaries of rows that are not kept)."""
+    out = np.empty((sum(len(p[1]) for p in parts), parts[0][2].shape[1]), dtype)
+    i = 0
+    for _, pos, h, _ in parts:
+        out[i:i + len(pos)] = (h.astype(np.uint32) << 16).view(np.float32) if h.dtype == np.uint16 else h
+        i += len(pos)
+    return out
 
 
 def layer_stream(lake: Lake, run: str, site: str, layers: list[int], mask: TokenMask, batch_rows: int = 4096,
                  dtype=np.float64, prefetch: int = 2) -> Iterator[Chunk]:
-    """Selected rows of `layers` (one run, one site), aligned row for row, as `dtype` arrays."""
+    """Selected rows of `layers` (one run, one site), aligned row for row, as `dtype` arrays, in
+    chunks of `batch_rows` selected rows (the last one shorter).
+
+    One Lance scan reads every layer asked for (`layer IN (...)`, and the span of positions the mask
+    can select): the run and site filters, which decode string columns, run once over the table
+    rather than once per layer. Rows are split by layer in scan order; capture writes each sample's
+    (layer, site) blocks next to each other, so each layer's buffer holds about a chunk plus one
+    sample's block. Only selected rows are kept and widened to `dtype`."""
     from tourray.runtime import overlapped
 
     ds = lake.dataset("activations", version=mask.source.get("activations_version"))  # pinned: what the plan saw
     mask.source.setdefault("activations_version", ds.version)
+    order = list(dict.fromkeys(layers))
 
     def chunks() -> Iterator[Chunk]:
-        q = f"run = {sql_quote(run)} AND site = {sql_quote(site)}"
-        streams = {l: _Rechunker(_selected(lake.scan("activations", ["sample_id", "pos", "h"], f"{q} AND layer = {l}",
-                                                     batch_rows, dataset=ds), mask.ids)) for l in layers}
-        while True:
-            for s in streams.values():
-                s.fill(batch_rows)
-            rows = min(s.size for s in streams.values())
-            if rows == 0:
-                left = {l: s.size for l, s in streams.items() if s.size}
-                if left:
-                    raise UserError(f"run {run} site {site}: layers differ in row count (rows left over: {left}); "
-                                    "run `tourray verify` on this lake")
-                return
-            parts = {l: s.take(min(rows, batch_rows)) for l, s in streams.items()}
-            first = parts[layers[0]]
-            sid, pos = first.column("sample_id").combine_chunks(), first.column("pos").to_numpy()
-            for l, t in parts.items():
-                if not (t.column("pos").to_numpy() == pos).all() or not t.column("sample_id").combine_chunks().equals(sid):
-                    raise UserError(f"run {run} site {site}: rows of layer {l} are not aligned with layer {layers[0]} "
+        lo, hi = mask.pos_range()
+        if hi <= lo:
+            return
+        q = (f"run = {sql_quote(run)} AND site = {sql_quote(site)} AND layer IN ({', '.join(map(str, order))}) "
+             f"AND pos >= {lo} AND pos < {hi}")
+        bufs = {l: _Buffer() for l in order}
+        scan = lake.scan("activations", ["sample_id", "pos", "layer", "h"], q, batch_rows * len(order), dataset=ds)
+
+        def emit(rows: int) -> Chunk:
+            parts = {l: b.take(rows) for l, b in bufs.items()}
+            first = parts[order[0]]
+            k, pos = np.concatenate([p[0] for p in first]), np.concatenate([p[1] for p in first])
+            for l, ps in parts.items():
+                if l != order[0] and not (np.array_equal(np.concatenate([p[1] for p in ps]), pos)
+                                          and np.array_equal(np.concatenate([p[0] for p in ps]), k)):
+                    raise UserError(f"run {run} site {site}: rows of layer {l} are not aligned with layer {order[0]} "
                                     "(same sample and position expected row for row); run `tourray verify`")
-            rows_sel, w = mask.apply(sid, pos)
-            if len(rows_sel) == 0:
+            w = None if mask.weights is None else np.concatenate([p[3] for p in first])
+            return Chunk(mask.ids.take(pa.array(k)), pos, w, {l: _widen(ps, dtype) for l, ps in parts.items()})
+
+        for b in scan:
+            pos = b.column("pos").to_numpy()
+            rows, k, w = mask.locate(b.column("sample_id"), pos)
+            if not len(rows):
                 continue
-            take = rows_sel if len(rows_sel) < len(pos) else None
-            h = {}
-            for l, t in parts.items():
-                x = arrow_to_numpy(t.column("h"), dtype)
-                h[l] = x[take] if take is not None else x
-            yield Chunk(sid.take(pa.array(rows_sel)) if take is not None else sid, pos[rows_sel], w, h)
+            layer = b.column("layer").to_numpy()[rows]
+            h = arrow_to_numpy(b.column("h"))  # the stored bits, no copy
+            if layer[0] == layer[-1] and (layer == layer[0]).all():
+                groups = [(int(layer[0]), slice(None))]
+            else:
+                by = np.argsort(layer, kind="stable")  # stable: each layer's rows stay in scan order
+                cuts = np.flatnonzero(np.diff(layer[by])) + 1
+                groups = [(int(layer[g[0]]), g) for g in np.split(by, cuts)]
+            for l, g in groups:
+                r = rows[g]
+                hl = h[r[0]:r[-1] + 1] if r[-1] - r[0] == len(r) - 1 else h[r]  # a run of rows: a view
+                bufs[l].push(k[g], pos[r], hl, None if w is None else w[g])
+            while min(buf.size for buf in bufs.values()) >= batch_rows:
+                yield emit(batch_rows)
+        while rows := min(buf.size for buf in bufs.values()):
+            yield emit(min(rows, batch_rows))
+        left = {l: buf.size for l, buf in bufs.items() if buf.size}
+        if left:
+            raise UserError(f"run {run} site {site}: layers differ in row count (rows left over: {left}); "
+                            "run `tourray verify` on this lake")
 
     if prefetch <= 0:
         yield from chunks()

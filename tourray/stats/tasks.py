@@ -290,7 +290,7 @@ def moments_table(rows: list[dict]) -> pa.Table:
     s = lk.schema("moments")
     mats = [r["matrix"] for r in rows]
     offsets = np.cumsum([0] + [len(m) for m in mats], dtype=np.int64)
-    values = pa.concat_arrays(mats) if mats else pa.array([], pa.float64())
+    values = (mats[0] if len(mats) == 1 else pa.concat_arrays(mats)) if mats else pa.array([], pa.float64())
     cols = {f.name: [r[f.name] for r in rows] for f in s if f.name != "matrix"}
     cols["matrix"] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
     return pa.table([cols[f.name] for f in s], schema=s)
@@ -313,44 +313,65 @@ def read_moments(lake: lk.Lake, run: str, site: str, selection: str, source: str
 
 
 # -- the task --------------------------------------------------------------------------------
+def _write_matrices(lake: lk.Lake, key: dict, own: dict, pairs: dict, prov: dict, layers: bool, pair_mats: bool) -> list[str]:
+    """The full co-moments as `moments` fragments (uncommitted), one record batch per matrix: no copy
+    of them into one buffer."""
+    rows = [moments_row(key, "pair", a, b, x, prov) for (a, b), x in pairs.items() if pair_mats and x.w > 0]
+    rows += [moments_row(key, "layer", l, l, m, prov) for l, m in own.items() if layers and m.w > 0]
+    if not rows:
+        return []
+    s = lk.schema("moments")
+    return lake.write_fragments("moments", pa.RecordBatchReader.from_batches(
+        s, (b for r in rows for b in moments_table([r]).to_batches())), s)
+
+
+def _layer_rows(key: dict, own: dict, prov: dict, threads: int) -> dict:
+    """`layer_stats` rows; their spectra one eigvalsh per layer, `threads` at a time with one BLAS
+    thread each (scales better than one multi-threaded eigvalsh)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    live = [(l, m) for l, m in own.items() if m.w > 0]
+    if threads > 1 and len(live) > 1:
+        with threadpool_limits(1), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stats-spectra") as pool:
+            rows = list(pool.map(lambda lm: layer_row(dict(key, layer=lm[0]), lm[1], "stats", prov), live))
+    else:
+        rows = [layer_row(dict(key, layer=l), m, "stats", prov) for l, m in live]
+    return {l: r for (l, _), r in zip(live, rows)}
+
+
 def run_tile(lake_root: str, storage_options, run: str, site: str, tile: Tile, mask: TokenMask, key: dict,
              batch_rows: int, threads: int, near_zero: float, store_layer_matrices: bool,
              store_pair_matrices: bool) -> dict:
-    """Stream one tile's layers once; return summary rows, pair partials and matrix fragments."""
+    """Stream one tile's layers once; return summary rows, pair partials and matrix fragments. The
+    matrices are written on a second thread while the spectra are computed (the per-layer fixed
+    costs that follow the streaming)."""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_limits
 
     lake = lk.Lake(lake_root, storage_options)
     t0 = time.perf_counter()
-    own: dict[int, Moments] = {}
-    pairs = {p: None for p in tile.pairs}
+    d = lake.dataset("activations", version=mask.source.get("activations_version")).schema.field("h").type.list_size
+    own = {l: Moments(d, near_zero=near_zero) for l in tile.own}
+    pairs = {p: CrossMoments(d, d) for p in tile.pairs}
+    prov = _provenance(mask.source)
+    # (BLAS limits are process-wide: one setting for the whole task, writing thread included)
     with threadpool_limits(threads):
-        d = None
         for chunk in layer_stream(lake, run, site, tile.read, mask, batch_rows):
-            if d is None:
-                d = next(iter(chunk.h.values())).shape[1]
-                own = {l: Moments(d, near_zero=near_zero) for l in tile.own}
-                pairs = {p: CrossMoments(d, d) for p in tile.pairs}
             for l, m in own.items():
                 m.update(chunk.h[l], chunk.weights)
             for (a, b), x in pairs.items():
                 x.update(chunk.h[a], chunk.h[b], chunk.weights)
-        prov = _provenance(mask.source)
-        layer_rows = {l: layer_row(dict(key, layer=l), m, "stats", prov) for l, m in own.items() if m.w > 0}
-    pair_parts = {}
-    mrows = []
-    for (a, b), x in pairs.items():
-        if x is None or x.w == 0:
-            continue
-        pair_parts[(a, b)] = dict(n=x.n, w=x.w, cos=x.mean_cos, angular=x.mean_angular, rel_rms=x.rel_rms_diff,
-                                  frob_ab=float((x.m_ab ** 2).sum()))
-        if store_pair_matrices:
-            mrows.append(moments_row(key, "pair", a, b, x, prov))
-    frob = {l: float((m.m2 ** 2).sum()) for l, m in own.items() if m.w > 0}
-    if store_layer_matrices:
-        mrows += [moments_row(key, "layer", l, l, m, prov) for l, m in own.items() if m.w > 0]
-    frags = lake.write_fragments("moments", moments_table(mrows), lk.schema("moments")) if mrows else []
-    import resource
-
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-write") as bg:
+            frags = bg.submit(_write_matrices, lake, key, own, pairs, prov, store_layer_matrices, store_pair_matrices)
+            layer_rows = _layer_rows(key, own, prov, threads)
+            frags = frags.result()
+    pair_parts = {(a, b): dict(n=x.n, w=x.w, cos=x.mean_cos, angular=x.mean_angular, rel_rms=x.rel_rms_diff,
+                               frob_ab=float(np.vdot(x.m_ab, x.m_ab))) for (a, b), x in pairs.items() if x.w > 0}
+    frob = {l: float(np.vdot(m.m2, m.m2)) for l, m in own.items() if m.w > 0}
     return dict(layer_rows=layer_rows, pair_parts=pair_parts, frob=frob, fragments=frags, read=tile.read,
                 seconds=time.perf_counter() - t0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
