@@ -113,3 +113,12 @@ def test_nothing_imports_the_job_scripts():
                         + [a.name.split(".")[0] for a in n.names if isinstance(n, ast.Import)])
                         for n in ast.walk(ast.parse(f.read_text())))]
     assert not offenders, offenders
+
+
+def test_test_files_have_unique_names():
+    """Test folders carry no __init__.py, so pytest imports each file by its basename: two files of
+    one name (tests/test_config.py, tests/heal/test_config.py) stop the whole suite at collection."""
+    names: dict[str, list[str]] = {}
+    for f in sorted((Path(__file__).resolve().parent).rglob("test_*.py")):
+        names.setdefault(f.name, []).append(str(f))
+    assert {n: fs for n, fs in names.items() if len(fs) > 1} == {}
