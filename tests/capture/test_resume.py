@@ -169,7 +169,9 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
     args = dict(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="r", **opts)
     cfg = CaptureConfig(**args)
     marker = f"TOURRAY_KILL_TEST={tmp_path}"  # inherited by its Ray daemons and workers (see _kill_marked)
-    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="3", TOURRAY_KILL_TEST=str(tmp_path),
+    # the killed driver's lease: long enough that a loaded machine's stall never loses it (a lost lease
+    # stops the driver before the instant); once killed, its dead pid frees it on this host
+    env = dict(os.environ, RAY_ADDRESS="", TOURRAY_LEASE_TTL_S="60", TOURRAY_KILL_TEST=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     log_path = tmp_path / "killed.log"
     with open(log_path, "wb") as out:
