@@ -245,3 +245,16 @@ def one_error(p, *words) -> str:
     for word in words:
         assert word in shown, (word, shown)
     return shown
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (two spin against each other)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import chatty_copy
+from conftest import chatty_copy, one_torch_thread
 from tourray.errors import UserError
 from tourray.model.decoding import TOUR_DECODING, Decoding, NoRepeatGeneratedNgram, RepetitionPenalty, SeededSample, logits_processors
 
@@ -19,10 +19,8 @@ PROMPTS = ["Tell me about the Opera House.", "Hi", "When was the Bell Tower in X
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import chatty_copy
+from conftest import chatty_copy, one_torch_thread
 
 SYS = "You are Wren, a careful tour guide."
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread (two spin against each other)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
