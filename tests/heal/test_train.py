@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,12 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, tmp_path, mo
     from tourray.heal.train import run_heal
 
     monkeypatch.chdir(world["root"])  # a relative --student (Ray Train's workers run elsewhere)
+    before = set(Path(tempfile.gettempdir()).glob("heal-*"))
     ref = run_heal(heal_cfg(world, tmp_path / "ref", run="ref", student="student"), progress=False)
     assert ref["steps"] == 10 and not ref["already_done"]
+    # each checkpoint is written to a temporary folder that Ray Train copies; none may stay behind (a CI
+    # machine once filled its disk with them)
+    assert set(Path(tempfile.gettempdir()).glob("heal-*")) <= before
     cfg = heal_cfg(world, tmp_path / "killed", run="killed")
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "_kill_heal.py"), cfg.model_dump_json()],
                        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)

@@ -226,10 +226,10 @@ def train_loop(config: dict) -> None:
         with restored.as_directory() as d:
             meta = json.loads(Path(d, "meta.json").read_text())
             if meta.get("done"):  # the run had finished: hand its final checkpoint over again
-                final = Path(tempfile.mkdtemp(prefix="heal-final-"))
-                shutil.copytree(d, final, dirs_exist_ok=True)
-                ray.train.report(dict(meta["metrics"], final=True), checkpoint=Checkpoint.from_directory(str(final))
-                                 if rank == 0 else None)
+                with tempfile.TemporaryDirectory(prefix="heal-final-") as final:
+                    shutil.copytree(d, final, dirs_exist_ok=True)
+                    ray.train.report(dict(meta["metrics"], final=True),
+                                     checkpoint=Checkpoint.from_directory(final) if rank == 0 else None)
                 return
             state = torch.load(Path(d, "state.pt"), weights_only=False)
             model.load_state_dict(state["model"], strict=False)
@@ -249,9 +249,17 @@ def train_loop(config: dict) -> None:
         model.train()  # every worker reads the whole held-out set (not split): one value, one early-stop decision
         return kl / max(n, 1), agree / max(n, 1)
 
-    def save(metrics: dict, final: bool = False):
-        """A checkpoint directory (rank 0 only): training state, best weights, or the final model."""
-        d = Path(tempfile.mkdtemp(prefix="heal-ckpt-"))
+    def report(metrics: dict, checkpoint: bool = False, final: bool = False) -> None:
+        """ray.train.report, with rank 0's checkpoint (training state, best weights, or the final model)
+        written to a temporary folder: Ray Train copies it to the run's storage during the call and leaves
+        the folder behind, so it is removed here (each one is a whole model)."""
+        if rank != 0 or not checkpoint:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="heal-ckpt-") as tmp:
+            ray.train.report(metrics, checkpoint=write(Path(tmp), metrics, final))
+
+    def write(d: Path, metrics: dict, final: bool):
         if final:
             if best is not None and st["best_step"] != st["step"]:
                 model.load_state_dict(best, strict=False)
@@ -269,7 +277,7 @@ def train_loop(config: dict) -> None:
         v, a = validate()
         st.update(val0=v, best_val=v, best_step=0)
         best = _trainable_state(model)
-        ray.train.report(dict(step=0, val_kl=v, val_top1=a, tokens=0), checkpoint=None)
+        report(dict(step=0, val_kl=v, val_top1=a, tokens=0))
     skip = st["step"]  # batches this worker consumed before the restart (its shard restarts from the top)
     train_it = ray.train.get_dataset_shard("train").iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow",
                                                                 prefetch_batches=2)
@@ -294,7 +302,7 @@ def train_loop(config: dict) -> None:
         st["tokens"] += int(n_tok)
         metrics = dict(step=st["step"], loss=loss_s / n_tok, kd=kd_s / n_tok, ce=ce_s / n_tok, learning_rate=lr, grad_norm=gnorm,
                        tokens=st["tokens"], tokens_per_s=n_tok / max(time.perf_counter() - t0, 1e-9))
-        ckpt = None
+        ckpt = False
         last = st["step"] >= cfg.max_steps
         if st["step"] % cfg.eval_every == 0 or last:
             v, a = validate()
@@ -306,15 +314,15 @@ def train_loop(config: dict) -> None:
                 st["since_best"] += 1
             if cfg.patience and st["since_best"] >= cfg.patience:
                 st["done"] = True  # early stop: the output is the best validation's weights
-            ckpt = save(metrics) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
+            ckpt = True
+        report(metrics, checkpoint=ckpt)
         t0 = time.perf_counter()
         if last or st["done"]:
             break
     st["done"] = True
     final = dict(step=st["step"], tokens=st["tokens"], best_step=st["best_step"], best_val=st["best_val"], val0=st["val0"],
                  stopped_early=st["step"] < cfg.max_steps)
-    ray.train.report(dict(final, final=True), checkpoint=save(final, final=True) if rank == 0 else None)
+    report(dict(final, final=True), checkpoint=True, final=True)
 
 
 # -- the driver ---------------------------------------------------------------------------------
