@@ -91,5 +91,5 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
-    fig.clear()
+    _plt().close(fig)  # pyplot keeps every figure until closed: a sweep draws dozens
     return path

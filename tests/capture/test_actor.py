@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -227,19 +229,67 @@ def test_token_only_capture_writes_no_vectors(qwen3_model, corpus_dir, tmp_path,
     assert tokens.column("surprisal").null_count == 6  # only pos 0 of each sample
 
 
-def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tmp_path, ray_session):
-    """tokens.kl_ref against an independent float64 recomputation (1e-4 nats); zero against itself;
-    every text token classed; a reference with another tokenizer refused before anything is written."""
+def _perturbed(model: Path, out: Path) -> Path:
+    """A copy of `model` with one block's MLP output scaled: a variant whose distribution differs."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
-    other = tmp_path / "perturbed"
-    shutil.copytree(qwen3_model, other)
-    m = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    shutil.copytree(model, out)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         m.model.layers[1].mlp.down_proj.weight.mul_(3.0)
-    m.save_pretrained(other)
+    m.save_pretrained(out)
+    return out
+
+
+def test_reference_run_kl_equals_the_reference_model_and_bounds_it(qwen3_model, corpus_dir, tmp_path, ray_session):
+    """--reference-run: kl_ref from the reference's stored distribution equals running the reference
+    model when the run stored the whole vocabulary (1e-5 nats), and is a lower bound of it with top-4
+    (batch 2, several groups); refused without a stored top-K distribution, beside --reference, or
+    under another prompt, leaving the lake as it was."""
+    from transformers import AutoConfig
+
+    other = _perturbed(qwen3_model, tmp_path / "perturbed")
+    vocab = AutoConfig.from_pretrained(qwen3_model).vocab_size
+    lake_dir = tmp_path / "lake"
+    capture(qwen3_model, corpus_dir, lake_dir, run="orig", layers="none", logits=str(vocab))
+    capture(qwen3_model, corpus_dir, lake_dir, run="orig4", layers="none", logits="4")
+    capture(qwen3_model, corpus_dir, lake_dir, run="bare", layers="none")
+    capture(other, corpus_dir, lake_dir, run="exact", layers="none", reference=str(qwen3_model))
+    capture(other, corpus_dir, lake_dir, run="stored", layers="none", reference_run="orig")
+    capture(other, corpus_dir, lake_dir, run="bound", layers="none", reference_run="orig4")
+    lake = Lake(str(lake_dir))
+
+    def kl(run):
+        t = lake.read("tokens", ["sample_id", "pos", "kl_ref"],
+                      filter=f"run = '{run}' AND segment = 'text' AND pos > 0").sort_by([("sample_id", "ascending"),
+                                                                                         ("pos", "ascending")])
+        return t.column("kl_ref").to_numpy(zero_copy_only=False).astype(np.float64)
+
+    exact, stored, bound = kl("exact"), kl("stored"), kl("bound")
+    assert len(exact) > 50 and not np.isnan(exact).any() and not np.isnan(stored).any() and exact.mean() > 1e-3
+    assert np.abs(stored - exact).max() < 1e-5
+    assert (bound <= exact + 1e-6).all() and 0 < bound.mean() < exact.mean()
+    # outside the text (system prompt, template) nothing is stored: no KL there
+    assert lake.read("tokens", ["kl_ref"], filter="run = 'stored' AND segment <> 'text'").column(0).null_count == \
+        lake.read("tokens", ["kl_ref"], filter="run = 'stored' AND segment <> 'text'").num_rows
+    before = lake_snapshot(lake_dir)
+    for kw, match in ((dict(reference_run="bare"), "stored no distribution"),
+                      (dict(reference_run="nope"), "no such run"),
+                      (dict(reference_run="orig", reference=str(qwen3_model)), "not both"),
+                      (dict(reference_run="orig", user_prompt="Another question."), "prompt settings")):
+        with pytest.raises(UserError, match=match):
+            capture(other, corpus_dir, lake_dir, run="bad", layers="none", **kw)
+    assert lake_snapshot(lake_dir) == before
+
+
+def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tmp_path, ray_session):
+    """tokens.kl_ref against an independent float64 recomputation (1e-4 nats); zero against itself;
+    every text token classed; a reference with another tokenizer refused before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    other = _perturbed(qwen3_model, tmp_path / "perturbed")
     capture(other, corpus_dir, tmp_path / "lake", run="v", layers="none", reference=str(qwen3_model))
     capture(qwen3_model, corpus_dir, tmp_path / "lake", run="self", layers="none", reference=str(qwen3_model))
     lake = Lake(str(tmp_path / "lake"))

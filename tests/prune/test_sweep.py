@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+from transformers import AutoConfig
+
 from conftest import lake_snapshot
 from tourray.lake.tables import Lake
 
@@ -23,6 +27,11 @@ def test_sweep_two_tasks_at_once_and_resume(prune_lake, qwen3_model, corpus_dir,
         assert lk.read("samples", ["sample_id"], filter=f"run = '{v['run']}'").num_rows == 2  # both eval texts
         seen = next(c for c in v["comparison"] if c["category"] == "seen")
         assert seen["ppl_ratio"] > 0 and seen["mean_kl"] > 0 and isinstance(v["verdict"]["passed"], bool)
+        # the KL reference is the original's stored distribution (the whole tiny vocabulary: exact), not a second model
+        conf = json.loads(lk.read("runs", ["manifest"], filter=f"run = '{v['run']}'").column(0)[0].as_py())["config"]
+        assert conf["reference_run"] == "full.original" and conf["reference"] is None
+    base = json.loads(lk.read("runs", ["manifest"], filter="run = 'full.original'").column(0)[0].as_py())["config"]
+    assert base["logits"] == str(AutoConfig.from_pretrained(qwen3_model).vocab_size)  # min(kl_top_k, vocab)
     assert not any((tmp_path / "work" / "full" / n).exists() for n in names)  # checkpoints deleted
     md = (tmp_path / "reports" / "prune_full.md").read_text()
     assert "Predicted cliff" in md and "| reverse-r1-lstsq |" in md and "Which method won" in md

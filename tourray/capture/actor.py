@@ -16,7 +16,7 @@ import pyarrow as pa
 from tourray.corpus import texts as corpus
 from tourray.lake import tables as lk
 from tourray.capture.config import CaptureConfig
-from tourray.capture.engine import INNER_SITES, Captured, Engine
+from tourray.capture.engine import INNER_SITES, Captured, Engine, RefSupport
 from tourray.lake.checksum import tokens_sha256
 from tourray.errors import UserError
 from tourray.model.identity import load_tokenizer
@@ -91,12 +91,15 @@ class CaptureStage(Stage):
         tokens, layer_rows, blocks, nbytes, logit_rows = [], [], [], [0], []
         tokens_sha = [""] * len(rows)  # samples.tokens_sha256, of the rows exactly as written
 
+        ref = None if cfg.reference_run is None else self._reference_rows(rows, spans)
+
         def forwards():  # on the forward thread: the model and nothing else
             for a in range(0, len(order), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
                 sink = None if self.inline is None else \
                     (lambda t, n, idx=idx: self.inline(t, n, [spans[i] for i in idx]))
-                yield idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink)
+                yield idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink,
+                                               reference=None if ref is None else [ref[i] for i in idx])
 
         def activation_batches(captured) -> Iterator[pa.RecordBatch]:  # here: checksums, Arrow, token tables
             pending, size = [], 0
@@ -219,6 +222,31 @@ class CaptureStage(Stage):
             "rest_logprob": pa.array(rest.astype(np.float32)),
             "counts": counts,
         }, schema=self.schemas["logits"])
+
+    def _reference_rows(self, rows: list[dict], spans: list[tuple[int, int]]) -> list[RefSupport]:
+        """--reference-run: that run's stored distribution for this group's samples, one Lance read
+        per group. Its rows must be exactly this capture's text tokens (one prompt, one truncation)."""
+        ref_run = self.cfg.reference_run
+        ids = ", ".join(lk.sql_quote(r["sample_id"]) for r in rows)
+        t = self.lake.read("logits", ["sample_id", "pos", "top_ids", "top_logprobs", "rest_logprob"],
+                           filter=f"run = {lk.sql_quote(ref_run)} AND sample_id IN ({ids})")
+        t = t.sort_by([("sample_id", "ascending"), ("pos", "ascending")])
+        sid = t.column("sample_id").to_numpy(zero_copy_only=False)
+        pos = t.column("pos").to_numpy()
+        out = []
+        for r, (a, b) in zip(rows, spans):
+            lo, hi = np.searchsorted(sid, r["sample_id"], "left"), np.searchsorted(sid, r["sample_id"], "right")
+            want = np.arange(max(a, 1), b, dtype=np.int32)
+            if not np.array_equal(pos[lo:hi], want):
+                raise UserError(f"--reference-run {ref_run}: sample {r['source']} (id {r['sample_id']}) has stored rows "
+                                f"for {hi - lo} text tokens, this capture {len(want)}; capture the reference with "
+                                "the same system prompt, prompt settings and --max-length")
+            sub = t.slice(lo, hi - lo)
+            k = len(sub.column("top_ids")[0]) if hi > lo else 1
+            flat = lambda c, dt: sub.column(c).combine_chunks().flatten().to_numpy().astype(dt).reshape(-1, k)  # noqa: E731
+            out.append(RefSupport(max(a, 1), flat("top_ids", np.int32), flat("top_logprobs", np.float32),
+                                  sub.column("rest_logprob").to_numpy().astype(np.float32)))
+        return out
 
     @classmethod
     def _text_span(cls, e: Encoded) -> tuple[int, int]:

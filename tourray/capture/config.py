@@ -49,6 +49,7 @@ class CaptureConfig(BaseConfig):
     gguf_file: str | None = Field(None, description="GGUF file inside the --model folder to capture directly (transformers dequantises it on load); --model FILE.gguf does the same.")
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
     reference: str | None = Field(None, description="Reference model (hub id or folder) run on the same tokens: tokens.kl_ref = KL(reference || model) per token, e.g. the original of a pruned --model. Must share the tokenizer.")
+    reference_run: str | None = Field(None, description="Instead of running --reference: take KL's reference distribution from this run of the lake, captured with --logits K on the same texts and prompt (e.g. the original's eval run). tokens.kl_ref = KL over the stored partition (the K ids + the rest of the mass): exact when K is the vocabulary, otherwise a lower bound of the full KL (merging outcomes never raises a KL). Saves the reference's forward pass.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model; the driver resolves it to a commit once and every actor loads that commit.")
     reference_revision: str | None = Field(None, description="Hub revision of --reference (resolved to a commit like --revision).")
     store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of stored vectors: float16 halves the bytes of float32; bfloat16 keeps float32's range.")

@@ -57,6 +57,18 @@ class Support:
         return out
 
 
+@dataclass
+class RefSupport:
+    """A reference run's stored distribution for one sample (--reference-run): rows for the text
+    tokens at positions `start`, `start` + 1, ... (the row of token t is the distribution that
+    predicted it, from position t - 1), top-K ids with log-probabilities and the rest's log-mass."""
+
+    start: int
+    ids: np.ndarray                       # int32 [m, K]
+    logprobs: np.ndarray                  # float32 [m, K]
+    rest: np.ndarray                      # float32 [m]
+
+
 def support_uniforms(ids: np.ndarray, n_draws: int) -> np.ndarray:
     """--logits sample:N: the uniforms of one sample's draws, [n - 1, N] float64, from a generator
     seeded by the sample's token ids: the same draws whatever the batching, engine or resume."""
@@ -119,7 +131,8 @@ class Engine(Protocol):
     inner_keys: list[tuple[int, str]]    # hooked sub-module inputs for inline statistics (mlp_act, head_out)
     num_heads: int
 
-    def capture(self, batch: list[np.ndarray], sink: Callable | None = None) -> list[Captured]: ...
+    def capture(self, batch: list[np.ndarray], sink: Callable | None = None,
+                reference: list[RefSupport] | None = None) -> list[Captured]: ...
 
 
 def _plogp(lp):
@@ -129,10 +142,24 @@ def _plogp(lp):
     return torch.where(lp > float("-inf"), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
 
 
-def token_stats(logits, next_ids, ref_logits=None, support=None):
+def partition_kl(lp, ids, ref_logprobs, ref_rest):
+    """KL(reference || model) per row over the partition a --logits K run stores: the K ids plus
+    one outcome for the rest of the mass. `lp` [m, vocab] is the model's log-softmax; the model's
+    rest is the logsumexp of its other ids. Equal to the full KL when K = vocab (rest = -inf), and
+    never above it otherwise (merging outcomes cannot raise a KL: the log-sum inequality)."""
+    import torch
+
+    t = torch.cat([ref_logprobs, ref_rest[:, None]], 1)
+    s = torch.cat([lp.gather(1, ids), lp.scatter(1, ids, float("-inf")).logsumexp(-1)[:, None]], 1)
+    term = torch.where(t > float("-inf"), t.exp() * (t - s), torch.zeros((), device=t.device))
+    return term.sum(-1).clamp_min(0)
+
+
+def token_stats(logits, next_ids, ref_logits=None, support=None, ref_support=None):
     """Surprisal of `next_ids` [m] under `logits` [m, vocab], the entropy of those distributions and,
     with `ref_logits`, KL(p_ref || p), in nats from float32 log-softmaxes, as float32 tensors on
-    the logits' device. One chunk of positions at a time, so float32 logits stay [m, vocab].
+    the logits' device (with `ref_support` = (ids, logprobs, rest) instead: `partition_kl`). One
+    chunk of positions at a time, so float32 logits stay [m, vocab].
     `support(lp)`: also return what it makes of the same log-softmax (the --logits rows), 4th."""
     import torch
 
@@ -145,6 +172,8 @@ def token_stats(logits, next_ids, ref_logits=None, support=None):
         # p_ref = 0 terms are 0, even where the model's log p is -inf too
         term = torch.where(lr > float("-inf"), lr.exp() * (lr - lp), torch.zeros((), device=lr.device))
         kl = term.sum(-1).clamp_min(0)
+    elif ref_support is not None:
+        kl = partition_kl(lp, *ref_support)
     if support is not None:
         return s, e, kl, support(lp)
     return s, e, kl

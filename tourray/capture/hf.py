@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
+from tourray.capture.engine import RefSupport, INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
 from tourray.model.identity import find_blocks, text_model_type
 from tourray.config import Site
 from tourray.errors import UserError
@@ -180,9 +180,10 @@ class HFEngine:
                                 f"{MID_SITE[self.model_type]}")
             mod.register_forward_pre_hook(lambda m, args, kwargs: keep(self._first(args, kwargs)), with_kwargs=True)
 
-    def capture(self, batch: list[np.ndarray], sink=None) -> list[Captured]:
+    def capture(self, batch: list[np.ndarray], sink=None, reference: list[RefSupport] | None = None) -> list[Captured]:
         """Forward one padded batch; `sink(tensors, lengths)` (optional) sees the hooked tensors
-        [B, T, ...] in the model dtype before they are cast and copied to the host."""
+        [B, T, ...] in the model dtype before they are cast and copied to the host. `reference`: each
+        sample's stored reference distribution (--reference-run), for kl_ref without a second model."""
         torch = self.torch
         n = [len(x) for x in batch]
         ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
@@ -204,7 +205,7 @@ class HFEngine:
             self._buf.clear()
             ref_hidden = None if self.reference is None else \
                 self.ref_base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-            s, e, kl, sup = self._stats(hidden, ref_hidden, ids, mask, n, batch)
+            s, e, kl, sup = self._stats(hidden, ref_hidden, ids, mask, n, batch, reference)
         out = []
         for i, length in enumerate(n):
             vecs = {}
@@ -221,15 +222,16 @@ class HFEngine:
                     out[i].not_finite = self.stored_keys[int(bad[0, 0])]
         return out
 
-    def _stats(self, hidden, ref_hidden, ids, mask, n, batch=None):
-        """Per-sample surprisal, entropy (and KL to the reference, and the --logits support), nan at
-        position 0: the LM head and float32 log-softmax run over the batch's predicting positions
-        `self.chunk` at a time."""
+    def _stats(self, hidden, ref_hidden, ids, mask, n, batch=None, reference=None):
+        """Per-sample surprisal, entropy (and KL to the reference model or stored reference, and the
+        --logits support), nan at position 0: the LM head and float32 log-softmax run over the
+        batch's predicting positions `self.chunk` at a time."""
         torch = self.torch
         pred = mask[:, 1:].bool()  # position t predicts token t+1 of the same sample
         h = hidden[:, :-1][pred]
         nxt = ids[:, 1:][pred]
         rh = None if ref_hidden is None else ref_hidden[:, :-1][pred.to(ref_hidden.device)]
+        rs = None if reference is None else _flat_reference(torch, reference, n, h.device)
         u = None
         if self.logits is not None and self.logits[0] == "sample":  # rows in the same (row-major) order
             u = np.concatenate([support_uniforms(np.asarray(x), self.logits[1]) for x in batch])
@@ -239,7 +241,10 @@ class HFEngine:
             ref = None if rh is None else self.ref_head(rh[a : a + self.chunk]).to(logits.device)
             support = None if self.logits is None else \
                 (lambda lp, a=a: logit_support(lp, self.logits, None if u is None else u[a : a + self.chunk]))
-            cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support)
+            rsc = None if rs is None else tuple(x[a : a + self.chunk].to(logits.device) for x in rs[:3])
+            cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support, rsc)
+            if ck is not None and rs is not None:
+                ck = ck.masked_fill(~rs[3][a : a + self.chunk].to(ck.device), float("nan"))  # no stored row
             sup_parts += sp
             parts.append(torch.stack([cs, ce] + ([] if ck is None else [ck])))
         flat = torch.cat(parts, 1).cpu().numpy() if parts else np.zeros((3, 0), np.float32)
@@ -253,4 +258,23 @@ class HFEngine:
                 res[r].append(col)
             off += max(m, 0)
         sup = None if self.logits is None else Support.split(sup_parts, n)
-        return res[0], res[1], (res[2] if ref_hidden is not None else None), sup
+        return res[0], res[1], (res[2] if ref_hidden is not None or rs is not None else None), sup
+
+
+def _flat_reference(torch, reference: list[RefSupport], n: list[int], device):
+    """The stored reference rows laid out like the batch's predicting positions (sample after
+    sample, n - 1 each): (ids, logprobs, rest, has_row); the row of token t sits at position t - 1."""
+    k = max((r.ids.shape[1] for r in reference), default=1)
+    m = sum(max(x - 1, 0) for x in n)
+    ids = np.zeros((m, k), np.int64)
+    lp = np.full((m, k), -np.inf, np.float32)
+    rest = np.zeros(m, np.float32)
+    has = np.zeros(m, bool)
+    off = 0
+    for r, length in zip(reference, n):
+        rows = len(r.rest)
+        if rows:
+            sl = slice(off + r.start - 1, off + r.start - 1 + rows)
+            ids[sl], lp[sl], rest[sl], has[sl] = r.ids, r.logprobs, r.rest, True
+        off += max(length - 1, 0)
+    return tuple(torch.from_numpy(x).to(device) for x in (ids, lp, rest, has))

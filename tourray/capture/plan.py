@@ -132,6 +132,8 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
                         "add --stats moments or store them")
     lake = lk.Lake(cfg.lake, cfg.storage_options)
     row = run_row(cfg, info, layers, samples, system_prompt)
+    if cfg.reference_run is not None:
+        check_reference_run(cfg, lake, row, samples)
     existing = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.run)}").to_pylist()
     if existing:
         if existing[0]["model_revision"].startswith("sha256:") and row["model_revision"].startswith("st-sha256:"):
@@ -149,17 +151,51 @@ def plan_capture(cfg: CaptureConfig) -> Plan:
                 schemas)
 
 
-def check_logits(cfg: CaptureConfig) -> None:
-    """--logits K beyond the vocabulary, or sample:N absurdly large: refused before any work."""
+def check_reference_run(cfg: CaptureConfig, lake: lk.Lake, row: dict, samples) -> None:
+    """--reference-run: a complete run of this lake that stored a top-K distribution of every text,
+    through the same tokenizer and prompt (so its rows are these texts' tokens)."""
+    flag = f"--reference-run {cfg.reference_run}"
+    if cfg.reference:
+        raise UserError(f"{flag}: give --reference (a model run beside this one) or --reference-run (a stored "
+                        "distribution), not both")
+    ref = lake.read("runs", filter=f"run = {lk.sql_quote(cfg.reference_run)}").to_pylist() if lake.exists("runs") else []
+    if not ref:
+        raise UserError(f"{flag}: no such run in {lake.root}")
+    ref = ref[0]
+    spec = json.loads(ref["manifest"])["config"].get("logits")
+    if not spec or spec.startswith("sample:"):
+        raise UserError(f"{flag}: the run stored {'no' if not spec else 'a sampled'} distribution (--logits "
+                        f"{spec}); capture it with --logits K (the top K ids)")
+    same = [k for k in ("tokenizer_sha256", "system_prompt_sha256") if ref[k] != row[k]]
+    if json.loads(ref["manifest"])["prompt"] != json.loads(row["manifest"])["prompt"]:
+        same.append("prompt settings (chat template, text role, user prompt, --max-length)")
+    if same:
+        raise UserError(f"{flag}: another {', '.join(same)} than this capture; its rows are not these tokens")
+    done = set(lake.read("samples", ["sample_id"], filter=f"run = {lk.sql_quote(cfg.reference_run)}")
+               .column(0).to_pylist()) if lake.exists("samples") else set()
+    if missing := [s.source for s in samples if s.sample_id not in done]:
+        raise UserError(f"{flag}: {len(missing)} of these texts are not complete in that run (first: {missing[0]})")
+
+
+def vocab_size(model: str, revision: str | None = None, gguf_file: str | None = None) -> int | None:
+    """The model's vocabulary size from its config; None for a model that cannot be read (the
+    model's own checks name it)."""
     from transformers import AutoConfig
 
     from tourray.model.gguf import resolve_gguf
 
-    path, gguf = resolve_gguf(cfg.model, cfg.gguf_file)
+    path, gguf = resolve_gguf(model, gguf_file)
     try:
-        vocab = AutoConfig.from_pretrained(path, revision=cfg.revision, **({"gguf_file": gguf} if gguf else {})
-                                           ).get_text_config().vocab_size
+        return AutoConfig.from_pretrained(path, revision=revision, **({"gguf_file": gguf} if gguf else {})
+                                          ).get_text_config().vocab_size
     except (OSError, ValueError):
+        return None
+
+
+def check_logits(cfg: CaptureConfig) -> None:
+    """--logits K beyond the vocabulary, or sample:N absurdly large: refused before any work."""
+    vocab = vocab_size(cfg.model, cfg.revision, cfg.gguf_file)
+    if vocab is None:
         return  # inspect_model has already named a model it cannot read
     mode, k = cfg.logits_spec
     if k > vocab:

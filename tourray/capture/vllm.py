@@ -48,8 +48,8 @@ class VLLMEngine:
         import torch
 
         self.torch = torch
-        if cfg.reference is not None:
-            raise UserError("--reference (per-token KL) is only supported by --engine hf")
+        if cfg.reference is not None or cfg.reference_run is not None:
+            raise UserError("--reference / --reference-run (per-token KL) are only supported by --engine hf")
         vc = cfg.vllm
         self.max_length = cfg.max_length
         step = vc.max_num_batched_tokens or max(cfg.max_length, 4096)
@@ -174,7 +174,7 @@ class VLLMEngine:
         return int(model.config.vocab_size)
 
     # -- capture --------------------------------------------------------------------------------
-    def capture(self, batch: list[np.ndarray], sink=None) -> list[Captured]:
+    def capture(self, batch: list[np.ndarray], sink=None, reference=None) -> list[Captured]:
         """Prefill the batch in vLLM, then map each step's flattened tokens back to the requests;
         `sink(tensors, lengths)` sees the hooked tensors padded to [B, T, ...] in the model dtype."""
         torch = self.torch

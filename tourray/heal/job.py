@@ -45,9 +45,9 @@ class HealStudyConfig(QAConfig):
 
 
 def _judged(cfg: HealStudyConfig, folder: str, run: str, base_run: str, n_eval: int) -> dict:
-    fresh_eval_run(cfg, folder, run, cfg.model)
+    fresh_eval_run(cfg, folder, run, cfg.model, base_run=base_run)
     if not is_complete(cfg.open_lake(), run, n_eval):
-        capture_eval(cfg, folder, run, cfg.model)
+        capture_eval(cfg, folder, run, cfg.model, base_run=base_run)
     return judge(cfg, base_run, run)
 
 

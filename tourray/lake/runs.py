@@ -46,7 +46,7 @@ def run_changes(old: dict, new: dict, old_texts: dict, new_texts: dict, allow_ve
     om, nm = json.loads(old["manifest"]), json.loads(new["manifest"])
     # what is stored and accumulated must not change mid-run; nor the batching: groups are fixed slices
     # of the sample order and padding inside a forward batch changes activations (~1e-6)
-    for k, default in (("store", "all"), ("stats", []), ("reference", None), ("logits", None), ("group_size", 32), ("batch_size", 8)):
+    for k, default in (("store", "all"), ("stats", []), ("reference", None), ("reference_run", None), ("logits", None), ("group_size", 32), ("batch_size", 8)):
         a, b = om["config"].get(k, default), nm["config"].get(k, default)
         if a != b:
             out.append(f"{k}: {a!r} in the lake, {b!r} now")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tourray.lake import tables as lk
+from tourray.prune.evaluate import kl_note
 from tourray.prune.plan import BLIND
 
 CATEGORIES = ("seen_cities", "unseen_similar", "unseen_different", "edge_cases")
@@ -133,6 +134,7 @@ def write_report(summary: dict, lake: str | lk.Lake, reports: Path) -> Path:
         L.append(f"| {r['variant']} | {','.join(map(str, r['removed_blocks']))} | " + " | ".join(cells) +
                  f" | {_f(a.get('factual_max_ratio'))} | {_f(a.get('factual_mean_ratio'))} | {_f(a.get('mean_kl'))} | "
                  f"{_f(r.get('eval_tokens_per_s'), 0)} | {'PASS' if v['passed'] else 'FAIL: ' + v['reason']} |")
+    L += ["", "Mean KL = " + kl_note(summary["config"])]
     rnd = [r for r in res if r["method"] == "random"]
     if rnd:
         L += ["", "### random, over seeds", "", "| removed | patch | seeds | ppl ratio mean | min | max |", "|---:|---|---:|---:|---:|---:|"]

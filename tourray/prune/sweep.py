@@ -155,7 +155,7 @@ def evaluate_variant(cfg: SweepConfig, v: Variant, base_run: str, n_eval: int, p
         applied = run_apply(ApplyConfig(model=cfg.model, plan=str(plan_path), out=str(ckpt), patch=v.patch,
                                         ridge=cfg.ridge, storage_options=cfg.storage_options))
         out["parameters"], out["patches"] = applied["parameters"], applied["patches"]
-        s = capture_eval(cfg, str(ckpt), run, cfg.model)
+        s = capture_eval(cfg, str(ckpt), run, cfg.model, base_run=base_run)
         out["eval_tokens_per_s"] = s.get("tokens_per_s")
         if prompts:
             from tourray.corpus.texts import read_system_prompt

@@ -311,7 +311,7 @@ def check(cfg: QAConfig):
     return lay
 
 
-def eval_run_changes(cfg: QAConfig, folder: str, run: str, reference: str | None) -> list[str]:
+def eval_run_changes(cfg: QAConfig, folder: str, run: str, reference: str | None, base_run: str | None = None) -> list[str]:
     """How the lake's eval run `run` differs from the capture QA would make of `folder` now (model
     revision, eval texts, capture settings, library versions: the run's identity); [] when it matches
     or does not exist. A run of another checkpoint (another seed or model, a config changed while the
@@ -326,7 +326,8 @@ def eval_run_changes(cfg: QAConfig, folder: str, run: str, reference: str | None
     # planned under a name of no run (planning writes nothing), compared as `capture` compares a resume;
     # where the checkpoint lies (the workdir: another machine's, a temporary one) is no part of it, what
     # it holds (model_revision, tokenizer_sha256) is
-    plan = plan_capture(cfg.capture_config(folder, f"{run}.identity-probe", reference))
+    probe = cfg.capture_config(folder, run, reference, base_run)
+    plan = plan_capture(probe.model_copy(update=dict(run=f"{run}.identity-probe")))
     now = dict(plan.run_row, run=run, model=old[0]["model"], tokenizer=old[0]["tokenizer"])
     return run_changes(old[0], now, stored_texts(lake, old[0]), {s.source: (s.sha256, s.category) for s in plan.samples})
 
@@ -336,12 +337,12 @@ WRONG_BASE = ("model_revision", "tokenizer_sha256", "system_prompt_sha256", "pro
 
 
 def fresh_eval_run(cfg: QAConfig, folder: str, run: str, reference: str | None, owned: bool = True,
-                   flag: str = "variant") -> None:
+                   flag: str = "variant", base_run: str | None = None) -> None:
     """Make `run` a run of `folder`: a stale one QA owns is deleted (captured again by the caller);
     one the user named (base_run) is refused."""
     from tourray.lake.runs import drop_run
 
-    changes = eval_run_changes(cfg, folder, run, reference)
+    changes = eval_run_changes(cfg, folder, run, reference, base_run)
     if not owned:  # another job's capture (a sweep's): only what makes the comparison wrong refuses it
         changes = [c for c in changes if c.startswith(WRONG_BASE)]
     if not changes:
@@ -395,9 +396,9 @@ def evaluate(cfg: QAConfig, v: Variant, lay, work: Path, run: str, base_run: str
     folder = cfg.model if v.family == "base" else str(ckpt)
     reference = None if v.family == "base" else cfg.model  # the base run is the original's own (run_qa)
     if v.family != "base":  # (the base run was checked and captured by run_qa)
-        fresh_eval_run(cfg, folder, run, reference)
+        fresh_eval_run(cfg, folder, run, reference, base_run=base_run)
     if not is_complete(lake, run, n_eval):
-        capture_eval(cfg, folder, run, reference)
+        capture_eval(cfg, folder, run, reference, base_run=base_run)
     r = dict(variant=v.name, family=v.family, spec=spec, settings=v.params, parameters=parameters(folder),
              kept_blocks=built["kept"], run=run, eval_run=run_identity(lake, run))
     r["parameter_fraction"] = r["parameters"] / base_params

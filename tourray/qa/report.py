@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tourray.prune.evaluate import kl_note
 from tourray.prune.report import _f, _row
 
 #: Representative depths of the hidden-state columns (fractions of the original's blocks).
@@ -129,8 +130,8 @@ def write_report(summary: dict, reports: Path) -> Path:
                  + " | ".join(_f(_at(r["cos"], b), 4) for b in cols)
                  + f" | {min(rms):.3f}..{max(rms):.3f} | {r['tokens_per_s']:.0f} ({r['tokens_per_s_ratio']:.2f}x) | "
                  + ("PASS" if r["verdict"]["passed"] else "FAIL: " + r["verdict"]["reason"]) + " |")
-    L += ["", "Perplexity columns are ratios to the original; factual = tokens classed number or proper; KL orig = mean "
-          "KL(original || variant) per text token over every eval text; cos@b = mean cosine of the variant's residual "
+    L += ["", "Perplexity columns are ratios to the original; factual = tokens classed number or proper; KL orig: "
+          f"{kl_note(summary['config'])} cos@b = mean cosine of the variant's residual "
           "stream (mapped back to the original's basis by Q^T) with the original's after block b; a depth-pruned variant "
           "is compared where it has a state that stands for block b (a kept block, or a patched block for the end of the "
           "span it replaces), else at the last such block before b. RMS ratio = ||variant|| / ||original|| over the same "
