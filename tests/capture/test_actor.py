@@ -284,6 +284,44 @@ def test_reference_run_kl_equals_the_reference_model_and_bounds_it(qwen3_model, 
     assert lake_snapshot(lake_dir) == before
 
 
+def test_prefix_cache_keeps_surprisal_entropy_and_kl(llama_model, corpus_dir, tmp_path, monkeypatch):
+    """A tokens-only capture runs the prompt prefix every text shares once (hf.prefix_cache) and gives
+    the surprisal, entropy and KL to a reference of the plain forward to 1e-5 (batch 2, several
+    groups, a chat template and a system prompt); the prefix is computed once per model, not per batch."""
+    from tourray.capture.hf import PrefixCache
+
+    sp = tmp_path / "sp.md"
+    sp.write_text("You are a tour guide. Speak about the place in front of the visitor, with dates and names.")
+    other = _perturbed(llama_model, tmp_path / "perturbed")
+    calls, prefixes = [], []
+    orig_call = PrefixCache.__call__
+
+    def spy(self, ids, mask, prefix):
+        calls.append(prefix)
+        before = self.ids
+        out = orig_call(self, ids, mask, prefix)
+        if self.ids is not before:
+            prefixes.append(prefix)
+        return out
+
+    monkeypatch.setattr(PrefixCache, "__call__", spy)
+    common = dict(samples=str(corpus_dir), lake=str(tmp_path / "lake"), layers="none", system_prompt=str(sp),
+                  batch_size=2, group_size=2, reference=str(llama_model))
+    for run, cached in (("cached", True), ("plain", False)):
+        run_capture(CaptureConfig(model=str(other), run=run, hf={"prefix_cache": cached}, **common),
+                    progress=False, executor="local")
+    assert calls and min(calls) >= PrefixCache.MIN_TOKENS
+    assert len(prefixes) <= 2 * len(set(prefixes))  # once per model (variant and reference) per distinct prefix
+    lake = Lake(str(tmp_path / "lake"))
+    cols = ["sample_id", "pos", "surprisal", "entropy", "kl_ref"]
+    a, b = (lake.read("tokens", cols, filter=f"run = '{r}'").sort_by([("sample_id", "ascending"), ("pos", "ascending")])
+            for r in ("cached", "plain"))
+    assert a.num_rows == b.num_rows > 100
+    for c in ("surprisal", "entropy", "kl_ref"):
+        x, y = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for t in (a, b))
+        assert np.array_equal(np.isnan(x), np.isnan(y)) and np.nanmax(np.abs(x - y)) < 1e-5, c
+
+
 def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tmp_path, ray_session):
     """tokens.kl_ref against an independent float64 recomputation (1e-4 nats); zero against itself;
     every text token classed; a reference with another tokenizer refused before anything is written."""

@@ -43,6 +43,17 @@ def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inne
     return HFEngine.from_config(cfg, layers, num_layers, stored, inner_sites)
 
 
+def shared_prefix(seqs: list[np.ndarray], limit: int) -> int:
+    """How many leading tokens every sequence of a group shares, at most `limit` (the first text
+    token) and leaving each sequence a token after it: the prompt an engine may run once."""
+    n = min(min(len(s) for s in seqs) - 1, limit)
+    if n <= 0:
+        return 0
+    head = np.stack([s[:n] for s in seqs])
+    diff = np.flatnonzero((head != head[:1]).any(0))
+    return int(diff[0]) if len(diff) else n
+
+
 class CaptureStage(Stage):
     """Ray Data stage: one call = one group of samples in, one row of fragment metadata out."""
 
@@ -92,13 +103,14 @@ class CaptureStage(Stage):
         tokens_sha = [""] * len(rows)  # samples.tokens_sha256, of the rows exactly as written
 
         ref = None if cfg.reference_run is None else self._reference_rows(rows, spans)
+        prefix = shared_prefix([e.input_ids for e in enc], min(a for a, _ in spans))
 
         def forwards():  # on the forward thread: the model and nothing else
             for a in range(0, len(order), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
                 sink = None if self.inline is None else \
                     (lambda t, n, idx=idx: self.inline(t, n, [spans[i] for i in idx]))
-                yield idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink,
+                yield idx, self.engine.capture([enc[i].input_ids for i in idx], sink=sink, prefix=prefix,
                                                reference=None if ref is None else [ref[i] for i in idx])
 
         def activation_batches(captured) -> Iterator[pa.RecordBatch]:  # here: checksums, Arrow, token tables

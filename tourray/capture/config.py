@@ -17,6 +17,7 @@ class HFEngineConfig(BaseConfig):
 
     attn_implementation: str | None = Field(None, description="transformers attention kernel (eager, sdpa, flash_attention_2); default: transformers' choice for the model.")
     lm_head_positions: int = Field(512, gt=0, description="Positions per LM-head + log-softmax chunk: bounds the float32 logits to this many x vocab instead of batch x length x vocab.")
+    prefix_cache: bool = Field(True, description="Tokens-only captures (no hooked layers, no inline statistics; e.g. every eval capture): run the prompt prefix that all texts of a group share (system prompt, chat template) once per model and reuse its key/value cache for every batch, so each forward runs only the tokens after it. Surprisal unchanged to 1e-5 (tested).")
 
 
 class VLLMEngineConfig(BaseConfig):

@@ -132,7 +132,7 @@ class Engine(Protocol):
     num_heads: int
 
     def capture(self, batch: list[np.ndarray], sink: Callable | None = None,
-                reference: list[RefSupport] | None = None) -> list[Captured]: ...
+                reference: list[RefSupport] | None = None, prefix: int = 0) -> list[Captured]: ...
 
 
 def _plogp(lp):

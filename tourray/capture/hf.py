@@ -148,6 +148,10 @@ class HFEngine:
                 mod.register_forward_pre_hook(lambda m, args, key=key: self._keep(key, args[0]))
         tc = self.model.config.get_text_config()
         self.num_heads = tc.num_attention_heads
+        # hooks would see only the tokens after the prefix: the prefix cache is for tokens-only captures
+        cached = (hf is None or hf.prefix_cache) and not self.keys and not self.inner_keys and device_map is None
+        self.prefix_cache = PrefixCache(self.base) if cached else None
+        self.ref_prefix_cache = PrefixCache(self.ref_base) if cached and self.reference is not None else None
 
     @classmethod
     def from_config(cls, cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]):
@@ -180,10 +184,13 @@ class HFEngine:
                                 f"{MID_SITE[self.model_type]}")
             mod.register_forward_pre_hook(lambda m, args, kwargs: keep(self._first(args, kwargs)), with_kwargs=True)
 
-    def capture(self, batch: list[np.ndarray], sink=None, reference: list[RefSupport] | None = None) -> list[Captured]:
+    def capture(self, batch: list[np.ndarray], sink=None, reference: list[RefSupport] | None = None,
+                prefix: int = 0) -> list[Captured]:
         """Forward one padded batch; `sink(tensors, lengths)` (optional) sees the hooked tensors
         [B, T, ...] in the model dtype before they are cast and copied to the host. `reference`: each
-        sample's stored reference distribution (--reference-run), for kl_ref without a second model."""
+        sample's stored reference distribution (--reference-run), for kl_ref without a second model.
+        `prefix`: the first tokens every sequence of the batch (and of its group) shares; a
+        tokens-only capture runs them once (`PrefixCache`)."""
         torch = self.torch
         n = [len(x) for x in batch]
         ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
@@ -195,7 +202,9 @@ class HFEngine:
         with torch.inference_mode():
             dev = self.model.get_input_embeddings().weight.device
             ids, mask = ids.to(dev), mask.to(dev)
-            hidden = self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            use = self.prefix_cache is not None and prefix >= PrefixCache.MIN_TOKENS
+            hidden = self.prefix_cache(ids, mask, prefix) if use else \
+                self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             if sink is not None:
                 sink(self._buf, n)
             # one device-to-host copy of every stored vector of the batch: [K, B, T, d]
@@ -203,7 +212,7 @@ class HFEngine:
             if self.stored_keys:
                 host = torch.stack([self._buf[k].to(dev, self.store) for k in self.stored_keys]).cpu()
             self._buf.clear()
-            ref_hidden = None if self.reference is None else \
+            ref_hidden = None if self.reference is None else self.ref_prefix_cache(ids, mask, prefix) if use else \
                 self.ref_base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             s, e, kl, sup = self._stats(hidden, ref_hidden, ids, mask, n, batch, reference)
         out = []
@@ -259,6 +268,39 @@ class HFEngine:
             off += max(m, 0)
         sup = None if self.logits is None else Support.split(sup_parts, n)
         return res[0], res[1], (res[2] if ref_hidden is not None or rs is not None else None), sup
+
+
+class PrefixCache:
+    """The key/value cache of a token prefix every sequence of a batch shares (the system prompt and
+    chat template before each text), computed once (batch 1) and reused while the prefix is the
+    same: a batch then runs only its tokens after the prefix, attending to the cached keys and values,
+    and the prefix's final hidden states are copied in front. The caller passes the prefix length of
+    the whole group (a fixed slice of the run), so a resumed group computes exactly what it did."""
+
+    MIN_TOKENS = 16  # below this the saving does not pay for the copy of the cache
+
+    def __init__(self, base):
+        import inspect
+
+        self.base = base
+        # transformers 5.x calls it `cache`; 4.x `past_key_values`
+        self.kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.ids = self.hidden = self.kv = None
+
+    def __call__(self, ids, mask, prefix: int):
+        import copy
+
+        import torch
+
+        head = ids[0, :prefix]
+        if self.ids is None or not torch.equal(self.ids, head):
+            out = self.base(input_ids=ids[:1, :prefix], use_cache=True)
+            self.ids, self.hidden = head.clone(), out[0]
+            self.kv = out[self.kw] if self.kw in out else out["past_key_values"]
+        kv = copy.deepcopy(self.kv)  # the forward appends to it
+        kv.batch_repeat_interleave(ids.shape[0])
+        rest = self.base(input_ids=ids[:, prefix:], attention_mask=mask, use_cache=True, **{self.kw: kv})[0]
+        return torch.cat([self.hidden.expand(ids.shape[0], -1, -1), rest], 1)
 
 
 def _flat_reference(torch, reference: list[RefSupport], n: list[int], device):

@@ -57,10 +57,14 @@ def run_row(cfg: CaptureConfig, info: ModelInfo, layers: list[int], samples, sys
 
 
 def runtime_identity(cfg: CaptureConfig) -> dict:
-    """What else changes the numbers a run stores: the device kind and the attention kernel (eager,
-    sdpa and flash attention differ in the last bits; so do CPU and GPU matmuls)."""
-    return dict(device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
-                attn_implementation=cfg.hf.attn_implementation if cfg.engine.value == "hf" else None)
+    """What else changes the numbers a run stores: the device kind, the attention kernel (eager,
+    sdpa and flash attention differ in the last bits; so do CPU and GPU matmuls) and, for a
+    tokens-only hf capture, whether the shared prompt prefix runs once (`hf.prefix_cache`)."""
+    hf = cfg.engine.value == "hf"
+    out = dict(device="cuda" if cfg.gpus_per_actor > 0 else "cpu", attn_implementation=cfg.hf.attn_implementation if hf else None)
+    if hf and cfg.layers.strip().lower() == "none" and not cfg.stats:
+        out["prefix_cache"] = cfg.hf.prefix_cache
+    return out
 
 
 def text_rows(run: str, samples) -> list[dict]:

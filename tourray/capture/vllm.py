@@ -174,7 +174,7 @@ class VLLMEngine:
         return int(model.config.vocab_size)
 
     # -- capture --------------------------------------------------------------------------------
-    def capture(self, batch: list[np.ndarray], sink=None, reference=None) -> list[Captured]:
+    def capture(self, batch: list[np.ndarray], sink=None, reference=None, prefix: int = 0) -> list[Captured]:
         """Prefill the batch in vLLM, then map each step's flattened tokens back to the requests;
         `sink(tensors, lengths)` sees the hooked tensors padded to [B, T, ...] in the model dtype."""
         torch = self.torch
