@@ -7,11 +7,13 @@ jobs/configs/prune_sweep.yaml's sweep (SmolLM2-135M-Instruct, its 12 held-out te
 variants, twice, each on its own copy of the lake (the evidence run is shared; every derived sweep run is
 dropped from the copies first, so both modes capture the original's eval run and every variant afresh):
 
-  exact  kl_top_k 0: each variant's eval capture loads and runs the original as --reference.
-  lake   kl_top_k K: the original's eval run stores its top-K distribution (--logits K) and each variant's
+  before kl_top_k 0 and hf.prefix_cache off: each variant's eval capture loads and runs the original as
+         --reference, every text's system prompt forwarded again (what every sweep did before).
+  exact  kl_top_k 0, the shared prompt prefix run once per model (hf.prefix_cache, the default).
+  lake   kl_top_k K and the prefix cache: the original's eval run stores its top-K distribution (--logits K) and each variant's
          capture reads it (--reference-run): no second model.
 
-Reported: seconds per variant (apply + eval capture + judge) in each mode and their ratio, the whole
+Reported: seconds per variant (apply + eval capture + judge) in each mode and the ratios to `before`, the whole
 sweep's seconds, whether every verdict is identical, and the error of the stored-distribution KL (a lower
 bound) against the exact one, per variant and pooled.
 
@@ -49,6 +51,35 @@ def fresh_lake(src: Path, dst: Path, prefix: str) -> Path:
     return dst
 
 
+def summarize(res: dict) -> None:
+    """Ratios, verdict identity and KL error of the three modes; printed, and added to `res`."""
+    bf, ex, lk = (res["modes"][m]["variants"] for m in ("before", "exact", "lake"))
+    names = list(ex)
+    # the same PASS/FAIL and the same failing criterion (its message quotes ratios to 8 digits)
+    res["verdicts_identical"] = all(len({(m[n]["passed"], m[n]["reason"].split(":")[0]) for m in (bf, ex, lk)}) == 1
+                                    for n in names)
+    res["perplexity_max_rel_diff"] = max(abs(a / b - 1) for n in names for m in (ex, lk)
+                                         for a, b in zip(m[n]["ppl"], bf[n]["ppl"]))
+    res["seconds_per_variant"] = {m: sum(res["modes"][m]["variants"][n]["seconds"] for n in names) / len(names)
+                                  for m in ("before", "exact", "lake")}
+    res["ratio_lake_over_before"] = res["seconds_per_variant"]["lake"] / res["seconds_per_variant"]["before"]
+    res["ratio_exact_over_before"] = res["seconds_per_variant"]["exact"] / res["seconds_per_variant"]["before"]
+    res["kl_rel_error_max"] = max((ex[n]["kl"] - lk[n]["kl"]) / ex[n]["kl"] for n in names)
+    res["kl_bound_holds"] = all(lk[n]["kl"] <= ex[n]["kl"] * (1 + 1e-6) for n in names)
+    print(f"{'variant':28} {'before s':>8} {'exact s':>8} {'lake s':>8} {'KL exact':>9} {'KL lake':>9} {'rel err':>8}  verdict")
+    for n in names:
+        print(f"{n:28} {bf[n]['seconds']:8.1f} {ex[n]['seconds']:8.1f} {lk[n]['seconds']:8.1f} {ex[n]['kl']:9.4f} {lk[n]['kl']:9.4f} "
+              f"{(ex[n]['kl'] - lk[n]['kl']) / ex[n]['kl']:8.2e}  {'PASS' if ex[n]['passed'] else 'FAIL'}/"
+              f"{'PASS' if lk[n]['passed'] else 'FAIL'}")
+    spv = res["seconds_per_variant"]
+    print(f"per variant: before {spv['before']:.1f} s, exact {spv['exact']:.1f} s ({res['ratio_exact_over_before']:.2f}x), "
+          f"lake {spv['lake']:.1f} s ({res['ratio_lake_over_before']:.2f}x); whole sweep: "
+          + ", ".join(f"{m} {res['modes'][m]['seconds']:.0f} s" for m in res["modes"])
+          + f"; verdicts identical: {res['verdicts_identical']}, perplexities within "
+          f"{res['perplexity_max_rel_diff']:.1e} (relative); KL bound holds: {res['kl_bound_holds']}, "
+          f"largest relative KL error {res['kl_rel_error_max']:.2e}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "jobs/configs/prune_sweep.yaml"), help="Job config with a sweep section.")
@@ -70,36 +101,19 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", python=sys.version.split()[0],
                torch=torch.__version__, config=args.config, top_k=args.top_k, modes={})
-    for mode, k in (("exact", 0), ("lake", args.top_k)):
+    for mode, k, cached in (("before", 0, False), ("exact", 0, True), ("lake", args.top_k, True)):
         lake = fresh_lake(REPO / cfg.lake, OUT / f"lake-{mode}", cfg.run)
         t0 = time.perf_counter()
         s = run_sweep(base.model_copy(update=dict(lake=str(lake), kl_top_k=k, workdir=str(OUT / f"work-{mode}"),
+                                                  hf=base.hf.model_copy(update=dict(prefix_cache=cached)),
                                                   reports=str(OUT / f"reports-{mode}"))), progress=False)
         res["modes"][mode] = dict(seconds=time.perf_counter() - t0, variants={
             v["variant"]: dict(seconds=v["seconds"], passed=v["verdict"]["passed"], reason=v["verdict"]["reason"],
                                kl=v["comparison"][-1]["mean_kl"],
                                ppl=[c["variant_perplexity"] for c in v["comparison"]]) for v in s["variants"]})
         print(f"{mode}: {len(s['variants'])} variants, {res['modes'][mode]['seconds']:.0f} s", flush=True)
-    ex, lk = res["modes"]["exact"]["variants"], res["modes"]["lake"]["variants"]
-    names = list(ex)
-    res["verdicts_identical"] = all(ex[n]["passed"] == lk[n]["passed"] and ex[n]["reason"] == lk[n]["reason"] for n in names)
-    res["perplexities_identical"] = all(ex[n]["ppl"] == lk[n]["ppl"] for n in names)
-    res["seconds_per_variant"] = {m: sum(res["modes"][m]["variants"][n]["seconds"] for n in names) / len(names)
-                                  for m in ("exact", "lake")}
-    res["ratio_lake_over_exact"] = res["seconds_per_variant"]["lake"] / res["seconds_per_variant"]["exact"]
-    res["kl_rel_error_max"] = max((ex[n]["kl"] - lk[n]["kl"]) / ex[n]["kl"] for n in names)
-    res["kl_bound_holds"] = all(lk[n]["kl"] <= ex[n]["kl"] * (1 + 1e-6) for n in names)
+    summarize(res)
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
-    print(f"{'variant':28} {'exact s':>8} {'lake s':>8} {'KL exact':>9} {'KL lake':>9} {'rel err':>8}  verdict")
-    for n in names:
-        print(f"{n:28} {ex[n]['seconds']:8.1f} {lk[n]['seconds']:8.1f} {ex[n]['kl']:9.4f} {lk[n]['kl']:9.4f} "
-              f"{(ex[n]['kl'] - lk[n]['kl']) / ex[n]['kl']:8.2e}  {'PASS' if ex[n]['passed'] else 'FAIL'}/"
-              f"{'PASS' if lk[n]['passed'] else 'FAIL'}")
-    print(f"per variant: exact {res['seconds_per_variant']['exact']:.1f} s, lake {res['seconds_per_variant']['lake']:.1f} s "
-          f"(ratio {res['ratio_lake_over_exact']:.2f}); whole sweep: exact {res['modes']['exact']['seconds']:.0f} s, "
-          f"lake {res['modes']['lake']['seconds']:.0f} s; verdicts identical: {res['verdicts_identical']}, "
-          f"perplexities identical: {res['perplexities_identical']}; KL bound holds: {res['kl_bound_holds']}, "
-          f"largest relative KL error {res['kl_rel_error_max']:.2e}")
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 
 from pydantic import Field, PositiveInt, field_validator
 
+from tourray.capture.config import HFEngineConfig
 from tourray.lake import tables as lk
 from tourray.config import BaseConfig, StorageOptions, comma_list, storage_options_field
 from tourray.prune.verdict import Criteria
@@ -24,6 +25,7 @@ class EvalSettings(BaseConfig):
     batch_size: PositiveInt = Field(8, description="Eval capture batch size.")
     max_length: int = Field(1024, gt=1, description="Eval capture truncation.")
     criteria: Criteria = Field(default_factory=Criteria, description="Verdict criteria.")
+    hf: HFEngineConfig = Field(default_factory=HFEngineConfig, description="transformers engine settings of the eval captures.")
     kl_top_k: int = Field(1024, ge=0, description="The original's eval run stores its K most likely next tokens per text token (--logits K), and each variant's KL to the original is computed from them (--reference-run) instead of running the original beside every variant: about half the eval time, the same verdicts (they read surprisal only). That KL is over the K ids + the rest of the mass: exact when K >= the vocabulary, otherwise a lower bound (docs/prune.md gives its measured error). 0 = run the original beside each variant (the exact KL).")
 
     @field_validator("eval_include", mode="before")
@@ -41,7 +43,7 @@ class EvalSettings(BaseConfig):
         return CaptureConfig(model=model, samples=self.eval_samples, include=self.eval_include, lake=self.lake,
                              storage_options=self.storage_options, run=run, layers="none",
                              system_prompt=self.system_prompt, batch_size=self.batch_size,
-                             group_size=max(self.batch_size, 16), max_length=self.max_length, **ref)
+                             group_size=max(self.batch_size, 16), max_length=self.max_length, hf=self.hf, **ref)
 
     def _base_logits(self, model: str, run: str) -> dict:
         """--logits of the original's eval run: as an existing run was captured (a resume may not
