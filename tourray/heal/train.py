@@ -172,7 +172,10 @@ def load_student(cfg: HealConfig, device: str = "cpu"):
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
