@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Where a capture's time goes on a real model, in one process (no Ray), per token.
+
+On SmolLM2-135M-Instruct (make demo's import at .cache/smollm2-135m-instruct) with both sites of every
+layer stored as float16, batches of 8 of the train texts behind the system prompt:
+
+  plain    the model's own batched forward over the same padded ids (LM head included)
+  engine   HFEngine.capture: the forward with hooks, the host copy of every hooked tensor in the store
+           dtype, surprisal and entropy (float32 log-softmax over the vocabulary)
+  stage    CaptureStage.process on one group: engine + the stage's own work (token tables, token_layers,
+           block checksums, Arrow, Lance data files; no commit), overlapped on two threads
+  pieces   the stage's own work alone, on one batch's captured output: what each costs per token
+  lance    the same activations data files written at each Lance file version
+
+Usage:  .venv/bin/python bench/profile_capture.py [--model DIR] [--samples 16] [--threads 2]
+Prints a table (ms per token and ratios to plain); nothing is kept (lakes in a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / ".cache/smollm2-135m-instruct"), help="Checkpoint folder (default: %(default)s).")
+    p.add_argument("--samples", type=int, default=16, help="Texts (one group; default %(default)s).")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
+    args = p.parse_args()
+    os.chdir(REPO)
+    import lance
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from tourray.capture import CaptureConfig
+    from tourray.capture.actor import CaptureStage
+    from tourray.capture.plan import plan_capture
+
+    tmp = Path(tempfile.mkdtemp(prefix="profile-capture-"))
+    cfg = CaptureConfig(model=args.model, samples="samples", include=["train/*"], run="p", lake=str(tmp / "lake"),
+                        system_prompt="samples/system_prompt.md", sites="resid_post,resid_mid", max_length=1024,
+                        batch_size=8, group_size=args.samples, threads=args.threads)
+    plan = plan_capture(cfg)
+    samples = plan.samples[: args.samples]
+    stage = CaptureStage(plan.actor_cfg, cfg.lake, plan.layers, plan.info.hidden_size, plan.info.num_layers, plan.stored,
+                         plan.system_prompt, plan.tokenizer)
+    torch.set_num_threads(args.threads)
+    group = pa.table({c: [getattr(s, c) for s in samples] for c in ("sample_id", "source", "category", "text", "sha256")})
+    enc = [stage.fmt.encode(s.text, cfg.max_length).input_ids for s in samples]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    batches = [order[a : a + 8] for a in range(0, len(order), 8)]
+    ntok = sum(len(e) for e in enc)
+    model = stage.engine.model
+
+    def plain():
+        with torch.inference_mode():
+            for idx in batches:
+                n = [len(enc[i]) for i in idx]
+                ids = torch.zeros((len(idx), max(n)), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, i in enumerate(idx):
+                    ids[j, : n[j]] = torch.from_numpy(enc[i])
+                    mask[j, : n[j]] = 1
+                model(input_ids=ids, attention_mask=mask)
+
+    def engine():
+        for idx in batches:
+            stage.engine.capture([enc[i] for i in idx])
+
+    def best(f, n_tokens, reps=2):
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+        return 1e3 * min(out) / n_tokens
+
+    plain()  # warm-up
+    rows = [("plain forward", best(plain, ntok)), ("engine.capture", best(engine, ntok)),
+            ("stage.process (engine + the stage's work, 2 threads)", best(lambda: stage.process(group), ntok))]
+    idx = batches[0]
+    caps = stage.engine.capture([enc[i] for i in idx])
+    nb = sum(len(enc[i]) for i in idx)
+    pend = [(samples[i].sample_id, layer, site, h) for i, c in zip(idx, caps) for (layer, site), h in c.vectors.items()]
+    rb = stage._activations_batch(pend)
+
+    def write(version=None):
+        d = tempfile.mkdtemp(dir=tmp)
+        lance.fragment.write_fragments(pa.Table.from_batches([rb]), f"{d}/a.lance", schema=stage.schemas["activations"],
+                                       **({"data_storage_version": version} if version else {}))
+
+    pieces = [("  token_layers rows (norms, cosines)", lambda: [stage._token_layers_table(samples[i].sample_id, c) for i, c in zip(idx, caps)]),
+              ("  sha256 of every block", lambda: [hashlib.sha256(np.ascontiguousarray(h)).hexdigest() for c in caps for h in c.vectors.values()]),
+              ("  activations Arrow batch", lambda: stage._activations_batch(pend)),
+              ("  Lance data files, default version", write)]
+    pieces += [(f"  Lance data files, version {v}", lambda v=v: write(v)) for v in ("2.0", "2.1")]
+    rows += [(name, best(f, nb)) for name, f in pieces]
+    print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, lance {lance.__version__}, "
+          f"{args.threads} threads, {len(samples)} texts, {ntok} tokens, model {args.model}")
+    base = rows[0][1]
+    print(f"{'':56} {'ms/token':>9} {'x plain':>8}")
+    for name, ms in rows:
+        print(f"{name:56} {ms:9.3f} {base / ms if not name.startswith('  ') else ms / base:8.2f}"
+              + ("" if not name.startswith("  ") else "  (share of plain)"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
