@@ -137,13 +137,12 @@ def encode_batches(model_dir: Path, sample_dir: Path, system_prompt: Path, batch
                    max_length: int = 2048):
     """The capture's exact inputs: same samples order, PromptFormat, groups, in-group length sort,
     batches and right padding (zeros, attention mask 0) as tourray.capture."""
-    import torch
     from transformers import AutoTokenizer
 
     import numpy as np
 
     from tourray.corpus import texts as corpus
-    from tourray.model.prompt import SEGMENTS, PromptFormat
+    from tourray.model.prompt import SEGMENTS, PromptFormat, right_padded
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     fmt = PromptFormat(tok, corpus.read_system_prompt(system_prompt))
@@ -159,11 +158,7 @@ def encode_batches(model_dir: Path, sample_dir: Path, system_prompt: Path, batch
         for a in range(0, len(order), batch_size):
             idx = order[a : a + batch_size]
             n = [len(enc[i]) for i in idx]
-            ids = torch.zeros((len(idx), max(n)), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, i in enumerate(idx):
-                ids[j, : n[j]] = torch.from_numpy(enc[i])
-                mask[j, : n[j]] = 1
+            ids, mask = right_padded([enc[i] for i in idx])
             batches.append(dict(ids=ids, mask=mask, n=n, sample_ids=[samples[i].sample_id for i in idx],
                                 text_spans=[spans[i] for i in idx]))
     return batches, sum(len(e) for e in enc)

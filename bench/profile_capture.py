@@ -46,6 +46,7 @@ def main() -> int:
     from tourray.capture import CaptureConfig
     from tourray.capture.actor import CaptureStage
     from tourray.capture.plan import plan_capture
+    from tourray.model.prompt import right_padded
 
     tmp = Path(tempfile.mkdtemp(prefix="profile-capture-"))
     cfg = CaptureConfig(model=args.model, samples="samples", include=["train/*"], run="p", lake=str(tmp / "lake"),
@@ -66,12 +67,7 @@ def main() -> int:
     def plain():
         with torch.inference_mode():
             for idx in batches:
-                n = [len(enc[i]) for i in idx]
-                ids = torch.zeros((len(idx), max(n)), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, i in enumerate(idx):
-                    ids[j, : n[j]] = torch.from_numpy(enc[i])
-                    mask[j, : n[j]] = 1
+                ids, mask = right_padded([enc[i] for i in idx])
                 model(input_ids=ids, attention_mask=mask)
 
     def engine():

@@ -14,7 +14,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -23,8 +23,7 @@ from tourray.errors import UserError
 
 
 def comma_list(v):
-    """A flag's comma-separated text as a list (YAML lists pass through): the `mode="before"`
-    validator of list fields."""
+    """A flag's comma-separated text as a list (YAML lists pass through): the validator of `CommaList`."""
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
@@ -53,6 +52,10 @@ STORAGE_OPTIONS_HELP = ("Object-store settings for a URI --lake, passed to Lance
 #: The type of a config's `storage_options` field: declare it as `storage_options: StorageOptions =
 #: storage_options_field()` (excluded from dumps and repr, so never logged or stored in a manifest).
 StorageOptions = Annotated[dict[str, str], BeforeValidator(parse_storage_options)]
+
+_T = TypeVar("_T")
+#: A list field whose flag is comma-separated text (`--sites resid_post,resid_mid`); YAML lists pass through.
+CommaList = Annotated[list[_T], BeforeValidator(comma_list)]
 
 
 def storage_options_field():

@@ -255,8 +255,8 @@ class CaptureStage(Stage):
                                 "the same system prompt, prompt settings and --max-length")
             sub = t.slice(lo, hi - lo)
             k = len(sub.column("top_ids")[0]) if hi > lo else 1
-            flat = lambda c, dt: sub.column(c).combine_chunks().flatten().to_numpy().astype(dt).reshape(-1, k)  # noqa: E731
-            out.append(RefSupport(max(a, 1), flat("top_ids", np.int32), flat("top_logprobs", np.float32),
+            ids, lp = (sub.column(c).combine_chunks().flatten().to_numpy().reshape(-1, k) for c in ("top_ids", "top_logprobs"))
+            out.append(RefSupport(max(a, 1), ids.astype(np.int32), lp.astype(np.float32),
                                   sub.column("rest_logprob").to_numpy().astype(np.float32)))
         return out
 

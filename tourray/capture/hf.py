@@ -6,6 +6,7 @@ import numpy as np
 
 from tourray.capture.engine import RefSupport, INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
 from tourray.model.identity import find_blocks, text_model_type
+from tourray.model.prompt import right_padded
 from tourray.config import Site
 from tourray.errors import UserError
 
@@ -193,11 +194,7 @@ class HFEngine:
         tokens-only capture runs them once (`PrefixCache`)."""
         torch = self.torch
         n = [len(x) for x in batch]
-        ids = torch.zeros((len(batch), max(n)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(batch):
-            ids[i, : n[i]] = torch.from_numpy(x)
-            mask[i, : n[i]] = 1
+        ids, mask = right_padded(batch)
         self._buf.clear()
         with torch.inference_mode():
             dev = self.model.get_input_embeddings().weight.device

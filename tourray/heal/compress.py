@@ -313,11 +313,9 @@ def plot(summary: dict, path: Path, seen: str) -> Path | None:
     for xi, yi, r in zip(x[1:], y[1:], rs):
         ax.annotate(f"r{r['round']}" + ("" if r["verdict"]["passed"] else " FAIL"), (xi, yi), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
-    crit = 1 + summary["config"]["criteria"]["max_ppl_rise"]
-    ax.axhline(crit, color="grey", ls="--", lw=0.8, label=f"verdict limit x{crit:g}")
     ax.axvline(100 * summary["target"], color="tab:red", ls=":", lw=0.8, label=f"target {100 * summary['target']:g}%")
     ax.invert_xaxis()
-    return finish_ppl_plot(fig, ax, path, seen, f"compress {summary['name']}: {summary['model'].rsplit('/', 1)[-1]}")
+    return finish_ppl_plot(fig, ax, path, summary, f"compress {summary['name']}: {summary['model'].rsplit('/', 1)[-1]}")
 
 
 def write_report(summary: dict, folder: Path) -> Path:

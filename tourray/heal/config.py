@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from tourray.config import BaseConfig, StorageOptions, StoreDtype, comma_list, storage_options_field
+from tourray.config import CommaList, BaseConfig, StorageOptions, StoreDtype, storage_options_field
 from tourray.prune.evaluate import EvalSettings
 from tourray.prune.plan import METHODS, Method
 
@@ -90,7 +90,7 @@ class HealConfig(HealSettings):
 class SoupConfig(BaseConfig):
     """Average checkpoints of identical shapes. Every field is also a flag."""
 
-    models: list[str] = Field(description="Checkpoint folders to average (same architecture and tensor shapes), comma-separated; greedy soups try them in this order unless --teacher-run ranks them.")
+    models: CommaList[str] = Field(description="Checkpoint folders to average (same architecture and tensor shapes), comma-separated; greedy soups try them in this order unless --teacher-run ranks them.")
     out: str = Field(description="Folder for the souped checkpoint (+ tourray_soup.json).")
     greedy: bool = Field(False, description="Greedy soup (Wortsman et al. 2022): start from the best member by held-out KL, add a member only if the KL of the running average improves. Needs --teacher-run.")
     teacher_run: str | None = Field(None, description="[LAKE:]RUN captured with --logits: the held-out KL is measured on its held-out slice (the same hash split as `tourray heal`).")
@@ -101,10 +101,6 @@ class SoupConfig(BaseConfig):
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in backward (transformers' gradient checkpointing): far less memory for long texts or big students, about a third more compute.")
     chunk_positions: PositiveInt = Field(256, description="Positions per float32 logits chunk when measuring the held-out KL.")
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @model_validator(mode="after")
     def _check(self):
@@ -175,7 +171,7 @@ class CompressConfig(EvalSettings):
     steps: list[CompressStep] = Field(description="What each round removes, in order; the last step repeats until the target. A YAML list; as a flag, YAML text: --steps '[{keep_neurons: 0.85}]' or '{remove: 1, patch: lstsq}'.")
     max_rounds: PositiveInt = Field(10, description="Stop after this many rounds even short of the target.")
     samples: str = Field("samples", description="Folder of the evidence texts each round's capture runs on (what plans, patches and unit scores read).")
-    include: list[str] | None = Field(None, description="Only evidence texts matching these globs (relative to --samples); comma-separated.")
+    include: CommaList[str] | None = Field(None, description="Only evidence texts matching these globs (relative to --samples); comma-separated.")
     store_dtype: StoreDtype = Field(StoreDtype.float16, description="dtype of the vectors each round's evidence capture stores (depth steps).")
     group_size: PositiveInt = Field(16, description="Evidence capture: samples per atomic commit.")
     system_prompt: str | None = Field(None, description="System prompt file of every capture (evidence and eval; the teacher run's).")
@@ -203,10 +199,6 @@ class CompressConfig(EvalSettings):
             raise ValueError("no step: give at least one, e.g. [{keep_neurons: 0.85}] or [{remove: 1, patch: lstsq}]")
         return v
 
-    @field_validator("include", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @property
     def prefix(self) -> str:

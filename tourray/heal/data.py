@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from tourray.errors import UserError
 from tourray.lake import tables as lk
+from tourray.model.prompt import right_padded
 
 #: Rows (samples) per Lance read: one filter `sample_id IN (...)` on tokens and logits.
 READ_BATCH = 8
@@ -156,17 +157,12 @@ def collate(rows: list[dict], device="cpu") -> Batch:
     longest with id 0 and weight 0."""
     import torch
 
-    lens = [len(r["input_ids"]) for r in rows]
-    T = max(lens)
-    ids = torch.zeros((len(rows), T), dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids, mask = right_padded([r["input_ids"] for r in rows])
     rb, rt, tg, sid, slp, rest, w = [], [], [], [], [], [], []
     sample_mode = any(r["counts"] is not None for r in rows)
     k = max(len(x) for r in rows for x in r["top_ids"])
     for b, r in enumerate(rows):
-        x = torch.tensor(r["input_ids"], dtype=torch.long)
-        ids[b, : len(x)] = x
-        mask[b, : len(x)] = 1
+        x = ids[b, : len(r["input_ids"])]
         pos = torch.tensor(r["pos"], dtype=torch.long)
         rb.append(torch.full_like(pos, b))
         rt.append(pos - 1)

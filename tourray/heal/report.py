@@ -48,7 +48,6 @@ def plot(summary: dict, path: Path, seen: str) -> Path:
         ax.annotate(r["variant"], (xi, _row(r["before"], seen).get("ppl_ratio")), fontsize=6, xytext=(4, 4),
                     textcoords="offset points")
     crit = 1 + summary["config"]["criteria"]["max_ppl_rise"]
-    ax.axhline(crit, color="grey", ls="--", lw=0.8, label=f"verdict limit x{crit:g}")
     ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter
 
@@ -57,11 +56,15 @@ def plot(summary: dict, path: Path, seen: str) -> Path:
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(min(x) - 3, max(x) + 8)
-    return finish_ppl_plot(fig, ax, path, seen, f"heal study {summary['name']}: {summary['model'].rsplit('/', 1)[-1]}")
+    return finish_ppl_plot(fig, ax, path, summary, f"heal study {summary['name']}: {summary['model'].rsplit('/', 1)[-1]}")
 
 
-def finish_ppl_plot(fig, ax, path: Path, seen: str, title: str) -> Path:
-    """Labels, grid, legend and title of a perplexity-ratio-against-parameters plot; saves it."""
+def finish_ppl_plot(fig, ax, path: Path, summary: dict, title: str) -> Path:
+    """The verdict's limit, labels, grid, legend and title of a perplexity-ratio-against-parameters
+    plot of a study or compress summary; saves it."""
+    crit = 1 + summary["config"]["criteria"]["max_ppl_rise"]
+    seen = summary["config"]["criteria"]["seen_category"]
+    ax.axhline(crit, color="grey", ls="--", lw=0.8, label=f"verdict limit x{crit:g}")
     ax.set_xlabel("parameters kept (%)")
     ax.set_ylabel(f"{seen} perplexity ratio to the original")
     ax.grid(alpha=0.3)

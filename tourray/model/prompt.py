@@ -110,3 +110,16 @@ class PromptFormat:
         if truncated:
             ids, cs, ce, seg = ids[:max_length], cs[:max_length], ce[:max_length], seg[:max_length]
         return Encoded(ids, cs, ce, seg, truncated)
+
+
+def right_padded(seqs):
+    """A teacher-forced batch: token-id sequences (arrays or lists) as `ids` [B, T] (int64, zeros
+    after each sequence) and the attention `mask` [B, T]."""
+    import torch
+
+    ids = torch.zeros((len(seqs), max(len(x) for x in seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask

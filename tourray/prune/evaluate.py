@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt
 
 from tourray.capture.config import HFEngineConfig
 from tourray.lake import tables as lk
-from tourray.config import BaseConfig, StorageOptions, comma_list, storage_options_field
+from tourray.config import CommaList, BaseConfig, StorageOptions, storage_options_field
 from tourray.prune.verdict import Criteria
 
 
@@ -20,7 +20,7 @@ class EvalSettings(BaseConfig):
     lake: str = Field("lake", description="Lake holding the evidence run; baseline and variant runs are written here too.")
     storage_options: StorageOptions = storage_options_field()
     eval_samples: str = Field("samples/eval", description="Texts every variant is judged on (folder of category subfolders).")
-    eval_include: list[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
+    eval_include: CommaList[str] | None = Field(None, description="Only eval texts matching these globs (relative to --eval-samples): a named subset.")
     system_prompt: str | None = Field(None, description="System prompt file of the eval captures (use the evidence run's).")
     batch_size: PositiveInt = Field(8, description="Eval capture batch size.")
     max_length: int = Field(1024, gt=1, description="Eval capture truncation.")
@@ -28,10 +28,6 @@ class EvalSettings(BaseConfig):
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig, description="transformers engine settings of the eval captures.")
     kl_top_k: int = Field(1024, ge=0, description="The original's eval run stores its K most likely next tokens per text token (--logits K), and each variant's KL to the original is computed from them (--reference-run) instead of running the original beside every variant: about half the eval time, the same verdicts (they read surprisal only). That KL is over the K ids + the rest of the mass: exact when K >= the vocabulary, otherwise a lower bound (docs/prune.md gives its measured error). 0 = run the original beside each variant (the exact KL).")
 
-    @field_validator("eval_include", mode="before")
-    @classmethod
-    def _split_include(cls, v):
-        return comma_list(v)
 
     def capture_config(self, model: str, run: str, reference: str | None, base_run: str | None = None):
         """Tokens only (no vectors). The original's own run (`reference` None) also stores its top-K

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt
 
+from tourray.config import CommaList
 from tourray.lake import tables as lk
-from tourray.config import comma_list
 from tourray.errors import UserError
 from tourray.prune.plan import METHODS, Method
 from tourray.prune.evaluate import EvalSettings, capture_eval, is_complete, judge
@@ -38,11 +38,11 @@ class SweepConfig(EvalSettings):
 
     model: str = Field(description="The unpruned checkpoint folder.")
     run: str = Field(description="Evidence run: the unpruned model's capture (stored vectors, both sites for --patch lstsq).")
-    methods: list[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
-    removed: list[PositiveInt] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
-    patch: list[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
+    methods: CommaList[Method] = Field(list(METHODS), description="Plan methods: " + ", ".join(METHODS) + ".")
+    removed: CommaList[PositiveInt] = Field([2, 4, 6, 8, 10, 12], description="Blocks removed per variant.")
+    patch: CommaList[Literal["none", "lstsq", "cosine"]] = Field(["none", "lstsq"], description="Patches: none, lstsq, cosine.")
     ridge: float = Field(0.0, ge=0, description="Ridge of the patches toward the identity (see tourray prune apply --ridge).")
-    patch_methods: list[Method] | None = Field(None, description="Methods that get the patched variants (default: all of --methods except random).")
+    patch_methods: CommaList[Method] | None = Field(None, description="Methods that get the patched variants (default: all of --methods except random).")
     seeds: int = Field(5, gt=0, description="Seeds of --method random (mean and spread are reported).")
     protect: str | None = Field(None, description="Blocks no plan may delete (e.g. 0,-1).")
     workers: int = Field(1, gt=0, description="Variants evaluated at once (Ray tasks in flight).")
@@ -54,10 +54,6 @@ class SweepConfig(EvalSettings):
     generate_removed: int | None = Field(None, description="Variants with this many blocks removed get generations (default: the middle of --removed).")
     max_new_tokens: int = Field(48, gt=0, description="Tokens generated per prompt.")
 
-    @field_validator("methods", "removed", "patch", "patch_methods", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
 
 @dataclass(frozen=True)

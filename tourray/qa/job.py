@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from tourray.lake import tables as lk
-from tourray.config import BaseConfig
+from tourray.config import CommaList, BaseConfig
 from tourray.errors import UserError
 from tourray.prune.evaluate import EvalSettings, capture_eval, is_complete, judge
 from tourray.prune.plan import METHODS, Method
@@ -79,7 +79,7 @@ class QAConfig(EvalSettings):
     base_run: str | None = Field(None, description="An existing capture of the original on the same eval texts to compare with (e.g. a sweep's <run>.original); default: <run>.qa-<name>.base, captured once.")
     permutations: bool = Field(True, description="A variant with random FFN-neuron and head permutations folded in.")
     rotation: bool = Field(True, description="A variant with a random orthogonal residual rotation folded in (and the permutations).")
-    slice_widths: list[int] = Field(default_factory=list, description="Residual widths of sliced variants.")
+    slice_widths: CommaList[int] = Field(default_factory=list, description="Residual widths of sliced variants.")
     width: list[WidthPoint] = Field(default_factory=list, description="Width-pruned variants.")
     depth: list[DepthPoint] = Field(default_factory=list, description="Depth-pruned variants.")
     combined: list[Combined] = Field(default_factory=list, description="Combined compressions to a parameter target.")

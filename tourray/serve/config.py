@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from tourray.config import BaseConfig, Engine, StorageOptions, comma_list, storage_options_field
+from tourray.config import CommaList, BaseConfig, Engine, StorageOptions, storage_options_field
 from tourray.model.decoding import TourDecoding
 from tourray.serve.prompt import STYLES
 
@@ -48,9 +48,9 @@ class ToursConfig(BaseConfig):
     run: str = Field("tours", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Name of this set of tours in the lake; re-running a name adds only what is missing.")
     lake: str = Field("lake", description="Lake root: a local folder or a Lance URI (s3://...).")
     places: str | None = Field(None, description="Places table (TSV, tourray/corpus/places.tsv's columns); default: the corpus's.")
-    include: list[str] = Field(["train/*"], description="Only stops whose corpus path matches one of these globs (default: the training stops; eval stops stay unseen); comma-separated.")
+    include: CommaList[str] = Field(["train/*"], description="Only stops whose corpus path matches one of these globs (default: the training stops; eval stops stay unseen); comma-separated.")
     tags: str | None = Field(None, description="Tag list file: one tag set per line, comma-separated (e.g. history,people); default: a built-in list of single interests and pairs.")
-    styles: list[str] = Field(["brief", "stimulate", "detailed"], description="Styles to write; comma-separated.")
+    styles: CommaList[str] = Field(["brief", "stimulate", "detailed"], description="Styles to write; comma-separated.")
     n: int = Field(0, ge=0, description="Inputs to write, drawn (seeded by --seed) from every place x tag set x style; 0 = all of them.")
     seed: int = Field(0, ge=0, description="Seed of the draw of --n inputs (each tour's sampling seed, when sampling, is derived from it and the input).")
     max_new_tokens: int | None = Field(None, ge=1, le=1024, description="Most new tokens per tour; default: the style's (brief 80, stimulate 120, detailed 240).")
@@ -70,10 +70,6 @@ class ToursConfig(BaseConfig):
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     storage_options: StorageOptions = storage_options_field()
 
-    @field_validator("include", "styles", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @field_validator("styles")
     @classmethod

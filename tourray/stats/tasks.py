@@ -22,10 +22,10 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from tourray.lake import tables as lk
-from tourray.config import EMBED_LAYER, BaseConfig, comma_list, Site, StorageOptions, compact_layers, parse_layers, storage_options_field
+from tourray.config import CommaList, EMBED_LAYER, BaseConfig, Site, StorageOptions, compact_layers, parse_layers, storage_options_field
 from tourray.errors import UserError
 from tourray.stats.moments import CrossMoments, Moments
 from tourray.stats.stream import Selection, TokenMask, layer_stream, resolve
@@ -42,7 +42,7 @@ class StatsConfig(BaseConfig):
     storage_options: StorageOptions = storage_options_field()
     run: str = Field(description="Run whose stored vectors are read.")
     layers: str = Field("all", description="Layers: 'all', 'blocks', 'embed,0,5,10-20' (must have been stored).")
-    sites: list[Site] = Field([Site.resid_post], description="Sites, comma-separated (resid_post, resid_mid).")
+    sites: CommaList[Site] = Field([Site.resid_post], description="Sites, comma-separated (resid_post, resid_mid).")
     pairs: str = Field("consecutive", description="Layer pairs: consecutive (each layer with the next), all, none, or A:B,... (embed allowed).")
     where: str | None = Field(None, description="SQL predicate over samples/tokens columns selecting tokens, e.g. \"category = 'seen_cities'\".")
     weight: Literal["none", "entropy"] = Field("none", description="Token weights: none, or entropy (high-entropy tokens weigh more).")
@@ -58,10 +58,6 @@ class StatsConfig(BaseConfig):
     recompute: bool = Field(False, description="Recompute even when the lake already holds these statistics.")
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
 
-    @field_validator("sites", mode="before")
-    @classmethod
-    def _split_sites(cls, v):
-        return comma_list(v)
 
     @property
     def selection(self) -> Selection:
