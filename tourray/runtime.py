@@ -30,6 +30,14 @@ def resolve_uri(path: str | os.PathLike) -> str:
     return str(Path(s).expanduser().resolve())
 
 
+_EMBEDDED = False
+
+
+def embedded_ray() -> bool:
+    """True when this process started its Ray through `init_ray` (one machine, no dashboard)."""
+    return _EMBEDDED
+
+
 def init_ray(address: str | None = None, quiet: bool = True):
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray.
 
@@ -65,6 +73,8 @@ def init_ray(address: str | None = None, quiet: bool = True):
         ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
     finally:
         auth_log.setLevel(level)
+    global _EMBEDDED
+    _EMBEDDED = address is None
     _spend_actor_restart_warning(ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s

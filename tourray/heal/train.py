@@ -382,11 +382,39 @@ class HealLog:
         self.buf.clear()
 
 
-def trainer(p: Prepared, q):
-    """The TorchTrainer of a heal: datasets, scaling, failure and checkpoint settings."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+# Ray Train 2.x hands each worker's report to its controller through a queue of one, emptied when the
+# controller polls (every 2 s by default): a step shorter than that waited for the poll, so a small
+# model healed at one step per 2 s. The driver's value is passed on to the controller and its workers.
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+
+
+def _trainer_class(embedded: bool):
+    """TorchTrainer, less Ray's PlacementGroupCleaner on an embedded Ray. The cleaner asks the state
+    API whether the controller lives; an embedded Ray has no API server, so each question blocks
+    ~40 s and every heal ended with a 12 s stall ("Failed to stop PlacementGroupCleaner gracefully").
+    Its job, freeing the placement group of a controller that died, is done there when the driver's
+    Ray exits. On a cluster (dashboard up) it stays."""
     from ray.train.torch import TorchTrainer
 
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray without the cleaner
+        return TorchTrainer
+    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
+def trainer(p: Prepared, q, embedded: bool = False):
+    """The TorchTrainer of a heal: datasets, scaling, failure and checkpoint settings."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+    os.environ.setdefault(POLL_ENV, POLL_S)
     cfg = p.cfg
     rows = cfg.max_steps * cfg.batch_size * cfg.workers
     ds = {"train": data.dataset(data.schedule(p.train, rows, cfg.seed), p.teacher),
@@ -396,7 +424,7 @@ def trainer(p: Prepared, q):
         opts = DataConfig.default_ingest_options()
     opts.preserve_order = True  # the seeded order is the order trained on (exact resume, 1 worker)
     res = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
-    return TorchTrainer(
+    return _trainer_class(embedded)(
         train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, datasets=ds,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=res),
@@ -429,6 +457,8 @@ def _train(p: Prepared, lease, t0: float, progress: bool) -> dict:
     from ray.util.queue import Queue
     from tqdm import tqdm
 
+    from tourray.runtime import embedded_ray
+
     cfg = p.cfg
     hl = HealLog(p.teacher.lake, lease, cfg.run_name, p.teacher.run)
     q = Queue()
@@ -436,7 +466,7 @@ def _train(p: Prepared, lease, t0: float, progress: bool) -> dict:
 
     def fit():
         try:
-            res["result"] = trainer(p, q).fit()
+            res["result"] = trainer(p, q, embedded=embedded_ray()).fit()
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             res["error"] = e
 
