@@ -50,6 +50,12 @@ def fresh_corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "samples")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules marked slow first (a stable sort): with several test workers the longest work starts at
+    once instead of leaving one worker busy at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _tokenizer(vocab_size=320):
     from tourray.model.demo import train_tokenizer
 

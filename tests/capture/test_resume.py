@@ -25,6 +25,8 @@ from tourray.capture.plan import all_groups, plan_capture
 from tourray.lake.repair import unreferenced_files
 from tourray.lake.verify import verify_lake
 
+pytestmark = pytest.mark.slow
+
 # 8 texts of different lengths: batches of 3 pad, so a different batching would change activations
 MORE = dict(TEXTS, **{"train/sydney__ferry.txt": "Manly ferries have crossed the harbour since 1855.\n",
                       "train/xian__muslim-quarter.txt": "The Muslim Quarter's Great Mosque dates from 742, and "

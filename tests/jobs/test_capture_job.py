@@ -20,6 +20,8 @@ from tourray.capture import CaptureConfig, run_capture
 from tourray.lake.tables import Lake
 from tourray.lake.verify import verify
 
+pytestmark = pytest.mark.slow
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled",
            RAY_USAGE_STATS_ENABLED="0")
 

@@ -9,6 +9,7 @@ so it resumes with nothing to do), as `python jobs/prune_sweep.py` does after `m
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,25 +111,26 @@ def test_capture_job_help():
     assert p.returncode == 0 and "--model" in p.stdout
 
 
-def test_heal_job_heals_a_width_pruned_demo_model(tmp_path):
-    """jobs/heal.py at test size: the demo Qwen3, its evidence and teacher captures, one width-pruned
-    variant judged, healed for a few steps on Ray Train and judged again; the report is written."""
+def test_heal_job_heals_a_width_pruned_demo_model(demo, tmp_path):
+    """jobs/heal.py at test size, after the demo (as a user runs it after `make demo`): its model, evidence
+    and teacher runs are the demo's (resumed with nothing to do); one width-pruned variant judged, healed
+    for a few steps on Ray Train and judged again; the report is written."""
+    work, demo_cfg, _ = demo
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "heal.yaml").read_text())
-    demo = job_config(tmp_path)
-    samples, lake = demo["capture"]["samples"], demo["capture"]["lake"]
-    cfg.update(model="demo", model_dir=demo["model_dir"], demo_model=demo["demo_model"], reports=demo["reports"],
-               capture=demo["capture"])
-    cfg["teacher"].update(samples=samples, lake=lake, system_prompt=demo["capture"]["system_prompt"], run="tiny.teach",
-                          include=["train/sydney__a*", "train/rome__c*"], max_length=1024, logits="16")
-    cfg["study"].update(lake=lake, run="tiny", teacher_run="tiny.teach", eval_samples=str(REPO / "samples" / "eval"),
-                        eval_include=EVAL, system_prompt=demo["capture"]["system_prompt"], width=[{"keep_neurons": 0.75}],
+    cfg.update(model="demo", model_dir=demo_cfg["model_dir"], demo_model=demo_cfg["demo_model"],
+               reports=str(tmp_path / "reports"), capture=demo_cfg["capture"], teacher=demo_cfg["teacher"])
+    cap = demo_cfg["capture"]
+    cfg["study"].update(lake=cap["lake"], run="tiny", teacher_run="tiny.teach", eval_samples=str(REPO / "samples" / "eval"),
+                        eval_include=EVAL, system_prompt=cap["system_prompt"], width=[{"keep_neurons": 0.75}],
                         depth=[], combined=[], workdir=str(tmp_path / "heal-work"), max_new_tokens=4,
                         generate_prompts=str(REPO / "jobs" / "configs" / "prompts.txt"),
                         heal=dict(max_steps=4, batch_size=2, eval_every=2, warmup_steps=1, learning_rate=1e-3,
                                   val_fraction=0.2))
-    p = run_job("heal.py", cfg, tmp_path, "heal")
+    p = run_job("heal.py", cfg, work, "heal")
     for step in ("1. model", "2. evidence run tiny", "3. teacher run tiny.teach", "4. heal study"):
         assert f"== {step}" in p.stdout, p.stdout[-3000:]
+    for run in ("evidence run tiny", "teacher run tiny.teach"):  # the demo's runs, resumed with nothing to capture
+        assert re.search(rf"== \d\. {run}\b.*?(\d+) samples,? \(?\1 already committed", p.stdout), p.stdout[-3000:]
     assert "width-n0.75-h1" in p.stdout and "4 steps" in p.stdout, p.stdout[-3000:]
     report = tmp_path / "reports" / "heal_smol.md"
     assert report.is_file() and "| before |" in report.read_text() and "| after |" in report.read_text()

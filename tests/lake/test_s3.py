@@ -20,6 +20,8 @@ pytest.importorskip("moto.server")
 
 from conftest import moto_s3  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "tourray-lake"
 KEYS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
