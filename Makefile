@@ -57,11 +57,12 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# two test processes (pytest-xdist), each module whole in one of them (its module fixtures built once):
+# two test processes (pytest-xdist), each module whole in one of them (its module fixtures built once),
+# in collection order (tests/conftest.py puts the slow modules first):
 # the suite waits on Ray starts and subprocesses, so two keep 2 cores busy. TEST_WORKERS=1 runs it serially.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VSTAMP) lint
-	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 	$(VBIN)/python -m pytest -q tests/capture/test_vllm.py tests/serve/test_tours_vllm.py
 
 bench: $(STAMP)

@@ -316,9 +316,10 @@ class CommitTimer:
 def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str) -> dict:
     from tourray.capture import CaptureConfig, run_capture
 
+    extra = {k: getattr(args, k) for k in ("sites", "stats") if getattr(args, k, None) is not None}
     cfg = CaptureConfig(model=str(model_dir), samples=str(sample_dir), lake=str(lake), run=run,
                         system_prompt=str(args.system_prompt), layers="all", store_dtype="float16",
-                        batch_size=args.batch_size, group_size=args.group_size)
+                        batch_size=args.batch_size, group_size=args.group_size, **extra)
     with CommitTimer() as ct:
         t0 = time.perf_counter()
         summary = run_capture(cfg, progress=False)

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""A capture of a real model through Ray against its plain forward, in one process: steady state, end
+to end and with inline statistics (issue 27's targets: >= 0.85x, >= 0.6x end to end, >= 0.8x with
+`units`).
+
+On SmolLM2-135M-Instruct (make demo's import at .cache/smollm2-135m-instruct), every layer, both sites,
+float16 store, the first N train texts behind the system prompt, in the order a, b, b+units, a:
+
+  (a)        the model's batched forward over the capture's exact padded batches (bench_capture.encode_batches)
+  (b)        run_capture through embedded Ray (the first run starts Ray): steady = groups 2..G as the
+             actor wrote them; end to end = tokens / the whole call, Ray start included
+  (b+units)  the same with inline `units` statistics (a second run in the same lake, Ray already up)
+
+Usage:  .venv/bin/python bench/capture_steady.py [--model DIR] [-n 48] [--group-size 8]
+Prints a table; writes <out>/capture_steady.json; the lake stays in <out> (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_capture as bc  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=REPO / ".cache/smollm2-135m-instruct", help="Checkpoint folder (default: %(default)s).")
+    p.add_argument("-n", "--num-samples", type=int, default=48, help="Train texts (default %(default)s).")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8, help="Samples per group (default %(default)s).")
+    p.add_argument("--sites", default="resid_post,resid_mid")
+    p.add_argument("--samples", type=Path, default=REPO / "samples" / "train")
+    p.add_argument("--system-prompt", type=Path, default=REPO / "samples" / "system_prompt.md")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "steady")
+    args = p.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no checkpoint (make demo imports SmolLM2 there)")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    files = bc.copy_samples(args.samples, args.num_samples, out / "samples")
+    batches, tokens = bc.encode_batches(args.model, out / "samples", args.system_prompt, args.batch_size, args.group_size)
+    res = dict(environment=bc.environment(), model=str(args.model), samples=len(files), tokens=tokens,
+               settings=dict(batch_size=args.batch_size, group_size=args.group_size, sites=args.sites,
+                             store_dtype="float16", layers="all", torch_threads=torch.get_num_threads()))
+    bc.log(f"{len(files)} texts, {tokens:,} tokens, {len(batches)} batches; load {bc.load1()}")
+    model = bc.load_model(args.model)
+    plain = [bc.bench_plain(model, batches, tokens)]
+    bc.log(f"(a) {plain[-1]['tokens_per_s']:,.0f} tokens/s")
+    runs = {}
+    for name, stats in (("b", []), ("b+units", ["units"])):
+        args.stats = stats
+        runs[name] = bc.bench_capture(args, args.model, out / "samples", out / "lake", name.replace("+", "-"))
+        bc.log(f"({name}) steady {runs[name].get('steady_tokens_per_s')} tokens/s, wall {runs[name]['wall_seconds']} s")
+    import ray
+
+    ray.shutdown()
+    plain.append(bc.bench_plain(model, batches, tokens))
+    bc.log(f"(a) {plain[-1]['tokens_per_s']:,.0f} tokens/s")
+    a = sum(x["tokens_per_s"] for x in plain) / len(plain)
+    res.update(plain_runs=plain, plain_tokens_per_s=round(a, 1), capture=runs, ratios={
+        "(b)/(a) steady": bc.ratio(runs["b"].get("steady_tokens_per_s"), a),
+        "(b)/(a) end to end, Ray start included": bc.ratio(runs["b"]["wall_tokens_per_s"], a),
+        "(b)/(a) capture_seconds (actor start + model load included)": bc.ratio(runs["b"]["summary_tokens_per_s"], a),
+        "(b+units)/(a) steady": bc.ratio(runs["b+units"].get("steady_tokens_per_s"), a),
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capture_steady.json").write_text(json.dumps(res, indent=1, default=str))
+    print(bc.RULE)
+    bc_rows = [("(a) plain forward, tokens/s (mean of 2)", a, ",.0f")]
+    for name, r in runs.items():
+        bc_rows += [(f"({name}) steady tokens/s, groups 2..{r['groups']} [actor cpu util {r.get('steady_actor_cpu_util')}]",
+                     r.get("steady_tokens_per_s"), ",.0f"),
+                    (f"({name}) wall s (whole call)", r["wall_seconds"], ".1f"),
+                    (f"({name}) start-up s (first group beyond its tokens' time)", r.get("startup_overhead_seconds"), ".1f")]
+    for label, v, spec in bc_rows:
+        print(bc.fmt_row(label, v, spec))
+    print(bc.RULE)
+    for k, v in res["ratios"].items():
+        print(bc.fmt_row(k, v, ".3f"))
+    print(f"\nwritten {out / 'capture_steady.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
