@@ -70,7 +70,7 @@ def test_capture_job_on_two_nodes_into_s3(qwen3_model, s3_endpoint, tmp_path):
                AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
                AWS_DEFAULT_REGION="us-east-1")
     samples = write_corpus(tmp_path / "samples", {f"train/stop-{i:02d}.txt": f"Stop {i}. {t}"
-                                                  for i, t in enumerate(list(TEXTS.values()) * 4)})
+                                                  for i, t in enumerate(list(TEXTS.values()) * 10)})
     gcs, dash, agent, agent_grpc, client_port, metrics, nm, om = _ports(8)
     ray = str(bin_dir / "ray")
     # 2 CPUs a node and 1.5 an actor: one actor fits a node, so two live actors must be on two nodes
