@@ -214,3 +214,26 @@ def test_two_workers_train_with_ddp_and_validate_on_the_whole_held_out_slice(wor
     log = Lake(str(world["lake"])).read("heal_log", filter="run = 'two'").sort_by("step").to_pylist()
     assert [r["step"] for r in log] == [0, 1, 2] and all(r["val_kl"] > 0 for r in log)
     assert two["steps"] == 2 and two["tokens"] > one["tokens"]  # two workers' texts per step
+
+
+def test_embedded_ray_trainer_leaves_out_the_placement_group_cleaner(monkeypatch):
+    """Ray's PlacementGroupCleaner asks the state API, which an embedded Ray lacks, and stalled each heal
+    12 s at its end: it is left out there and kept on a cluster; the result poll is 0.1 s unless set."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from tourray.heal import train
+
+    def cleaner(embedded: bool) -> bool:
+        t = train._trainer_class(embedded)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return any(isinstance(c, PlacementGroupCleanerCallback) for c in t._create_default_callbacks())
+
+    assert not cleaner(True) and cleaner(False)
+    monkeypatch.delenv(train.POLL_ENV, raising=False)
+    with pytest.raises(AttributeError):
+        train.trainer(None, None)  # sets the poll interval first, then reads the (absent) config
+    assert os.environ[train.POLL_ENV] == train.POLL_S
+    monkeypatch.setenv(train.POLL_ENV, "5")
+    with pytest.raises(AttributeError):
+        train.trainer(None, None)
+    assert os.environ[train.POLL_ENV] == "5"  # a user's setting is kept
