@@ -389,12 +389,14 @@ POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
 def _trainer_class(embedded: bool):
-    """TorchTrainer, less Ray's PlacementGroupCleaner on an embedded Ray. The cleaner asks the state
-    API whether the controller lives; an embedded Ray has no API server, so each question blocks
-    ~40 s and every heal ended with a 12 s stall ("Failed to stop PlacementGroupCleaner gracefully").
-    Its job, freeing the placement group of a controller that died, is done there when the driver's
-    Ray exits. On a cluster (dashboard up) it stays."""
+    """TorchTrainer with the result poll above (unless the user set it), less Ray's PlacementGroupCleaner
+    on an embedded Ray. The cleaner asks the state API whether the controller lives; an embedded Ray has
+    no API server, so each question blocks ~40 s and every heal ended with a 12 s stall ("Failed to stop
+    PlacementGroupCleaner gracefully"). Its job, freeing the placement group of a controller that died,
+    is done there when the driver's Ray exits. On a cluster (dashboard up) it stays."""
     from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault(POLL_ENV, POLL_S)
 
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -414,7 +416,6 @@ def trainer(p: Prepared, q, embedded: bool = False):
     """The TorchTrainer of a heal: datasets, scaling, failure and checkpoint settings."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-    os.environ.setdefault(POLL_ENV, POLL_S)
     cfg = p.cfg
     rows = cfg.max_steps * cfg.batch_size * cfg.workers
     ds = {"train": data.dataset(data.schedule(p.train, rows, cfg.seed), p.teacher),
