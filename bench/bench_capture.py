@@ -332,6 +332,7 @@ def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str)
                wall_seconds=round(wall, 2), capture_seconds=summary["capture_seconds"],
                summary_tokens_per_s=summary["tokens_per_s"], wall_tokens_per_s=round(summary["tokens"] / wall, 1),
                bytes_vectors=summary["bytes"], group_tokens=[x["tokens"] for x in g],
+               group_tokens_written_order=[x["tokens"] for x in sorted(g, key=lambda x: x["written"])],
                group_written_s=[round(x["written"] - start, 2) for x in g],
                group_committed_s=[round(x["committed"] - start, 2) for x in g],
                commit_lag_s=[round(x["committed"] - x["written"], 2) for x in g],
@@ -520,7 +521,7 @@ def capture_subprocess_memory(args, model_dir: Path, sample_dir: Path, lake: Pat
     cmd = [sys.executable, "-m", "tourray.cli", "capture", "--model", str(model_dir), "--samples", str(sample_dir),
            "--run", run, "--lake", str(lake), "--system-prompt", str(args.system_prompt), "--layers", "all",
            "--store-dtype", "float16", "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-           "--no-progress"]
+           "--no-progress"] + (["--sites", args.sites] if getattr(args, "sites", None) else [])
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()

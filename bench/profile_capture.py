@@ -96,7 +96,8 @@ def main() -> int:
         lance.fragment.write_fragments(pa.Table.from_batches([rb]), f"{d}/a.lance", schema=stage.schemas["activations"],
                                        **({"data_storage_version": version} if version else {}))
 
-    pieces = [("  token_layers rows (norms, cosines)", lambda: [stage._token_layers_table(samples[i].sample_id, c) for i, c in zip(idx, caps)]),
+    pieces = [("  token_layers rows (norms, cosines)", lambda: [stage._token_layers_table({"sample_id": samples[i].sample_id, "source": samples[i].source}, c)
+                                                                   for i, c in zip(idx, caps)]),
               ("  sha256 of every block", lambda: [hashlib.sha256(np.ascontiguousarray(h)).hexdigest() for c in caps for h in c.vectors.values()]),
               ("  activations Arrow batch", lambda: stage._activations_batch(pend)),
               ("  Lance data files, default version", write)]

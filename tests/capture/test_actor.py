@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import lake_snapshot
-from tourray.capture import CaptureConfig, CaptureStage, run_capture
+from tourray.capture import COMMIT_ORDER, CaptureConfig, CaptureStage, run_capture
 from tourray.model.identity import find_blocks
 from tourray.errors import UserError
 from tourray.lake.tables import Lake, arrow_to_numpy
@@ -208,6 +208,39 @@ def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_pa
     AutoTokenizer.from_pretrained(qwen3_model).save_pretrained(big)
     with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16"):
         capture(big, corpus_dir, tmp_path / "lake", layers="0-2")
+
+
+def test_a_non_finite_vector_of_one_sample_is_refused_by_name(qwen3_model, corpus_dir, tmp_path, monkeypatch):
+    """The stage's finiteness check (from the token_layers norms): an inf in one stored vector of the
+    second sample of a batch of 2 names that sample, its layer and site, and commits none of the group."""
+    from tourray.capture.hf import HFEngine
+
+    lake_dir = tmp_path / "lake"
+    capture(qwen3_model, corpus_dir, lake_dir, run="ok", layers="0-2")
+    before = lake_snapshot(lake_dir)
+    hit = {}
+    orig = HFEngine.capture
+
+    def poisoned(self, batch, **kw):
+        caps = orig(self, batch, **kw)
+        if len(caps) == 2 and not hit:
+            v = caps[1].vectors[(1, "resid_mid")].copy()
+            v[-1, 5] = np.inf
+            caps[1].vectors[(1, "resid_mid")] = v
+            hit["n"] = 1
+        return caps
+
+    monkeypatch.setattr(HFEngine, "capture", poisoned)
+    with pytest.raises(UserError, match=r"sample (\S+) \(id \w+\), layer 1, site resid_mid: values are not finite "
+                                         r"in float16; use --store-dtype") as err:
+        run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake_dir), run="bad",
+                                  layers="0-2", sites="resid_post,resid_mid", store_dtype="float16", batch_size=2,
+                                  group_size=2), progress=False, executor="local")
+    named = str(err.value).split()[1]
+    assert hit and any(named in str(f) for f in corpus_dir.rglob("*.txt"))
+    after = lake_snapshot(lake_dir)  # the run is registered; none of the refused group's rows is committed
+    assert {t: after[t] for t in before if t.removesuffix(".lance") in COMMIT_ORDER} == \
+        {t: v for t, v in before.items() if t.removesuffix(".lance") in COMMIT_ORDER}
 
 
 def test_find_blocks_is_architecture_agnostic(qwen3_model, llama_model):

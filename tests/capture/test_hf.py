@@ -190,7 +190,7 @@ def test_reference_kl_matches_full_logits(tmp_path):
                 assert np.nanmax(c.kl_ref) > 0
 
 
-def test_bfloat16_store_and_not_finite(tmp_path):
+def test_bfloat16_store(tmp_path):
     path, _ = _build("qwen3", tmp_path)
     eng = HFEngine(str(path), None, "float32", "bfloat16", [0, 1], [Site.resid_post], L)
     batch = _batch(lengths=(6, 3))
@@ -200,13 +200,6 @@ def test_bfloat16_store_and_not_finite(tmp_path):
     f32 = (v.astype(np.uint32) << 16).view(np.float32)
     ref = HFEngine(str(path), None, "float32", "float32", [1], [Site.resid_post], L).capture(batch)[0]
     _close(f32, ref.vectors[(1, "resid_post")], tol=1e-2)
-    assert c[0].not_finite is None
-    blocks = [m for m in eng.model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == L][0]
-    # an inf entering block 1 of sample 1 only: its resid_post(1) is the first non-finite stored key
-    blocks[1].register_forward_pre_hook(lambda m, a, kw: (a[0] if a else kw["hidden_states"]).__setitem__(
-        (1, 0, 3), float("inf")), with_kwargs=True)
-    c = eng.capture(batch)
-    assert c[0].not_finite is None and c[1].not_finite == (1, "resid_post")
 
 
 def test_masked_vocabulary_entropy_is_finite():

@@ -102,6 +102,8 @@ class CaptureStage(Stage):
         tokens, layer_rows, blocks, nbytes, logit_rows = [], [], [], [0], []
         tokens_sha = [""] * len(rows)  # samples.tokens_sha256, of the rows exactly as written
 
+        if self.inline is not None:
+            self.inline.reset()  # a failed attempt at this group must not count twice
         ref = None if cfg.reference_run is None else self._reference_rows(rows, spans)
         prefix = shared_prefix([e.input_ids for e in enc], min(a for a, _ in spans))
 
@@ -118,15 +120,10 @@ class CaptureStage(Stage):
             for idx, caps in captured:
                 for i, cap in zip(idx, caps):
                     sid, e = rows[i]["sample_id"], enc[i]
-                    if cap.not_finite:
-                        layer, site = cap.not_finite
-                        raise UserError(
-                            f"sample {rows[i]['source']} (id {sid}), layer {layer}, site {site}: values are not "
-                            f"finite in {cfg.store_dtype.value}; use --store-dtype bfloat16 or float32")
+                    if cap.vectors:  # first: it refuses non-finite vectors before anything of the sample is written
+                        layer_rows.append(self._token_layers_table(rows[i], cap))
                     tokens.append(self._tokens_table(sid, rows[i]["text"], e, cap))
                     tokens_sha[i] = tokens_sha256(tokens[-1])
-                    if cap.vectors:
-                        layer_rows.append(self._token_layers_table(sid, cap))
                     if cfg.logits is not None:
                         logit_rows.append(self._logits_table(sid, spans[i], cap))
                     for (layer, site), h in cap.vectors.items():
@@ -268,16 +265,25 @@ class CaptureStage(Stage):
         n = len(e.segment)
         return (int(text[0]), int(text[-1]) + 1) if len(text) else (n, n)
 
-    def _token_layers_table(self, sid: str, cap: Captured) -> pa.Table:
+    def _token_layers_table(self, row: dict, cap: Captured) -> pa.Table:
         """One sample's `token_layers` rows: each stored vector's norm and its cosine with layer l-1's
         resid_post (the block input), in float32 from the stored values, so that layer-similarity
-        queries read scalars instead of joining vectors. Keeps at most two layers in float32."""
+        queries read scalars instead of joining vectors. Keeps at most two layers in float32.
+
+        The norms are also the finiteness check of the stored values, at no extra pass: a vector
+        with an inf or nan (a float16 overflow) has a non-finite norm, and a finite one has a finite
+        norm unless its squares overflow float32 (then the values themselves decide)."""
+        sid = row["sample_id"]
         keys = sorted(cap.vectors, key=lambda k: k[0])  # layer order (stable): l needs l-1's resid_post
         post: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (float32 vectors, norms)
         norms, coss, missing = [], [], []
         for layer, site in keys:
             h = self._stored_float32(cap.vectors[layer, site])
             norm = np.sqrt(np.einsum("ij,ij->i", h, h))
+            if not np.isfinite(norm).all() and not np.isfinite(h).all():
+                raise UserError(
+                    f"sample {row['source']} (id {sid}), layer {layer}, site {site}: values are not finite in "
+                    f"{self.cfg.store_dtype.value}; use --store-dtype bfloat16 or float32")
             prev = post.get(layer - 1)  # none for the embedding (-1)
             if prev is None:
                 cos = np.full(len(h), np.nan, np.float32)

@@ -1,7 +1,8 @@
 """The engine protocol. An engine turns a batch of token-id arrays into one `Captured` per sample
 (surprisal, entropy, the stored residual-stream vectors); a `sink(tensors, lengths)` passed to
 `capture` sees every hooked tensor first, where it lives (model dtype, model device, inside the
-engine's process), so inline statistics never copy vectors anywhere. The stage writes whatever an
+engine's process), so inline statistics never copy vectors anywhere. It may get the keys one at a
+time in layer order (HFEngine calls it from each hook) or all at once (VLLMEngine). The stage writes whatever an
 engine returns, so every engine fills the very same tables.
 """
 
@@ -22,7 +23,6 @@ class Captured:
     surprisal: np.ndarray                 # float32 [n], nan at pos 0
     entropy: np.ndarray                   # float32 [n], nan at pos 0
     vectors: dict[tuple[int, str], np.ndarray]  # (layer, site) -> [n, d] in the store dtype
-    not_finite: tuple[int, str] | None = None   # first (layer, site) with inf/nan in the store dtype
     kl_ref: np.ndarray | None = None      # float32 [n] KL(reference || model), nan at pos 0 (with a reference)
     logits: "Support | None" = None       # --logits: row i = the distribution that predicted token i + 1
 

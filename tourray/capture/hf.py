@@ -80,11 +80,12 @@ def _load(torch, model: str, revision, dtype, hf, gguf_file, device_map):
 class HFEngine:
     """A transformers model with hooks on every decoder block, run on padded batches.
 
-    `layers` x `sites` are hooked; only `store` of them are converted to the store dtype and handed
-    back as vectors. A `sink` passed to `capture` sees every hooked tensor first, in the model's
-    dtype and on its device, before any cast (inline statistics accumulate there). Only the base
-    model runs; the LM head is applied `hf.lm_head_positions` positions at a time, so float32
-    logits never take batch x length x vocab.
+    `layers` x `sites` are hooked; only `store` of them are handed back as vectors. A hook casts its
+    tensor straight into one preallocated [stored keys, B, T, d] buffer in the store dtype (the only
+    copy a stored vector gets on the device: no float32 clone is kept while the forward goes on) and
+    hands it to the `sink` at once, in the model's dtype on its device (inline statistics accumulate
+    there, so no hooked tensor outlives its hook). Only the base model runs; the LM head is applied
+    `hf.lm_head_positions` positions at a time, so float32 logits never take batch x length x vocab.
     """
 
     def __init__(self, model: str, revision: str | None, model_dtype: str, store_dtype: str,
@@ -126,7 +127,7 @@ class HFEngine:
         self.model_type = text_model_type(self.model.config)
         check_sites(self.model_type, sites)
         _, blocks = find_blocks(self.model, num_layers)
-        self._buf: dict[tuple[int, str], object] = {}
+        self._out, self._sink, self._lengths = None, None, None  # set for the batch being captured
         self.keys = []
         stored = set(layers if store is None else store)
         for layer in layers:
@@ -136,6 +137,7 @@ class HFEngine:
                 self.keys.append((layer, site.value))
                 self._hook(blocks, layer, site)
         self.stored_keys = [k for k in self.keys if k[0] in stored]
+        self._slot = {k: j for j, k in enumerate(self.stored_keys)}
         self.inner_keys = []
         for site in inner_sites:
             path = INNER_SITES[site][0]
@@ -148,7 +150,7 @@ class HFEngine:
                 self.inner_keys.append(key)
                 mod.register_forward_pre_hook(lambda m, args, key=key: self._keep(key, args[0]))
         tc = self.model.config.get_text_config()
-        self.num_heads = tc.num_attention_heads
+        self.num_heads, self.hidden_size = tc.num_attention_heads, tc.hidden_size
         # hooks would see only the tokens after the prefix: the prefix cache is for tokens-only captures
         cached = (hf is None or hf.prefix_cache) and not self.keys and not self.inner_keys and device_map is None
         self.prefix_cache = PrefixCache(self.base) if cached else None
@@ -162,8 +164,13 @@ class HFEngine:
                    gguf_file=getattr(cfg, "gguf_file", None), logits=cfg.logits_spec)
 
     def _keep(self, key, t) -> None:
-        # a copy, never a view: later in-place kernels must not change what was captured
-        self._buf[key] = t.detach().clone()
+        """In the hook, while `t` is what the model computed (later in-place kernels may change it):
+        cast-copy a stored key into its slot, hand every key to the sink."""
+        j = self._slot.get(key)
+        if j is not None and self._out is not None:
+            self._out[j].copy_(t)
+        if self._sink is not None:
+            self._sink({key: t}, self._lengths)
 
     @staticmethod
     def _first(args, kwargs):
@@ -187,28 +194,30 @@ class HFEngine:
 
     def capture(self, batch: list[np.ndarray], sink=None, reference: list[RefSupport] | None = None,
                 prefix: int = 0) -> list[Captured]:
-        """Forward one padded batch; `sink(tensors, lengths)` (optional) sees the hooked tensors
-        [B, T, ...] in the model dtype before they are cast and copied to the host. `reference`: each
+        """Forward one padded batch; `sink(tensors, lengths)` (optional) sees each hooked tensor
+        [B, T, ...] in the model dtype, from inside its hook, in layer order. `reference`: each
         sample's stored reference distribution (--reference-run), for kl_ref without a second model.
         `prefix`: the first tokens every sequence of the batch (and of its group) shares; a
         tokens-only capture runs them once (`PrefixCache`)."""
         torch = self.torch
         n = [len(x) for x in batch]
         ids, mask = right_padded(batch)
-        self._buf.clear()
         with torch.inference_mode():
             dev = self.model.get_input_embeddings().weight.device
             ids, mask = ids.to(dev), mask.to(dev)
-            use = self.prefix_cache is not None and prefix >= PrefixCache.MIN_TOKENS
-            hidden = self.prefix_cache(ids, mask, prefix) if use else \
-                self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-            if sink is not None:
-                sink(self._buf, n)
-            # one device-to-host copy of every stored vector of the batch: [K, B, T, d]
-            host = None
             if self.stored_keys:
-                host = torch.stack([self._buf[k].to(dev, self.store) for k in self.stored_keys]).cpu()
-            self._buf.clear()
+                self._out = torch.empty((len(self.stored_keys), *ids.shape, self.hidden_size), dtype=self.store,
+                                        device=dev)
+            self._sink, self._lengths = sink, n
+            use = self.prefix_cache is not None and prefix >= PrefixCache.MIN_TOKENS
+            try:
+                hidden = self.prefix_cache(ids, mask, prefix) if use else \
+                    self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            finally:
+                out_buf, self._out, self._sink, self._lengths = self._out, None, None, None
+            # one device-to-host copy of every stored vector of the batch: [K, B, T, d]
+            host = None if out_buf is None else out_buf.cpu()
+            del out_buf
             ref_hidden = None if self.reference is None else self.ref_prefix_cache(ids, mask, prefix) if use else \
                 self.ref_base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             s, e, kl, sup = self._stats(hidden, ref_hidden, ids, mask, n, batch, reference)
@@ -220,12 +229,6 @@ class HFEngine:
                 vecs[k] = v.numpy() if self.store != torch.bfloat16 else v.view(torch.int16).numpy().view(np.uint16)
             out.append(Captured(s[i], e[i], vecs, kl_ref=None if kl is None else kl[i],
                                 logits=None if sup is None else sup[i]))
-        if host is not None:
-            finite = torch.isfinite(host).all(-1)  # [K, B, T]
-            for i, length in enumerate(n):
-                bad = (~finite[:, i, :length]).any(-1).nonzero()
-                if len(bad):
-                    out[i].not_finite = self.stored_keys[int(bad[0, 0])]
         return out
 
     def _stats(self, hidden, ref_hidden, ids, mask, n, batch=None, reference=None):

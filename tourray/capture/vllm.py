@@ -196,13 +196,11 @@ class VLLMEngine:
         out = []
         for i, x in enumerate(batch):
             s, e, sup = self._stats(per[i]["final"], torch.from_numpy(np.asarray(x, dtype=np.int64)))
-            vecs, bad = {}, None
+            vecs = {}
             for k in self.stored_keys:
                 v = per[i][k].to("cpu", self.store)
-                if bad is None and not bool(torch.isfinite(v).all()):
-                    bad = k
                 vecs[k] = v.numpy() if self.store != torch.bfloat16 else v.view(torch.int16).numpy().view(np.uint16)
-            out.append(Captured(s, e, vecs, not_finite=bad, logits=sup))
+            out.append(Captured(s, e, vecs, logits=sup))
         return out
 
     def _assign(self, batch) -> list[dict]:

@@ -47,35 +47,52 @@ class InlineStats:
         # consecutive pairs per site, as `tourray stats --pairs consecutive` forms them
         self.pairs = [((a, site), (b, site)) for site, ls in by_site.items() for a, b in zip(sorted(ls), sorted(ls)[1:])] \
             if pairs else []
+        self._residual, self._inner = set(keys), set(inner_keys)
+        self._first_of: dict[tuple, list] = {}   # pair's second key -> its first keys
+        self._second_of: dict[tuple, list] = {}  # pair's first key -> its second keys
+        for a, b in self.pairs:
+            self._first_of.setdefault(b, []).append(a)
+            self._second_of.setdefault(a, []).append(b)
         self.reset()
 
     def reset(self) -> None:
         self.moments: dict[tuple[int, str], Moments] = {}
         self.cross: dict[tuple, CrossMoments] = {}
+        self._mask_key, self._text, self._held = None, None, {}
 
     def __call__(self, tensors: dict, lengths: list[int], spans: list[tuple[int, int]]) -> None:
-        """Update from one padded batch; `spans[i]` is sample i's [text_start, text_end)."""
+        """Update from hooked tensors of one padded batch [B, T, ...], any subset of the keys at a
+        time (an engine calls from each hook, in layer order); `spans[i]` is sample i's
+        [text_start, text_end). A pair's first member is held (its text rows, float64) until its
+        second arrives, so memory is a layer's rows per site, not the batch's tensors."""
         import torch
 
         any_t = next(iter(tensors.values()))
         T = any_t.shape[1]
-        pos = torch.arange(T, device=any_t.device)[None, :]
-        start = torch.tensor([s for s, _ in spans], device=any_t.device)[:, None]
-        end = torch.tensor([min(e, n) for (_, e), n in zip(spans, lengths)], device=any_t.device)[:, None]
-        text = (pos >= start) & (pos < end)  # [B, T]
-        if not bool(text.any()):
+        mask_key = (T, tuple(lengths), tuple(spans), any_t.device)
+        if mask_key != self._mask_key:  # a new batch
+            pos = torch.arange(T, device=any_t.device)[None, :]
+            start = torch.tensor([s for s, _ in spans], device=any_t.device)[:, None]
+            end = torch.tensor([min(e, n) for (_, e), n in zip(spans, lengths)], device=any_t.device)[:, None]
+            text = (pos >= start) & (pos < end)  # [B, T]
+            self._mask_key, self._text, self._held = mask_key, text if bool(text.any()) else None, {}
+        text = self._text
+        if text is None:
             return
-        rows = {k: tensors[k][text].to(torch.float64) for k in self.keys}
-        for k in self.keys:
-            self.moments.setdefault(k, Moments(rows[k].shape[1], near_zero=self.near_zero)).update(rows[k])
-        for a, b in self.pairs:
-            x = self.cross.setdefault((a, b), CrossMoments(rows[a].shape[1], rows[b].shape[1]))
-            x.update(rows[a], rows[b])
-        for k in self.inner_keys:
-            t = tensors[k][text].to(torch.float64)
-            if k[1] == "head_out":  # [n, H * head_dim] -> per-head norms [n, H]
-                t = t.reshape(t.shape[0], self.num_heads, -1).norm(dim=-1)
-            self.moments.setdefault(k, Moments(t.shape[1], full=False, near_zero=self.near_zero)).update(t)
+        for k in sorted(tensors, key=lambda k: k[0]):  # layer order: a pair's first member comes first
+            if k in self._residual:
+                rows = tensors[k][text].to(torch.float64)
+                self.moments.setdefault(k, Moments(rows.shape[1], near_zero=self.near_zero)).update(rows)
+                for a in self._first_of.get(k, ()):
+                    x = self.cross.setdefault((a, k), CrossMoments(self._held[a].shape[1], rows.shape[1]))
+                    x.update(self._held.pop(a), rows)
+                if k in self._second_of:
+                    self._held[k] = rows
+            elif k in self._inner:
+                t = tensors[k][text].to(torch.float64)
+                if k[1] == "head_out":  # [n, H * head_dim] -> per-head norms [n, H]
+                    t = t.reshape(t.shape[0], self.num_heads, -1).norm(dim=-1)
+                self.moments.setdefault(k, Moments(t.shape[1], full=False, near_zero=self.near_zero)).update(t)
 
     def part_rows(self, run: str, sample_ids: list[str]) -> list[dict]:
         """This group's accumulators as `moments` rows (kind *_part), then reset."""
