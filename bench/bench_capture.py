@@ -313,6 +313,41 @@ class CommitTimer:
         self.lk.Lake.commit = self.orig
 
 
+class StartTimer:
+    """Seconds the driver spends in each start-up step of run_capture, by wrapping them where the
+    driver looks them up: the plan (of it: the model revision, the tokenizer and the corpus), the Ray
+    start, the run lease and the lake's repair scan (prepare_lake: incomplete groups, orphan files)."""
+
+    def __init__(self):
+        import tourray.capture.driver as driver
+        import tourray.capture.plan as plan
+        import tourray.model.identity as identity
+        import tourray.runtime as runtime
+        from tourray.lake.tables import RunLease
+
+        self.targets = [("plan (all of it)", driver, "plan_capture"), ("  model revision", identity, "model_revision"),
+                        ("  tokenizer", plan, "load_tokenizer"), ("  corpus", plan.corpus, "load_samples"),
+                        ("Ray start", runtime, "init_ray"), ("run lease", RunLease, "acquire"),
+                        ("repair scan (prepare_lake)", driver, "prepare_lake")]
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self):
+        self.orig = [(obj, name, getattr(obj, name)) for _, obj, name in self.targets]
+        for (label, obj, name), (_, _, fn) in zip(self.targets, self.orig):
+            def timed(*a, _fn=fn, _label=label, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self.seconds[_label] = round(self.seconds.get(_label, 0.0) + time.perf_counter() - t0, 3)
+            setattr(obj, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, fn in self.orig:
+            setattr(obj, name, fn)
+
+
 def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str) -> dict:
     from tourray.capture import CaptureConfig, run_capture
 
@@ -320,7 +355,7 @@ def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str)
     cfg = CaptureConfig(model=str(model_dir), samples=str(sample_dir), lake=str(lake), run=run,
                         system_prompt=str(args.system_prompt), layers="all", store_dtype="float16",
                         batch_size=args.batch_size, group_size=args.group_size, **extra)
-    with CommitTimer() as ct:
+    with CommitTimer() as ct, StartTimer() as st:
         t0 = time.perf_counter()
         summary = run_capture(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -336,7 +371,7 @@ def bench_capture(args, model_dir: Path, sample_dir: Path, lake: Path, run: str)
                group_written_s=[round(x["written"] - start, 2) for x in g],
                group_committed_s=[round(x["committed"] - start, 2) for x in g],
                commit_lag_s=[round(x["committed"] - x["written"], 2) for x in g],
-               actor_found=ct.actor is not None, load1=load1())
+               actor_found=ct.actor is not None, load1=load1(), start_seconds=st.seconds)
     if len(g) >= 2:
         # actor side: from the end of the first group to the end of the last (groups 2..G)
         w = sorted(g, key=lambda x: x["written"])

@@ -135,11 +135,11 @@ class Engine(Protocol):
                 reference: list[RefSupport] | None = None, prefix: int = 0) -> list[Captured]: ...
 
 
-def _plogp(lp):
-    """p * log p from a log-softmax, 0 where p = 0: masked logits (-inf) would give 0 * -inf = nan."""
-    import torch
-
-    return torch.where(lp > float("-inf"), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+def _entropy(lp):
+    """-sum p log p per row of a log-softmax, 0 for p = 0 terms (masked logits, -inf, would give
+    0 * -inf = nan). In place on one [m, vocab] temporary: this runs over every position's full
+    vocabulary, where each extra full-size temporary costs more than the arithmetic."""
+    return -lp.exp().mul_(lp).nan_to_num_(0.0).sum(-1)
 
 
 def partition_kl(lp, ids, ref_logprobs, ref_rest):
@@ -165,13 +165,13 @@ def token_stats(logits, next_ids, ref_logits=None, support=None, ref_support=Non
 
     lp = torch.log_softmax(logits.float(), dim=-1)
     s = -lp.gather(1, next_ids[:, None])[:, 0]
-    e = -_plogp(lp).sum(-1)
+    e = _entropy(lp)
     kl = None
     if ref_logits is not None:
         lr = torch.log_softmax(ref_logits.float(), dim=-1)
-        # p_ref = 0 terms are 0, even where the model's log p is -inf too
-        term = torch.where(lr > float("-inf"), lr.exp() * (lr - lp), torch.zeros((), device=lr.device))
-        kl = term.sum(-1).clamp_min(0)
+        # p_ref = 0 terms are 0 (0 * -inf or 0 * nan: set to 0), even where the model's log p is -inf
+        # too; p_ref > 0 where the model's p = 0 stays +inf
+        kl = (lr - lp).mul_(lr.exp()).nan_to_num_(0.0, posinf=float("inf")).sum(-1).clamp_min(0)
     elif ref_support is not None:
         kl = partition_kl(lp, *ref_support)
     if support is not None:
