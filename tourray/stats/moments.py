@@ -57,6 +57,13 @@ def _weights(x, weights):
     return w
 
 
+def _torch_norms(x):
+    """Row norms of a torch matrix without the [n, d] temporary of (x * x)."""
+    import torch
+
+    return torch.linalg.vector_norm(x, dim=1)
+
+
 def _to_numpy(v):
     if v is None or isinstance(v, (int, float, np.ndarray)):
         return v
@@ -104,14 +111,18 @@ class Moments:
         mean = x.sum(0) / n if v is None else (v @ x) / w
         xc = x - mean
         xv = xc if v is None else xc * v[:, None]
-        m2 = xv.T @ xc if full else (xv * xc).sum(0)
+        if full:
+            m2 = xv.T @ xc
+        elif v is None:  # in place on the one centred temporary: at d_ff wide, passes over memory are the cost
+            m2 = (xc.square_() if xp is not np else np.square(xc, out=xc)).sum(0)
+        else:
+            m2 = (xv * xc).sum(0)
         ax = abs(x)
-        small = ax <= near_zero
-        small = small.to(xp.float64) if xp is not np else small.astype(np.float64)
-        norms = xp.sqrt((x * x).sum(1))
+        small = ax <= near_zero  # counted as integers (exact), weighted as float64
+        norms = _torch_norms(x) if xp is not np else np.sqrt(np.einsum("ij,ij->i", x, x))
         return cls(d=d, full=full, near_zero=near_zero, n=n, w=w, mean=mean, m2=m2,
                    absmax=xp.amax(ax, 0),
-                   zero_w=small.sum(0) if v is None else v @ small,
+                   zero_w=_f64(small.sum(0)) if v is None else v @ _f64(small),
                    abs_w=ax.sum(0) if v is None else v @ ax,
                    norm_w=float(norms.sum() if v is None else v @ norms))
 
