@@ -218,16 +218,16 @@ def test_a_non_finite_vector_of_one_sample_is_refused_by_name(qwen3_model, corpu
     lake_dir = tmp_path / "lake"
     capture(qwen3_model, corpus_dir, lake_dir, run="ok", layers="0-2")
     before = lake_snapshot(lake_dir)
-    hit = {}
+    poisoned_batches = []
     orig = HFEngine.capture
 
     def poisoned(self, batch, **kw):
         caps = orig(self, batch, **kw)
-        if len(caps) == 2 and not hit:
+        if len(caps) == 2 and not poisoned_batches:
             v = caps[1].vectors[(1, "resid_mid")].copy()
             v[-1, 5] = np.inf
             caps[1].vectors[(1, "resid_mid")] = v
-            hit["n"] = 1
+            poisoned_batches.append(len(batch))
         return caps
 
     monkeypatch.setattr(HFEngine, "capture", poisoned)
@@ -237,7 +237,7 @@ def test_a_non_finite_vector_of_one_sample_is_refused_by_name(qwen3_model, corpu
                                   layers="0-2", sites="resid_post,resid_mid", store_dtype="float16", batch_size=2,
                                   group_size=2), progress=False, executor="local")
     named = str(err.value).split()[1]
-    assert hit and any(named in str(f) for f in corpus_dir.rglob("*.txt"))
+    assert poisoned_batches and any(named in str(f) for f in corpus_dir.rglob("*.txt"))
     after = lake_snapshot(lake_dir)  # the run is registered; none of the refused group's rows is committed
     assert {t: after[t] for t in before if t.removesuffix(".lance") in COMMIT_ORDER} == \
         {t: v for t, v in before.items() if t.removesuffix(".lance") in COMMIT_ORDER}

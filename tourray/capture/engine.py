@@ -2,8 +2,8 @@
 (surprisal, entropy, the stored residual-stream vectors); a `sink(tensors, lengths)` passed to
 `capture` sees every hooked tensor first, where it lives (model dtype, model device, inside the
 engine's process), so inline statistics never copy vectors anywhere. It may get the keys one at a
-time in layer order (HFEngine calls it from each hook) or all at once (VLLMEngine). The stage writes whatever an
-engine returns, so every engine fills the very same tables.
+time in layer order (HFEngine calls it from each hook) or all at once (VLLMEngine). The stage
+writes whatever an engine returns, so every engine fills the very same tables.
 """
 
 from __future__ import annotations

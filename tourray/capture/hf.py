@@ -215,7 +215,8 @@ class HFEngine:
                     self.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             finally:
                 out_buf, self._out, self._sink, self._lengths = self._out, None, None, None
-            # one device-to-host copy of every stored vector of the batch: [K, B, T, d]
+            # one device-to-host copy of every stored vector of the batch: [K, B, T, d]; on a GPU the
+            # device buffer is let go before the LM head and the reference run
             host = None if out_buf is None else out_buf.cpu()
             del out_buf
             ref_hidden = None if self.reference is None else self.ref_prefix_cache(ids, mask, prefix) if use else \

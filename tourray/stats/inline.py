@@ -40,19 +40,15 @@ class InlineStats:
 
     def __init__(self, keys: list[tuple[int, str]], pairs: bool, inner_keys: list[tuple[int, str]],
                  num_heads: int, near_zero: float = 1e-3):
-        self.keys, self.inner_keys, self.num_heads, self.near_zero = keys, inner_keys, num_heads, near_zero
+        self.keys, self.inner_keys = set(keys), set(inner_keys)
+        self.num_heads, self.near_zero = num_heads, near_zero
         by_site: dict[str, list[int]] = {}
         for layer, site in keys:
             by_site.setdefault(site, []).append(layer)
-        # consecutive pairs per site, as `tourray stats --pairs consecutive` forms them
-        self.pairs = [((a, site), (b, site)) for site, ls in by_site.items() for a, b in zip(sorted(ls), sorted(ls)[1:])] \
-            if pairs else []
-        self._residual, self._inner = set(keys), set(inner_keys)
-        self._first_of: dict[tuple, list] = {}   # pair's second key -> its first keys
-        self._second_of: dict[tuple, list] = {}  # pair's first key -> its second keys
-        for a, b in self.pairs:
-            self._first_of.setdefault(b, []).append(a)
-            self._second_of.setdefault(a, []).append(b)
+        # consecutive pairs per site, as `tourray stats --pairs consecutive` forms them: second -> first
+        self.pair_of = {(b, site): (a, site) for site, ls in by_site.items() for a, b in zip(sorted(ls), sorted(ls)[1:])} \
+            if pairs else {}
+        self._firsts = set(self.pair_of.values())
         self.reset()
 
     def reset(self) -> None:
@@ -80,15 +76,15 @@ class InlineStats:
         if text is None:
             return
         for k in sorted(tensors, key=lambda k: k[0]):  # layer order: a pair's first member comes first
-            if k in self._residual:
+            if k in self.keys:
                 rows = tensors[k][text].to(torch.float64)
                 self.moments.setdefault(k, Moments(rows.shape[1], near_zero=self.near_zero)).update(rows)
-                for a in self._first_of.get(k, ()):
-                    x = self.cross.setdefault((a, k), CrossMoments(self._held[a].shape[1], rows.shape[1]))
-                    x.update(self._held.pop(a), rows)
-                if k in self._second_of:
+                if (a := self.pair_of.get(k)) is not None:
+                    first = self._held.pop(a)
+                    self.cross.setdefault((a, k), CrossMoments(first.shape[1], rows.shape[1])).update(first, rows)
+                if k in self._firsts:
                     self._held[k] = rows
-            elif k in self._inner:
+            elif k in self.inner_keys:
                 t = tensors[k][text].to(torch.float64)
                 if k[1] == "head_out":  # [n, H * head_dim] -> per-head norms [n, H]
                     t = t.reshape(t.shape[0], self.num_heads, -1).norm(dim=-1)

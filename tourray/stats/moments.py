@@ -57,13 +57,6 @@ def _weights(x, weights):
     return w
 
 
-def _torch_norms(x):
-    """Row norms of a torch matrix without the [n, d] temporary of (x * x)."""
-    import torch
-
-    return torch.linalg.vector_norm(x, dim=1)
-
-
 def _to_numpy(v):
     if v is None or isinstance(v, (int, float, np.ndarray)):
         return v
@@ -119,7 +112,8 @@ class Moments:
             m2 = (xv * xc).sum(0)
         ax = abs(x)
         small = ax <= near_zero  # counted as integers (exact), weighted as float64
-        norms = _torch_norms(x) if xp is not np else np.sqrt(np.einsum("ij,ij->i", x, x))
+        # row norms without an [n, d] temporary of x * x
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x)) if xp is np else xp.linalg.vector_norm(x, dim=1)
         return cls(d=d, full=full, near_zero=near_zero, n=n, w=w, mean=mean, m2=m2,
                    absmax=xp.amax(ax, 0),
                    zero_w=_f64(small.sum(0)) if v is None else v @ _f64(small),
