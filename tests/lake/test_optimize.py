@@ -13,7 +13,7 @@ import pytest
 from conftest import lake_snapshot
 from tourray.capture import CaptureConfig, run_capture
 from tourray.errors import UserError
-from tourray.lake.tables import Lake
+from tourray.lake.tables import RUN_ZONES, Lake
 from tourray.lake.optimize import add_parser, optimize, parse_age
 from tourray.lake.sql import connect, query_file, run_query
 from tourray.lake.verify import verify_lake
@@ -74,6 +74,8 @@ def test_optimize_compacts_and_keeps_every_reading(lake, qwen3_model, corpus_dir
         with pytest.raises((ValueError, OSError)):
             lake.dataset(t, version=1)
     assert results["activations"].bytes_removed > 0
+    for t in (t for t in lake.tables() if t != "leases"):  # the compacted fragments are back under the zone map
+        assert lake.dataset(t).stats.index_stats(RUN_ZONES)["num_unindexed_fragments"] == 0, t
     assert readings(lake) == before
     # a resumed capture finds every sample complete and adds nothing (it only records itself in runs)
     assert run_capture(config(qwen3_model, corpus_dir, lake.root), progress=False)["captured"] == 0

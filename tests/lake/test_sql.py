@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from tourray.capture import CaptureConfig, run_capture
-from tourray.lake.tables import Lake, arrow_to_numpy
+from tourray.lake.tables import RUN_ZONES, Lake, arrow_to_numpy
 from tourray.lake.sql import LakeView, connect, query_file, run_query
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -27,6 +27,26 @@ def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
         assert run_capture(cfg, progress=False)["captured"] == 6
         out[dtype] = lake
     return out
+
+
+def test_a_capture_leaves_every_table_under_its_zone_map_of_run(lakes):
+    lake = Lake(str(lakes["float16"]))
+    for t in ("samples", "tokens", "activations", "token_layers", "blocks"):
+        ds = lake.dataset(t)
+        assert len(ds.get_fragments()) >= 3, t  # group size 2, 6 samples: one fragment per group at least
+        stats = ds.stats.index_stats(RUN_ZONES)
+        assert stats["index_type"] == "ZoneMap" and stats["num_unindexed_fragments"] == 0, (t, stats)
+        assert "ScalarIndexQuery" in ds.scanner(columns=["run"], filter="run = 'r'").explain_plan(), t
+
+
+def test_connections_in_one_process_stay_apart(lakes):
+    """connect() hands out cursors on one in-memory DuckDB: each has its own views of its own lake."""
+    a, b = connect(str(lakes["float16"])), connect(str(lakes["float32"]))
+    count = "SELECT count(DISTINCT layer) FROM activations"
+    assert a.sql(count).fetchall() == [(2,)] and b.sql(count).fetchall() == [(4,)]  # embed,0 / all
+    b.close()
+    assert a.sql(count).fetchall() == [(2,)]
+    assert connect(str(lakes["float32"])).sql(count).fetchall() == [(4,)]
 
 
 def types(con, view):
@@ -188,12 +208,23 @@ def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
     orphan = tl.slice(0, 40).set_column(1, "sample_id", pa.array(["orphan"] * 40))
     lake.append("token_layers", orphan, lake.dataset("token_layers").schema)
     con = connect(lake)
+    unindexed = {}  # the appends above are outside the capture's zone map of `run` until index_runs
     for run in ("r", "r2", "nope"):
-        new = run_query(con, query_file("layer_similarity").read_text(), {"run": run}).fetchall()
+        new = unindexed[run] = run_query(con, query_file("layer_similarity").read_text(), {"run": run}).fetchall()
         old = run_query(con, LAYER_SIMILARITY_BEFORE, {"run": run}).fetchall()
         assert [r[:2] for r in new] == [r[:2] for r in old]  # layers and token counts, exactly
         assert len(new) == (3 if run != "nope" else 0)
         for a, b in zip(new, old):
+            assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-15)
+    assert lake.dataset("token_layers").stats.index_stats(RUN_ZONES)["num_unindexed_fragments"] == 2
+    assert lake.index_runs(["token_layers", "samples"]) == ["token_layers", "samples"]
+    assert lake.index_runs(["token_layers", "samples"]) == []  # up to date: no new version
+    assert lake.dataset("token_layers").stats.index_stats(RUN_ZONES)["num_unindexed_fragments"] == 0
+    con = connect(lake)
+    for run in ("r", "r2", "nope"):  # zones of other runs skipped: the same rows
+        got = run_query(con, query_file("layer_similarity").read_text(), {"run": run}).fetchall()
+        assert [r[:2] for r in got] == [r[:2] for r in unindexed[run]]
+        for a, b in zip(got, unindexed[run]):
             assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-15)
     assert con.sql("SELECT count(DISTINCT tokens) FROM (" + query_file("layer_similarity").read_text().rstrip("; \n")
                    .replace("$run", "'r2'") + ")").fetchall() == [(1,)]

@@ -163,6 +163,9 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
+    lease.check()  # the fence, before the index commits: skip other runs' rows in the run's queries
+    if indexed := plan.lake.index_runs(COMMIT_ORDER):
+        log.info("run %s: zone maps of run brought up to date on %s", cfg.run, ", ".join(indexed))
     # merge the groups' parts into layer/pair stats, unless this run's merge of exactly these samples
     # finished (decided per run: a capture killed inside the merge has nothing pending when resumed)
     if cfg.stats and (pending or not finalized(plan.lake, cfg.run)):

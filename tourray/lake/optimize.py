@@ -74,6 +74,9 @@ def optimize(lake: str | Lake, older_than: dt.timedelta = dt.timedelta(hours=1),
             frags, versions = len(ds.get_fragments()), len(ds.versions())
             if frags > 1 or ds.stats.dataset_stats()["num_deleted_rows"]:
                 _retrying(lambda: compact(lake, t, lease, target_rows_per_fragment), tries=4)
+            if t != "leases":  # compaction's new fragments are outside the zone map of `run` until indexed
+                lease.check()
+                lake.index_runs([t])
             ds = lake.dataset(t)
             stats = ds.cleanup_old_versions(older_than=older_than)  # files of dropped versions: never in flight
             ds = lake.dataset(t)

@@ -33,6 +33,7 @@ log = logging.getLogger("tourray")
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # package data: tourray/lake/schemas/*.yaml
 TABLES = ("runs", "run_texts", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
           "moments", "solves", "leases", "logits", "heal_log", "tours")
+RUN_ZONES = "run_zones"  # the name of every table's zone map of `run` (Lake.index_runs)
 
 _SCALARS = {
     "string": pa.string(),
@@ -259,6 +260,27 @@ class Lake:
     def append(self, table: str, data: pa.Table, expected: pa.Schema) -> int:
         """Write and commit a small table from the driver."""
         return self.commit(table, self.write_fragments(table, data, expected))
+
+    def index_runs(self, tables: Iterable[str]) -> list[str]:
+        """Bring each table's zone map of `run` (Lance's ZONEMAP index: the min and max `run` of every
+        8,192 rows) up to date, reading only the fragments it does not cover yet. A query for one run
+        then skips the other runs' zones instead of decoding every row's `run` string (two runs in a
+        lake: `layer_similarity.sql` 1.5x faster). Fragments appended later are scanned as before until
+        the next call (the capture driver's end of run, `tourray optimize`); answers never depend on it.
+        Returns the tables whose index changed."""
+        def refresh(table: str) -> bool:  # opened afresh on each try: a retry rebases on the winner
+            ds = self._open(table)
+            if ds is None or "run" not in ds.schema.names or not ds.count_rows():
+                return False
+            if not any(i["name"] == RUN_ZONES for i in ds.list_indices()):
+                ds.create_scalar_index("run", "ZONEMAP", name=RUN_ZONES, replace=True)
+            elif ds.stats.index_stats(RUN_ZONES)["num_unindexed_fragments"]:
+                ds.optimize.optimize_indices(index_names=[RUN_ZONES])
+            else:
+                return False
+            return True
+
+        return [t for t in tables if _retrying(lambda: refresh(t), tries=4)]
 
     def delete(self, table: str, predicate: str) -> None:
         if (ds := self._open(table)) is not None:
