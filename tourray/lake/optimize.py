@@ -3,7 +3,8 @@
 A capture commits once per table per group, so after N groups each table has ~N fragments and N
 versions (a manifest each): planning, commits and every scan pay per fragment. Lance's own
 compaction (`optimize.compact_files`, which keeps row order and rebases over concurrent appends)
-merges them, and `cleanup_old_versions` deletes manifests and files no kept version needs.
+merges them, and `cleanup_old_versions` deletes manifests and files no kept version needs. The
+compacted fragments are put back under the table's zone map of `run` (`Lake.index_runs`).
 
 What is kept: always each table's latest version (what a resumed run and new readers open), and
 every version younger than `older_than` (a reader that opened an older snapshot, such as a stats

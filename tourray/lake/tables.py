@@ -265,7 +265,7 @@ class Lake:
         """Bring each table's zone map of `run` (Lance's ZONEMAP index: the min and max `run` of every
         8,192 rows) up to date, reading only the fragments it does not cover yet. A query for one run
         then skips the other runs' zones instead of decoding every row's `run` string (two runs in a
-        lake: `layer_similarity.sql` 1.5x faster). Fragments appended later are scanned as before until
+        lake: `layer_similarity.sql` 1.6x faster). Fragments appended later are scanned as before until
         the next call (the capture driver's end of run, `tourray optimize`); answers never depend on it.
         Returns the tables whose index changed."""
         def refresh(table: str) -> bool:  # opened afresh on each try: a retry rebases on the winner
