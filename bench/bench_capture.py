@@ -473,9 +473,10 @@ def query_only(out: Path, rounds: int = 2, pt_threads: int | None = None) -> dic
         raise SystemExit(f"--query-only needs {lake}/token_layers.lance and {pt_dir}/metadata.jsonl from a full run "
                          "(without --clean)")
     meta = [json.loads(line) for line in (pt_dir / "metadata.jsonl").read_text().splitlines()]
-    num_layers = Lake(str(lake)).read("runs", ["num_layers"], filter="run = 'bench1'").column(0)[0].as_py()
+    lk = Lake(str(lake))
+    num_layers = lk.read("runs", ["num_layers"], filter="run = 'bench1'").column(0)[0].as_py()
     t0 = time.perf_counter()  # a lake captured before the zone maps of `run` gets them as a capture now leaves it
-    indexed = Lake(str(lake)).index_runs(COMMIT_ORDER)
+    indexed = lk.index_runs(COMMIT_ORDER)
     log(f"zone maps of run built on {indexed or 'no table (up to date)'} in {time.perf_counter() - t0:.2f} s")
     return dict(environment=environment(), samples=len(meta), indexed_now=indexed, query=bench_query(
         lake, pt_dir, num_layers, sum(m["n_tokens"] for m in meta), sum(m["text_end"] - m["text_start"] for m in meta),

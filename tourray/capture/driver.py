@@ -163,9 +163,6 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
             bar.close()
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
-    lease.check()  # the fence, before the index commits: skip other runs' rows in the run's queries
-    if indexed := plan.lake.index_runs(COMMIT_ORDER):
-        log.info("run %s: zone maps of run brought up to date on %s", cfg.run, ", ".join(indexed))
     # merge the groups' parts into layer/pair stats, unless this run's merge of exactly these samples
     # finished (decided per run: a capture killed inside the merge has nothing pending when resumed)
     if cfg.stats and (pending or not finalized(plan.lake, cfg.run)):
@@ -173,6 +170,9 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
         summary["inline_stats"] = finalize(plan.lake, cfg.run)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     # every group is committed: none of the run's rows is incomplete (the next start reads from here)
-    lease.check()  # the fence, before the summary's commit of the runs row
+    lease.check()  # the fence, before the zone maps' and the summary's commits
+    # after the merge, which writes moments and layer/pair stats too: the run's queries skip other runs
+    if indexed := plan.lake.index_runs(COMMIT_ORDER + ("layer_stats", "pair_stats")):
+        log.info("run %s: zone maps of run brought up to date on %s", cfg.run, ", ".join(indexed))
     record_summary(plan.lake, cfg.run, summary, clean_fragments=clean_marks(plan.lake, len(plan.samples)))
     return summary

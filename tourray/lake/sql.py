@@ -14,8 +14,8 @@ parameters are DuckDB named parameters (`$run`).
 
 from __future__ import annotations
 
+import functools
 import re
-import threading
 from pathlib import Path
 
 import lance
@@ -99,10 +99,6 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     return con
 
 
-_MEMORY: list = []  # this process's in-memory DuckDB database, started on the first connect()
-_MEMORY_LOCK = threading.Lock()
-
-
 def _duckdb(database: str):
     """A new DuckDB connection. In memory, a cursor on one database per process: starting a DuckDB
     database takes 12-25 ms (a quarter of a `layer_similarity` query), a cursor nothing. A cursor has
@@ -110,12 +106,14 @@ def _duckdb(database: str):
     tables a query creates are the process's."""
     import duckdb
 
-    if database != ":memory:":
-        return duckdb.connect(database)
-    with _MEMORY_LOCK:
-        if not _MEMORY:
-            _MEMORY.append(duckdb.connect(":memory:"))
-        return _MEMORY[0].cursor()
+    return _memory_database().cursor() if database == ":memory:" else duckdb.connect(database)
+
+
+@functools.cache
+def _memory_database():
+    import duckdb
+
+    return duckdb.connect(":memory:")
 
 
 def _needs_view(t: pa.DataType) -> bool:
