@@ -9,8 +9,8 @@ load (other work may share the cores: compare ratios, not absolute figures, acro
     (b) tourray run_capture, layers=all, float16, into a fresh lake  tokens/s (3 ways, see below)
     (c) forward hooks + one torch.save .pt per sample + metadata.jsonl
     query: mean cosine between layers l-1 and l: (b) SQL on the lake, (c) .pt + torch, over the text
-           tokens (tourray/lake/queries/layer_similarity.sql on token_layers) and over all tokens (token_layers,
-           and the self-join of activations it replaced)
+           tokens (tourray/lake/queries/layer_similarity.sql on block_sums, and its former forms on
+           token_layers) and over all tokens (token_layers, and the self-join of activations it replaced)
     memory: peak RSS of the capture actor and the driver at 1x and 4x the samples (fresh processes)
 
 (b) is reported as
@@ -64,6 +64,18 @@ SELECT t.layer, count(*) AS tokens, avg(t.cos_prev) AS mean_cos, 1 - avg(t.cos_p
 FROM token_layers AS t
 JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
 WHERE t.run = $run AND s.run = $run AND t.site = 'resid_post' AND t.cos_prev IS NOT NULL
+  AND t.pos >= s.text_start AND t.pos < s.text_end
+GROUP BY t.layer
+ORDER BY t.layer
+"""
+# The shipped layer_similarity.sql of 2026-12-05 (5.87x): every text-token row of raw_token_layers,
+# joined once to the run's samples for the text span (before the per-block sums of block_sums).
+LAYER_SIMILARITY_TOKEN_ROWS_SQL = """
+SELECT t.layer, count(*) AS tokens, avg(t.cos_prev) AS mean_cos, 1 - avg(t.cos_prev) AS block_influence,
+       avg(acos(least(greatest(t.cos_prev::DOUBLE, -1.0), 1.0)) / pi()) AS angular_distance
+FROM raw_token_layers AS t
+JOIN (SELECT sample_id, text_start, text_end FROM samples WHERE run = $run) AS s ON s.sample_id = t.sample_id
+WHERE t.run = $run AND t.site = 'resid_post' AND t.cos_prev IS NOT NULL
   AND t.pos >= s.text_start AND t.pos < s.text_end
 GROUP BY t.layer
 ORDER BY t.layer
@@ -399,6 +411,7 @@ def sql_queries() -> dict[str, tuple[str, bool]]:
     from tourray.lake.sql import query_file
 
     return {"layer_similarity": (query_file("layer_similarity").read_text(), True),
+            "layer_similarity_2026_12_05": (LAYER_SIMILARITY_TOKEN_ROWS_SQL, True),
             "layer_similarity_2026_12_01": (LAYER_SIMILARITY_BEFORE_SQL, True),
             "token_layers_all": (ALL_TOKENS_SQL, False), "self_join_all": (LAYER_PAIR_SQL, False)}
 
@@ -466,6 +479,7 @@ def query_targets(q: dict) -> list[dict]:
 def query_only(out: Path, rounds: int = 2, pt_threads: int | None = None) -> dict:
     """--query-only: the query figures on the lake and .pt files a previous run left in `out`."""
     from tourray.capture.actor import COMMIT_ORDER
+    from tourray.lake.optimize import write_block_sums
     from tourray.lake.tables import Lake
 
     lake, pt_dir = out / "lake", out / "pt_baseline"
@@ -475,10 +489,13 @@ def query_only(out: Path, rounds: int = 2, pt_threads: int | None = None) -> dic
     meta = [json.loads(line) for line in (pt_dir / "metadata.jsonl").read_text().splitlines()]
     lk = Lake(str(lake))
     num_layers = lk.read("runs", ["num_layers"], filter="run = 'bench1'").column(0)[0].as_py()
-    t0 = time.perf_counter()  # a lake captured before the zone maps of `run` gets them as a capture now leaves it
+    t0 = time.perf_counter()  # a lake captured before block_sums and the zone maps of `run` gets them
+    with lk.lease("optimize") as lease:  # as `tourray optimize` writes them for older lakes
+        summed = write_block_sums(lk, lease)
     indexed = lk.index_runs(COMMIT_ORDER)
-    log(f"zone maps of run built on {indexed or 'no table (up to date)'} in {time.perf_counter() - t0:.2f} s")
-    return dict(environment=environment(), samples=len(meta), indexed_now=indexed, query=bench_query(
+    log(f"block_sums of {summed} block(s) written, zone maps of run built on {indexed or 'no table (up to date)'} "
+        f"in {time.perf_counter() - t0:.2f} s")
+    return dict(environment=environment(), samples=len(meta), indexed_now=indexed, block_sums_written=summed, query=bench_query(
         lake, pt_dir, num_layers, sum(m["n_tokens"] for m in meta), sum(m["text_end"] - m["text_start"] for m in meta),
         rounds, pt_threads))
 

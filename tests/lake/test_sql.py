@@ -31,7 +31,7 @@ def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
 
 def test_a_capture_leaves_every_table_under_its_zone_map_of_run(lakes):
     lake = Lake(str(lakes["float16"]))
-    for t in ("samples", "tokens", "activations", "token_layers", "blocks"):
+    for t in ("samples", "tokens", "activations", "token_layers", "block_sums", "blocks"):
         ds = lake.dataset(t)
         assert len(ds.get_fragments()) >= 3, t  # group size 2, 6 samples: one fragment per group at least
         stats = ds.stats.index_stats(RUN_ZONES)
@@ -56,7 +56,7 @@ def types(con, view):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_view_types(lakes, dtype):
     con = connect(str(lakes[dtype]))
-    per_sample = ["activations", "blocks", "token_layers", "tokens"]
+    per_sample = ["activations", "block_sums", "blocks", "token_layers", "tokens"]
     assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(
         per_sample + ["leases", "run_texts", "runs", "samples"] + [f"raw_{t}" for t in per_sample])
     a = types(con, "activations")
@@ -192,8 +192,12 @@ ORDER BY t.layer
 def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
     """The faster query gives the former one's rows (summation order aside) on a lake that also holds a
     second run over the same sample ids (other cosines, one sample incomplete) and a killed capture's
-    leftover rows: neither may leak into a run's figures."""
+    leftover rows: neither may leak into a run's figures. Run r reads the block_sums its capture wrote;
+    run r2 has none (as a run captured before them): its token rows are summed, then those optimize
+    writes, then some of each."""
     import shutil
+
+    from tourray.lake.optimize import write_block_sums
 
     lake = Lake(str(shutil.copytree(lakes["float32"], tmp_path / "lake")))
     tl, samples = lake.read("token_layers"), lake.read("samples")
@@ -228,6 +232,22 @@ def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
             assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-15)
     assert con.sql("SELECT count(DISTINCT tokens) FROM (" + query_file("layer_similarity").read_text().rstrip("; \n")
                    .replace("$run", "'r2'") + ")").fetchall() == [(1,)]
+    with lake.lease("optimize") as lease:
+        assert write_block_sums(lake, lease) == 5 * 4  # r2's complete samples x (embed + 3 blocks)
+        assert write_block_sums(lake, lease) == 0
+    two = ", ".join(repr(sid) for sid in s2.column("sample_id").to_pylist()[:2])
+    lake.dataset("block_sums").delete(f"run = 'r2' AND sample_id IN ({two})")  # some samples summed, some read
+    for backfilled in (False, True):
+        con = connect(lake)
+        assert con.sql("SELECT count(DISTINCT sample_id) FROM block_sums WHERE run = 'r2'").fetchall()[0][0] \
+            == (5 if backfilled else 3)
+        for run in ("r", "r2", "nope"):
+            got = run_query(con, query_file("layer_similarity").read_text(), {"run": run}).fetchall()
+            assert [r[:2] for r in got] == [r[:2] for r in unindexed[run]]
+            for a, b in zip(got, unindexed[run]):
+                assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-15)
+        with lake.lease("optimize") as lease:
+            assert write_block_sums(lake, lease) == (0 if backfilled else 2 * 4)
 
 
 def test_perplexity_by_category_query(lakes):

@@ -141,7 +141,8 @@ def test_missing_block_record_and_duplicates_are_named(lake):
 
 def test_duplicated_block_and_tokens_are_named(lake):
     sid = a_sample(lake)
-    n = lake.read("samples", filter=f"sample_id = '{sid}'").column("n_tokens")[0].as_py()
+    [row] = lake.read("samples", filter=f"sample_id = '{sid}'").to_pylist()
+    n, m = row["n_tokens"], row["text_end"] - row["text_start"]
     for table in ("activations", "token_layers", "tokens"):
         t = lake.read(table, filter=f"sample_id = '{sid}'" + (" AND layer = 0" if table != "tokens" else ""))
         lake.append(table, t.sort_by("pos"), lake.dataset(table).schema)
@@ -149,6 +150,7 @@ def test_duplicated_block_and_tokens_are_named(lake):
     assert sorted(problems) == sorted([
         f"run r sample {sid} layer 0 site resid_post: rows are not contiguous (block appears twice)",
         f"run r sample {sid} layer 0 site resid_post token_layers: rows are not contiguous (block appears twice)",
+        f"run r sample {sid} layer 0 site resid_post block_sums: {m} text tokens, token_layers has {2 * m}",
         f"run r sample {sid} tokens: rows are not contiguous or duplicated (another run of its rows, pos 0-{n - 1})"]), \
         problems
 
@@ -207,6 +209,36 @@ def test_missing_token_layers_rows_are_named(lake):
     assert sorted(verify(lake)[1]) == sorted(
         f"run r sample {sid} layer {layer} site resid_post token_layers: expected by the run but has no rows"
         for layer in (-1, 0))
+
+
+def test_block_sums_are_checked_against_token_layers(lake):
+    """block_sums (the rollup layer_similarity reads) must agree with its token_layers rows: a changed
+    sum, a changed count, a missing or duplicated row are each named; a sample with no rows at all
+    (captured before the table) is a note, and `tourray optimize` writes its rows back."""
+    from tourray.lake.optimize import optimize
+
+    sid = a_sample(lake)
+    k = f"run r sample {sid} layer 0 site resid_post block_sums"
+    bs = lake.dataset("block_sums")
+    assert bs.count_rows() == 12 and bs.count_rows(filter="layer = -1 AND text_tokens = 0") == 6
+    row = lake.read("block_sums", filter=f"sample_id = '{sid}' AND layer = 0").to_pylist()[0]
+    bs.update({"cos_sum": str(row["cos_sum"] + 1e-6 * row["text_tokens"])}, where=f"sample_id = '{sid}' AND layer = 0")
+    [problem] = verify(lake)[1]
+    assert problem.startswith(f"{k}: sums differ from token_layers' rows"), problem
+    bs.update({"cos_sum": repr(row["cos_sum"]), "text_tokens": str(row["text_tokens"] + 1)},
+              where=f"sample_id = '{sid}' AND layer = 0")
+    assert verify(lake)[1] == [f"{k}: {row['text_tokens'] + 1} text tokens, token_layers has {row['text_tokens']}"]
+    bs.delete(f"sample_id = '{sid}' AND layer = 0")
+    assert verify(lake)[1] == [f"{k}: no row (the sample has rows for other blocks)"]
+    again = pa.Table.from_pylist([row], schema=bs.schema)
+    lake.append("block_sums", pa.concat_tables([again, again]), bs.schema)
+    assert verify(lake)[1] == [f"{k}: recorded more than once"]
+    lake.dataset("block_sums").delete(f"sample_id = '{sid}'")
+    report = verify_lake(lake)
+    assert report.problems == [] and any(n.startswith("1 complete sample(s) have no block_sums rows") for n in report.notes)
+    optimize(lake)
+    assert lake.dataset("block_sums").count_rows() == 12
+    assert verify_lake(lake).notes == [] and verify(lake)[1] == []
 
 
 def test_old_samples_schema_is_noted_not_failed(lake):

@@ -28,7 +28,7 @@ from tourray.stats.tasks import moments_table
 from tourray.corpus.token_class import classify
 
 #: Order in which a group's tables are committed; `samples` last marks the group complete.
-COMMIT_ORDER = ("blocks", "tokens", "activations", "token_layers", "moments", "logits", "samples")
+COMMIT_ORDER = ("blocks", "tokens", "activations", "token_layers", "block_sums", "moments", "logits", "samples")
 
 
 def make_engine(cfg, layers: list[int], num_layers: int, stored: list[int], inner_sites: tuple[str, ...]) -> Engine:
@@ -121,7 +121,7 @@ class CaptureStage(Stage):
                 for i, cap in zip(idx, caps):
                     sid, e = rows[i]["sample_id"], enc[i]
                     if cap.vectors:  # first: it refuses non-finite vectors before anything of the sample is written
-                        layer_rows.append(self._token_layers_table(rows[i], cap))
+                        layer_rows.append(self._token_layers_table(rows[i], cap, spans[i]))
                     tokens.append(self._tokens_table(sid, rows[i]["text"], e, cap))
                     tokens_sha[i] = tokens_sha256(tokens[-1])
                     if cfg.logits is not None:
@@ -148,9 +148,8 @@ class CaptureStage(Stage):
                 for _ in acts:
                     pass
         frags["tokens"] = self.lake.write_fragments("tokens", pa.concat_tables(tokens), self.schemas["tokens"])
-        if layer_rows:
-            frags["token_layers"] = self.lake.write_fragments("token_layers", pa.concat_tables(layer_rows),
-                                                              self.schemas["token_layers"])
+        for table, parts in zip(("token_layers", "block_sums"), zip(*layer_rows)):
+            frags[table] = self.lake.write_fragments(table, pa.concat_tables(parts), self.schemas[table])
         if cfg.logits is not None:
             frags["logits"] = self.lake.write_fragments("logits", pa.concat_tables(logit_rows), self.schemas["logits"])
         frags["blocks"] = self.lake.write_fragments("blocks", pa.table({
@@ -265,10 +264,12 @@ class CaptureStage(Stage):
         n = len(e.segment)
         return (int(text[0]), int(text[-1]) + 1) if len(text) else (n, n)
 
-    def _token_layers_table(self, row: dict, cap: Captured) -> pa.Table:
+    def _token_layers_table(self, row: dict, cap: Captured, span: tuple[int, int]) -> tuple[pa.Table, pa.Table]:
         """One sample's `token_layers` rows: each stored vector's norm and its cosine with layer l-1's
         resid_post (the block input), in float32 from the stored values, so that layer-similarity
-        queries read scalars instead of joining vectors. Keeps at most two layers in float32.
+        queries read scalars instead of joining vectors; and their `block_sums` (float64 sums over the
+        text `span`), which `layer_similarity.sql` reads instead of the rows. Keeps at most two layers
+        in float32.
 
         The norms are also the finiteness check of the stored values, at no extra pass: a vector
         with an inf or nan (a float16 overflow) has a non-finite norm, and a finite one has a finite
@@ -276,7 +277,7 @@ class CaptureStage(Stage):
         sid = row["sample_id"]
         keys = sorted(cap.vectors, key=lambda k: k[0])  # layer order (stable): l needs l-1's resid_post
         post: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (float32 vectors, norms)
-        norms, coss, missing = [], [], []
+        norms, coss, has_prev = [], [], []
         for layer, site in keys:
             h = self._stored_float32(cap.vectors[layer, site])
             norm = np.sqrt(np.einsum("ij,ij->i", h, h))
@@ -295,8 +296,19 @@ class CaptureStage(Stage):
                 post.pop(layer - 2, None)
             norms.append(norm)
             coss.append(cos)
-            missing.append(np.full(len(h), prev is None))
+            has_prev.append(prev is not None)
         n, k = len(norms[0]), len(keys)
+        a, b = span
+        text = [c[a:b].astype(np.float64) if paired else np.zeros(0) for c, paired in zip(coss, has_prev)]
+        sums = pa.table({
+            "run": pa.repeat(self.cfg.run, k),
+            "sample_id": pa.repeat(sid, k),
+            "layer": pa.array([key[0] for key in keys], pa.int16()),
+            "site": [key[1] for key in keys],
+            "text_tokens": pa.array([len(c) for c in text], pa.int32()),
+            "cos_sum": pa.array([c.sum() for c in text], pa.float64()),
+            "angle_sum": pa.array([np.arccos(np.clip(c, -1.0, 1.0)).sum() / np.pi for c in text], pa.float64()),
+        }, schema=self.schemas["block_sums"])
         return pa.table({
             "run": pa.repeat(self.cfg.run, n * k),
             "sample_id": pa.repeat(sid, n * k),
@@ -304,8 +316,8 @@ class CaptureStage(Stage):
             "layer": pa.array(np.repeat(np.array([key[0] for key in keys], np.int16), n)),
             "site": pa.array([key[1] for key in keys]).take(pa.array(np.repeat(np.arange(k), n))),
             "norm": pa.array(np.concatenate(norms)),
-            "cos_prev": pa.array(np.concatenate(coss), mask=np.concatenate(missing)),
-        }, schema=self.schemas["token_layers"])
+            "cos_prev": pa.array(np.concatenate(coss), mask=np.repeat(~np.array(has_prev), n)),
+        }, schema=self.schemas["token_layers"]), sums
 
     @staticmethod
     def _stored_float32(h: np.ndarray) -> np.ndarray:

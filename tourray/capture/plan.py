@@ -236,7 +236,7 @@ def prepare_lake(plan: Plan, own: str | None = None) -> set[str]:
     Cost: the run's `samples` ids, plus what was committed since the run's clean marks (see
     `repair.delete_incomplete`), not every token row of the run."""
     cfg, lake, q = plan.cfg, plan.lake, lk.sql_quote(plan.cfg.run)
-    for table in (("activations", "token_layers") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
+    for table in (("activations", "token_layers", "block_sums") * bool(plan.stored) + ("moments",) * bool(cfg.stats)
                   + ("logits",) * bool(cfg.logits)
                   + ("runs", "run_texts", "samples", "tokens", "blocks")):
         lake.ensure(table, plan.schemas[table])

@@ -4,7 +4,8 @@ A capture commits once per table per group, so after N groups each table has ~N 
 versions (a manifest each): planning, commits and every scan pay per fragment. Lance's own
 compaction (`optimize.compact_files`, which keeps row order and rebases over concurrent appends)
 merges them, and `cleanup_old_versions` deletes manifests and files no kept version needs. The
-compacted fragments are put back under the table's zone map of `run` (`Lake.index_runs`).
+compacted fragments are put back under the table's zone map of `run` (`Lake.index_runs`). Samples
+captured before `block_sums` existed get theirs first (`write_block_sums`).
 
 What is kept: always each table's latest version (what a resumed run and new readers open), and
 every version younger than `older_than` (a reader that opened an older snapshot, such as a stats
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from tourray.config import add_storage_options_flag
 from tourray.errors import UserError
 from tourray.lake.repair import remove_unreferenced_sized
-from tourray.lake.tables import Lake, Lease, _retrying, live_leases
+from tourray.lake.sql import block_sums_from_rows, connect
+from tourray.lake.tables import Lake, Lease, _retrying, live_leases, schema
 
 log = logging.getLogger("tourray")
 
@@ -69,6 +71,7 @@ def optimize(lake: str | Lake, older_than: dt.timedelta = dt.timedelta(hours=1),
             who = ", ".join(str(r.get("run") or r.get("holder") or r) for r in held[:3])
             raise UserError(f"--lake {lake.root} is held by a running {kinds} ({len(held)} live lease(s): {who}); "
                             "optimize after it finishes")
+        write_block_sums(lake, lease)
         out = []
         for t in lake.tables():
             ds = lake.dataset(t)
@@ -88,6 +91,25 @@ def optimize(lake: str | Lake, older_than: dt.timedelta = dt.timedelta(hours=1),
             for r in out:
                 r.bytes_removed += removed.get(r.table, (0, 0))[1]
     return out
+
+
+def write_block_sums(lake: Lake, lease: Lease) -> int:
+    """Write the `block_sums` rows of complete samples captured before the table existed (from their
+    `token_layers` rows), so `layer_similarity.sql` reads sums for them too; return the rows written."""
+    if not (lake.exists("token_layers") and lake.exists("samples")) or \
+            "text_start" not in lake.dataset("samples").schema.names:  # no text spans: nothing to sum over
+        return 0
+    con = connect(lake)
+    expected = schema("block_sums")
+    written = 0
+    for (run,) in con.sql("SELECT DISTINCT run FROM samples ORDER BY run").fetchall():
+        if (rows := block_sums_from_rows(con, run, missing_only=True)).num_rows:
+            lake.ensure("block_sums", expected)
+            lease.check()
+            lake.append("block_sums", rows, expected)
+            log.info("optimize: block_sums of %d block(s) of run %s written from token_layers", rows.num_rows, run)
+            written += rows.num_rows
+    return written
 
 
 def compact(lake: Lake, table: str, lease: Lease, target_rows_per_fragment: int) -> None:

@@ -12,6 +12,7 @@ from tourray.config import compact_layers
 from tourray.corpus import texts as corpus
 from tourray.errors import UserError
 from tourray.lake import tables as lk
+from tourray.lake.repair import SAMPLE_TABLES
 from tourray.lake.tables import Lake, sql_quote
 from tourray.runtime import git_commit
 
@@ -128,8 +129,7 @@ def drop_run(lake: lk.Lake, run: str) -> None:
     never a complete-looking one; the `runs` row goes last."""
     q = sql_quote(run)
     with lake.lease("drop", run=run) as lease:  # exclusive: no capture of the run meanwhile
-        for table in ("samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
-                      "moments", "run_texts", "runs"):
+        for table in ("samples", *SAMPLE_TABLES, "layer_stats", "pair_stats", "moments", "run_texts", "runs"):
             if lake.exists(table):
                 lease.check()  # the fence: a lease taken over must not commit
                 lake.delete(table, f"run = {q}")

@@ -22,10 +22,12 @@ import lance
 import pyarrow as pa
 
 from tourray.errors import UserError
-from tourray.lake.tables import TABLES, Lake, arrow_to_numpy
+from tourray.lake.tables import TABLES, Lake, arrow_to_numpy, schema_or_empty
 from tourray.lake.repair import SAMPLE_TABLES
 
 QUERY_DIR = Path(__file__).resolve().parent / "queries"  # package data: tourray/lake/queries/*.sql
+#: Tables a lake written before them lacks, which the shipped queries read as empty (and why).
+READ_AS_EMPTY = {"block_sums": "layer_similarity.sql reads token_layers for samples without them"}
 
 
 class _CastingScanner:
@@ -81,6 +83,8 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     opened = {t: ds for t in TABLES if (ds := lake._open(t)) is not None}  # each table opened once
     if not opened:
         raise UserError(f"--lake: no tourray tables under {lake.root}")
+    for t in READ_AS_EMPTY.keys() - opened.keys():
+        opened[t] = schema_or_empty(t, None)
     con = _duckdb(database)
     tables = list(opened)
     for t in sorted(tables, key=lambda t: t != "samples"):  # samples first: the per-sample views join it
@@ -97,6 +101,30 @@ def connect(lake: str | Lake, database: str = ":memory:"):
         con.execute(f"CREATE TEMP VIEW {t} AS SELECT x.* FROM raw_{t} AS x SEMI JOIN samples AS s "
                     "ON x.run = s.run AND x.sample_id = s.sample_id")
     return con
+
+
+#: `block_sums` recomputed from the complete samples' `token_layers` rows of one run (every stored
+#: block, 0 text tokens included), optionally only for samples with no block_sums rows yet.
+_BLOCK_SUMS_SQL = """
+SELECT t.run, t.sample_id, t.layer, t.site,
+       count(*) FILTER (text)::INTEGER AS text_tokens,
+       coalesce(sum(t.cos_prev::DOUBLE) FILTER (text), 0) AS cos_sum,
+       coalesce(sum(acos(least(greatest(t.cos_prev::DOUBLE, -1.0), 1.0)) / pi()) FILTER (text), 0) AS angle_sum
+FROM raw_token_layers AS t JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
+WHERE t.run = $run AND s.run = $run {missing}
+GROUP BY ALL
+ORDER BY t.sample_id, t.layer, t.site
+""".replace("(text)", "(WHERE t.cos_prev IS NOT NULL AND t.pos >= s.text_start AND t.pos < s.text_end)")
+# (greatest() skips a NULL: the filter, not the clamp, keeps the embedding's missing cosines out)
+
+
+def block_sums_from_rows(con, run: str, missing_only: bool = False) -> pa.Table:
+    """`block_sums` rows of `run` computed from its `token_layers` (on a `connect()` connection): what
+    `tourray verify` compares with the stored rows, and what `tourray optimize` writes for samples
+    captured before the table existed (`missing_only`)."""
+    missing = "AND t.sample_id NOT IN (SELECT sample_id FROM raw_block_sums WHERE run = $run)" if missing_only else ""
+    got = con.sql(_BLOCK_SUMS_SQL.format(missing=missing), params=dict(run=run)).to_arrow_table()
+    return got.cast(schema_or_empty("block_sums", None).schema)
 
 
 def _duckdb(database: str):

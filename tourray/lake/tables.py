@@ -31,7 +31,7 @@ from tourray.runtime import resolve_uri
 log = logging.getLogger("tourray")
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # package data: tourray/lake/schemas/*.yaml
-TABLES = ("runs", "run_texts", "samples", "tokens", "activations", "token_layers", "blocks", "layer_stats", "pair_stats",
+TABLES = ("runs", "run_texts", "samples", "tokens", "activations", "token_layers", "block_sums", "blocks", "layer_stats", "pair_stats",
           "moments", "solves", "leases", "logits", "heal_log", "tours")
 RUN_ZONES = "run_zones"  # the name of every table's zone map of `run` (Lake.index_runs)
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tourray.lake.checksum import TOKEN_COLUMNS, tokens_bytes
+from tourray.lake.sql import block_sums_from_rows, connect
 from tourray.lake.tables import Lake, arrow_to_numpy, run_row, sql_quote
 
 ACT_KEY = ("run", "sample_id", "layer", "site")
@@ -364,6 +365,8 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
                             for k in sorted(per_run.keys() - seen, key=str)]
     elif per_run:
         report.problems.append(f"table token_layers is missing: the runs store {len(per_run)} blocks of it")
+    if per_run and has_span:
+        _check_block_sums(lake, per_run, where, report, name)
 
     tok_seen: dict[tuple, int] = {}
     if lake.exists("tokens"):
@@ -405,6 +408,58 @@ def verify_lake(lake: str | Lake, run: str | None = None, progress: bool = False
         report.notes.append(f"ignored rows of {len(orphans)} incomplete sample(s) with no samples row "
                             "(an interrupted capture; re-running it removes them)")
     return report
+
+
+def _check_block_sums(lake: Lake, per_run: dict[tuple, tuple], where, report: Report, name) -> None:
+    """`block_sums` against a recomputation from `token_layers`: one row per stored block of each
+    complete sample, the same text-token count, sums within 1e-9 per token (float64 sums of the same
+    float32 values, in another order). A sample with no rows at all was captured before the table
+    existed: a note (`layer_similarity.sql` reads its token rows; `tourray optimize` writes them)."""
+    stored = _read_small(lake, "block_sums", ["run", "sample_id", "layer", "site", "text_tokens", "cos_sum",
+                                              "angle_sum"], where, report) if lake.exists("block_sums") else pa.table({})
+    if stored is None:
+        return
+    complete = {k[:2] for k in per_run}
+    have: dict[tuple, dict] = {}
+    for r in (stored.to_pylist() if stored.num_rows else []):
+        k = (r["run"], r["sample_id"], r["layer"], r["site"])
+        if k[:2] not in complete:  # an incomplete sample's leftovers (noted by the scans above)
+            continue
+        if k in have:
+            report.problems.append(f"{name(k)} block_sums: recorded more than once")
+        elif k not in per_run:
+            report.problems.append(f"{name(k)} block_sums: a row for a block the run does not store")
+        have[k] = r
+    with_rows = {k[:2] for k in have}
+    without = complete - with_rows
+    report.problems += [f"{name(k)} block_sums: no row (the sample has rows for other blocks)"
+                        for k in sorted(per_run, key=str) if k[:2] in with_rows and k not in have]
+    if without:
+        report.notes.append(f"{len(without)} complete sample(s) have no block_sums rows (captured before that table "
+                            "existed): layer_similarity reads their token_layers rows; `tourray optimize` writes them")
+    try:
+        con = connect(lake)
+        again = [block_sums_from_rows(con, rn) for rn in sorted({k[0] for k in per_run if k[:2] in with_rows})]
+    except Exception as e:  # noqa: BLE001 - an unreadable token_layers file is named by the scan above
+        report.notes.append(f"block_sums not recomputed: token_layers could not be read whole ({str(e)[:200]})")
+        return
+    for r in (row for t in again for row in t.to_pylist()):
+        k = (r["run"], r["sample_id"], r["layer"], r["site"])
+        got = have.get(k)
+        if got is None:
+            continue
+        tol = 1e-9 * max(1, r["text_tokens"])
+        if got["text_tokens"] != r["text_tokens"]:
+            report.problems.append(f"{name(k)} block_sums: {got['text_tokens']} text tokens, token_layers has "
+                                   f"{r['text_tokens']}")
+        elif not _close(got["cos_sum"], r["cos_sum"], tol) or \
+                (np.isfinite(r["cos_sum"]) and not _close(got["angle_sum"], r["angle_sum"], tol)):
+            report.problems.append(f"{name(k)} block_sums: sums differ from token_layers' rows (cos_sum "
+                                   f"{got['cos_sum']!r} against {r['cos_sum']!r})")
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
 
 
 def _logits_spans(by_run: dict, info: dict) -> dict[tuple, tuple[int, int]]:
