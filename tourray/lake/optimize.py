@@ -102,7 +102,11 @@ def write_block_sums(lake: Lake, lease: Lease) -> int:
     con = connect(lake)
     expected = schema("block_sums")
     written = 0
-    for (run,) in con.sql("SELECT DISTINCT run FROM samples ORDER BY run").fetchall():
+    # runs with a sample that has no block_sums rows, from the two small tables (token_layers, ~10^3 rows
+    # per sample and one per block_sums row, is read only for those runs; runs that store no vectors
+    # have none and are skipped by its zone map of `run`)
+    for (run,) in con.sql("SELECT DISTINCT s.run FROM samples AS s ANTI JOIN raw_block_sums AS b "
+                          "ON b.run = s.run AND b.sample_id = s.sample_id ORDER BY s.run").fetchall():
         if (rows := block_sums_from_rows(con, run, missing_only=True)).num_rows:
             lake.ensure("block_sums", expected)
             lease.check()

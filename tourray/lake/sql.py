@@ -26,8 +26,8 @@ from tourray.lake.tables import TABLES, Lake, arrow_to_numpy, schema_or_empty
 from tourray.lake.repair import SAMPLE_TABLES
 
 QUERY_DIR = Path(__file__).resolve().parent / "queries"  # package data: tourray/lake/queries/*.sql
-#: Tables a lake written before them lacks, which the shipped queries read as empty (and why).
-READ_AS_EMPTY = {"block_sums": "layer_similarity.sql reads token_layers for samples without them"}
+#: Tables a lake written before them lacks, read as empty (layer_similarity.sql then sums token_layers).
+READ_AS_EMPTY = ("block_sums",)
 
 
 class _CastingScanner:
@@ -83,7 +83,7 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     opened = {t: ds for t in TABLES if (ds := lake._open(t)) is not None}  # each table opened once
     if not opened:
         raise UserError(f"--lake: no tourray tables under {lake.root}")
-    for t in READ_AS_EMPTY.keys() - opened.keys():
+    for t in set(READ_AS_EMPTY) - opened.keys():
         opened[t] = schema_or_empty(t, None)
     con = _duckdb(database)
     tables = list(opened)
