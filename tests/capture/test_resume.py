@@ -22,7 +22,7 @@ from tests.conftest import REPO, TEXTS, write_corpus
 from tourray.lake import tables as lk
 from tourray.capture import CaptureConfig, run_capture
 from tourray.capture.plan import all_groups, plan_capture
-from tourray.lake.repair import unreferenced_files
+from tourray.lake.repair import SAMPLE_TABLES, unreferenced_files
 from tourray.lake.verify import verify_lake
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def _cfg(model, samples, lake):
 
 
 def _acts(lake: Path) -> dict:
-    """(sample, layer, site, pos) -> raw bytes of h, plus the tokens' surprisal bytes."""
+    """(sample, layer, site, pos) -> raw bytes of h, plus the tokens' surprisal bytes and the
+    block_sums rows (sums of values read back from the same bytes: equal, not close)."""
     t = lance.dataset(str(lake / "activations.lance")).to_table()
     t = t.sort_by([("sample_id", "ascending"), ("layer", "ascending"), ("site", "ascending"), ("pos", "ascending")])
     tok = lance.dataset(str(lake / "tokens.lance")).to_table(columns=["sample_id", "pos", "surprisal"])
@@ -48,7 +49,9 @@ def _acts(lake: Path) -> dict:
                 h=pc.list_flatten(t.column("h")).to_numpy().tobytes(),
                 surprisal=tok.column("surprisal").to_numpy(zero_copy_only=False).tobytes(),
                 samples=sorted(lance.dataset(str(lake / "samples.lance")).to_table(columns=["sample_id"])
-                               .column(0).to_pylist()))
+                               .column(0).to_pylist()),
+                block_sums=sorted(tuple(r.values()) for r in lance.dataset(str(lake / "block_sums.lance")).to_table(
+                    columns=["sample_id", "layer", "site", "text_tokens", "cos_sum", "angle_sum"]).to_pylist()))
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +80,9 @@ def test_resume_after_out_of_order_and_partial_commits_is_exact(qwen3_model, ref
     g0, _, g2 = [[s.sample_id for s in g] for g in all_groups(plan)]
     L = lk.Lake(str(lake))
     ids0 = ", ".join(lk.sql_quote(s) for s in g0)
-    for table in ("activations", "token_layers", "tokens", "blocks", "samples"):
-        L.delete(table, f"sample_id IN ({ids0})")
+    for table in (*SAMPLE_TABLES, "samples"):
+        if L.exists(table):
+            L.delete(table, f"sample_id IN ({ids0})")
     L.delete("samples", f"sample_id = {lk.sql_quote(g2[0])}")  # a partially committed group
     s = run_capture(_cfg(qwen3_model, samples, lake), progress=False)
     assert s["already_done"] == 3 and s["captured"] == 5 and s["groups"] == 2

@@ -36,7 +36,8 @@ def rows(lake: Path) -> dict[str, set]:
     lk = Lake(str(lake))
     out = {}
     for table, key in (("samples", ["sample_id", "n_tokens", "sha256"]), ("tokens", ["sample_id", "pos", "token_id", "surprisal"]),
-                       ("blocks", ["sample_id", "layer", "site", "sha256"])):
+                       ("blocks", ["sample_id", "layer", "site", "sha256"]),
+                       ("block_sums", ["sample_id", "layer", "site", "text_tokens", "cos_sum", "angle_sum"])):
         t = lk.read(table, key).to_pydict()
         out[table] = list(zip(*t.values()))
     a = lk.read("activations", ["sample_id", "pos", "layer"])

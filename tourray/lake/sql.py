@@ -1,7 +1,8 @@
 """DuckDB over the lake: every table is a view; `activations.h` is always FLOAT[hidden_size].
 
-Per-sample tables (tokens, activations, token_layers, blocks) show only complete samples: rows
-whose sample has a `samples` row (the capture commits it last). `raw_<table>` shows every row.
+Per-sample tables (`repair.SAMPLE_TABLES`: tokens, activations, token_layers, block_sums, blocks,
+logits) show only complete samples: rows whose sample has a `samples` row (the capture commits it
+last). `raw_<table>` shows every row.
 
 DuckDB cannot read Arrow half floats (and Lance's bfloat16 reaches it as blobs), so each table is
 exposed through `LakeView`, a LanceDataset whose schema shows float32 vectors and whose scanner
