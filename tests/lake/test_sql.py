@@ -209,6 +209,9 @@ def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
     s2 = s2.set_column(s2.schema.get_field_index("text_end"), "text_end",  # and other text spans
                        pa.array(s2.column("text_end").to_numpy() - 1, pa.int32()))
     lake.append("samples", s2, lake.dataset("samples").schema)
+    runs = lake.read("runs")  # r2 stores what r stores (optimize sums runs that store vectors)
+    lake.append("runs", runs.set_column(runs.schema.get_field_index("run"), "run", pa.array(["r2"])),
+                lake.dataset("runs").schema)
     orphan = tl.slice(0, 40).set_column(1, "sample_id", pa.array(["orphan"] * 40))
     lake.append("token_layers", orphan, lake.dataset("token_layers").schema)
     con = connect(lake)

@@ -215,7 +215,7 @@ def test_block_sums_are_checked_against_token_layers(lake):
     """block_sums (the rollup layer_similarity reads) must agree with its token_layers rows: a changed
     sum, a changed count, a missing or duplicated row are each named; a sample with no rows at all
     (captured before the table) is a note, and `tourray optimize` writes its rows back."""
-    from tourray.lake.optimize import optimize
+    from tourray.lake.optimize import optimize, write_block_sums
 
     sid = a_sample(lake)
     k = f"run r sample {sid} layer 0 site resid_post block_sums"
@@ -236,6 +236,8 @@ def test_block_sums_are_checked_against_token_layers(lake):
     lake.dataset("block_sums").delete(f"sample_id = '{sid}'")
     report = verify_lake(lake)
     assert report.problems == [] and any(n.startswith("1 complete sample(s) have no block_sums rows") for n in report.notes)
+    with lake.lease("drop", run="r"), lake.lease("optimize") as lease:  # a run held by a writer is left alone
+        assert write_block_sums(lake, lease) == 0
     optimize(lake)
     assert lake.dataset("block_sums").count_rows() == 12
     assert verify_lake(lake).notes == [] and verify(lake)[1] == []

@@ -32,6 +32,7 @@ from tourray.errors import UserError
 from tourray.lake.repair import remove_unreferenced_sized
 from tourray.lake.sql import block_sums_from_rows, connect
 from tourray.lake.tables import Lake, Lease, _retrying, live_leases, schema
+from tourray.lake.verify import stored_keys
 
 log = logging.getLogger("tourray")
 
@@ -95,24 +96,39 @@ def optimize(lake: str | Lake, older_than: dt.timedelta = dt.timedelta(hours=1),
 
 def write_block_sums(lake: Lake, lease: Lease) -> int:
     """Write the `block_sums` rows of complete samples captured before the table existed (from their
-    `token_layers` rows), so `layer_similarity.sql` reads sums for them too; return the rows written."""
+    `token_layers` rows), so `layer_similarity.sql` reads sums for them too; return the rows written.
+
+    Each run is done under its own exclusive lease (skipped when a capture or a drop holds it), with
+    the samples read after taking it: a run dropped meanwhile must not get sums of samples it lost."""
     if not (lake.exists("token_layers") and lake.exists("samples")) or \
             "text_start" not in lake.dataset("samples").schema.names:  # no text spans: nothing to sum over
         return 0
-    con = connect(lake)
+    stores = {r["run"] for r in lake.read("runs").to_pylist() if stored_keys(r)}  # runs with vectors
+    # runs with a complete sample that has no block_sums rows, from the two small tables: token_layers
+    # (~10^3 rows per block_sums row) is read only for those runs
+    todo = [run for (run,) in connect(lake).sql(
+        "SELECT DISTINCT s.run FROM samples AS s ANTI JOIN raw_block_sums AS b "
+        "ON b.run = s.run AND b.sample_id = s.sample_id ORDER BY s.run").fetchall() if run in stores]
     expected = schema("block_sums")
     written = 0
-    # runs with a sample that has no block_sums rows, from the two small tables (token_layers, ~10^3 rows
-    # per sample and one per block_sums row, is read only for those runs; runs that store no vectors
-    # have none and are skipped by its zone map of `run`)
-    for (run,) in con.sql("SELECT DISTINCT s.run FROM samples AS s ANTI JOIN raw_block_sums AS b "
-                          "ON b.run = s.run AND b.sample_id = s.sample_id ORDER BY s.run").fetchall():
-        if (rows := block_sums_from_rows(con, run, missing_only=True)).num_rows:
-            lake.ensure("block_sums", expected)
-            lease.check()
-            lake.append("block_sums", rows, expected)
-            log.info("optimize: block_sums of %d block(s) of run %s written from token_layers", rows.num_rows, run)
-            written += rows.num_rows
+    for run in todo:
+        run_lease = lake.lease("optimize", run=run)
+        try:
+            run_lease.acquire()
+        except UserError as e:
+            log.warning("optimize: block_sums of run %s not written: %s", run, e)
+            continue
+        try:
+            rows = block_sums_from_rows(connect(lake), run, missing_only=True)
+            if rows.num_rows:
+                lake.ensure("block_sums", expected)
+                lease.check()
+                run_lease.check()
+                lake.append("block_sums", rows, expected)
+                log.info("optimize: block_sums of %d block(s) of run %s written from token_layers", rows.num_rows, run)
+                written += rows.num_rows
+        finally:
+            run_lease.release()
     return written
 
 

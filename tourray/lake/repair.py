@@ -24,8 +24,9 @@ from tourray.errors import UserError
 
 log = logging.getLogger("tourray")
 
-#: Tables whose rows belong to one sample of a run (deleted when the sample is not complete).
-SAMPLE_TABLES = ("activations", "token_layers", "block_sums", "tokens", "blocks", "logits")
+#: Tables whose rows belong to one sample of a run (deleted when the sample is not complete), in the
+#: order deletions go: STARTED_TABLES last, so an interrupted deletion still shows which samples to redo.
+SAMPLE_TABLES = ("activations", "token_layers", "block_sums", "logits", "tokens", "blocks")
 
 #: Tables whose rows show a group was started: blocks and tokens are committed first (COMMIT_ORDER).
 STARTED_TABLES = ("blocks", "tokens")

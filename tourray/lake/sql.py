@@ -110,13 +110,14 @@ _BLOCK_SUMS_SQL = """
 SELECT t.run, t.sample_id, t.layer, t.site,
        count(*) FILTER (text)::INTEGER AS text_tokens,
        coalesce(sum(t.cos_prev::DOUBLE) FILTER (text), 0) AS cos_sum,
-       coalesce(sum(acos(least(greatest(t.cos_prev::DOUBLE, -1.0), 1.0)) / pi()) FILTER (text), 0) AS angle_sum
+       coalesce(sum(acos(CASE WHEN isnan(t.cos_prev) THEN t.cos_prev::DOUBLE ELSE least(greatest(t.cos_prev::DOUBLE, -1.0), 1.0) END) / pi()) FILTER (text), 0) AS angle_sum
 FROM raw_token_layers AS t JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
 WHERE t.run = $run AND s.run = $run {missing}
 GROUP BY ALL
 ORDER BY t.sample_id, t.layer, t.site
 """.replace("(text)", "(WHERE t.cos_prev IS NOT NULL AND t.pos >= s.text_start AND t.pos < s.text_end)")
-# (greatest() skips a NULL: the filter, not the clamp, keeps the embedding's missing cosines out)
+# (greatest() skips a NULL: the filter, not the clamp, keeps the embedding's missing cosines out; and
+# DuckDB orders NaN above 1, so a NaN cosine (a zero vector) is kept NaN as numpy's arccos keeps it)
 
 
 def block_sums_from_rows(con, run: str, missing_only: bool = False) -> pa.Table:

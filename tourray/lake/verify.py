@@ -452,8 +452,7 @@ def _check_block_sums(lake: Lake, per_run: dict[tuple, tuple], where, report: Re
         if got["text_tokens"] != r["text_tokens"]:
             report.problems.append(f"{name(k)} block_sums: {got['text_tokens']} text tokens, token_layers has "
                                    f"{r['text_tokens']}")
-        elif not _close(got["cos_sum"], r["cos_sum"], tol) or \
-                (np.isfinite(r["cos_sum"]) and not _close(got["angle_sum"], r["angle_sum"], tol)):
+        elif not (_close(got["cos_sum"], r["cos_sum"], tol) and _close(got["angle_sum"], r["angle_sum"], tol)):
             report.problems.append(f"{name(k)} block_sums: sums differ from token_layers' rows (cos_sum "
                                    f"{got['cos_sum']!r} against {r['cos_sum']!r})")
 
