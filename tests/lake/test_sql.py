@@ -253,6 +253,65 @@ def test_layer_similarity_query_equals_its_former_form(lakes, tmp_path):
             assert write_block_sums(lake, lease) == (0 if backfilled else 2 * 4)
 
 
+# The shipped block_evidence.sql before block_sums (2026-12-06): every text token's row of layer l
+# joined to layer l-1's, in FLOAT arithmetic where the columns are FLOAT.
+BLOCK_EVIDENCE_BEFORE = """
+WITH k AS (  -- next-token entropy: that of the distribution computed at pos (stored with token pos + 1)
+    SELECT sample_id, pos, segment, lead(entropy) OVER (PARTITION BY sample_id ORDER BY pos) AS entropy
+    FROM tokens WHERE run = $run
+),
+t AS (
+    SELECT tl.sample_id, tl.pos, tl.layer, tl.norm, tl.cos_prev, k.entropy
+    FROM token_layers AS tl
+    JOIN k ON k.sample_id = tl.sample_id AND k.pos = tl.pos
+    JOIN samples AS s ON s.run = tl.run AND s.sample_id = tl.sample_id
+    WHERE tl.run = $run AND tl.site = 'resid_post' AND k.segment = 'text'
+),
+d AS (  -- block l: input = layer l-1's resid_post (the embedding for l = 0), output = layer l's
+    SELECT b.layer AS block, b.cos_prev, b.entropy,
+           sqrt(greatest(b.norm * b.norm + a.norm * a.norm - 2 * a.norm * b.norm * b.cos_prev, 0)) AS upd,
+           a.norm AS in_norm
+    FROM t AS b JOIN t AS a ON a.sample_id = b.sample_id AND a.pos = b.pos AND a.layer = b.layer - 1
+    WHERE b.layer >= 0 AND b.cos_prev IS NOT NULL
+)
+SELECT block,
+       count(*) AS tokens,
+       avg(cos_prev) AS mean_cos,
+       1 - avg(cos_prev) AS block_influence,
+       1 - sum(entropy * cos_prev) / sum(entropy) AS entropy_weighted_influence,
+       avg(upd) AS mean_update_norm,
+       avg(upd / in_norm) AS rel_update_norm
+FROM d
+GROUP BY block
+ORDER BY block
+"""
+
+
+def test_block_evidence_query_equals_its_former_form(lakes, tmp_path):
+    """The prune plan's evidence from block_sums equals the former per-token join: with every sample's
+    sums, with some samples' sums deleted (those read from token rows) and with none. Tolerances: counts
+    exact; cosine means 1e-12 (the same float32 values summed in float64); entropy-weighted and update
+    norms 1e-6 relative (the former form multiplied FLOAT columns in float32)."""
+    import shutil
+
+    lake = Lake(str(shutil.copytree(lakes["float32"], tmp_path / "lake")))
+    query = query_file("block_evidence").read_text()
+    want = run_query(connect(lake), BLOCK_EVIDENCE_BEFORE, {"run": "r"}).fetchall()
+    assert [r[0] for r in want] == [0, 1, 2]
+    ids = sorted(lake.read("samples").column("sample_id").to_pylist())
+    for dropped in (0, 2, len(ids)):
+        if dropped:
+            lake.dataset("block_sums").delete("sample_id IN ({})".format(", ".join(repr(i) for i in ids[:dropped])))
+        con = connect(lake)
+        assert con.sql("SELECT count(DISTINCT sample_id) FROM block_sums").fetchall() == [(len(ids) - dropped,)]
+        got = run_query(con, query, {"run": "r"}).fetchall()
+        assert [r[:2] for r in got] == [r[:2] for r in want]
+        for g, w in zip(got, want):
+            assert g[2:4] == pytest.approx(w[2:4], rel=1e-12, abs=1e-15)
+            assert g[4:] == pytest.approx(w[4:], rel=1e-6)
+    assert run_query(connect(lake), query, {"run": "nope"}).fetchall() == []
+
+
 def test_perplexity_by_category_query(lakes):
     con = connect(str(lakes["float16"]))
     rows = run_query(con, query_file("perplexity_by_category").read_text(), {"run": "r"}).fetchall()

@@ -18,6 +18,7 @@ from tourray.lake import tables as lk
 from tourray.capture.config import CaptureConfig
 from tourray.capture.engine import INNER_SITES, Captured, Engine, RefSupport
 from tourray.lake.checksum import tokens_sha256
+from tourray.lake.sql import BLOCK_SUMS
 from tourray.errors import UserError
 from tourray.model.identity import load_tokenizer
 from tourray.model.prompt import SEGMENTS, Encoded, PromptFormat
@@ -277,7 +278,7 @@ class CaptureStage(Stage):
         sid = row["sample_id"]
         keys = sorted(cap.vectors, key=lambda k: k[0])  # layer order (stable): l needs l-1's resid_post
         post: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (float32 vectors, norms)
-        norms, coss, has_prev = [], [], []
+        norms, coss, prev_norms = [], [], []
         for layer, site in keys:
             h = self._stored_float32(cap.vectors[layer, site])
             norm = np.sqrt(np.einsum("ij,ij->i", h, h))
@@ -296,18 +297,16 @@ class CaptureStage(Stage):
                 post.pop(layer - 2, None)
             norms.append(norm)
             coss.append(cos)
-            has_prev.append(prev is not None)
+            prev_norms.append(None if prev is None else prev[1])
         n, k = len(norms[0]), len(keys)
-        a, b = span
-        text = [c[a:b].astype(np.float64) if paired else np.zeros(0) for c, paired in zip(coss, has_prev)]
+        sums = [_block_sums(c, nb, na, cap.entropy, span) for c, nb, na in zip(coss, norms, prev_norms)]
         sums = pa.table({
             "run": pa.repeat(self.cfg.run, k),
             "sample_id": pa.repeat(sid, k),
             "layer": pa.array([key[0] for key in keys], pa.int16()),
             "site": [key[1] for key in keys],
-            "text_tokens": pa.array([len(c) for c in text], pa.int32()),
-            "cos_sum": pa.array([c.sum() for c in text], pa.float64()),
-            "angle_sum": pa.array([np.arccos(np.clip(c, -1.0, 1.0)).sum() / np.pi for c in text], pa.float64()),
+            "text_tokens": pa.array([x[0] for x in sums], pa.int32()),
+            **{c: pa.array([x[i] for x in sums], pa.float64()) for i, c in enumerate(BLOCK_SUMS, 1)},
         }, schema=self.schemas["block_sums"])
         return pa.table({
             "run": pa.repeat(self.cfg.run, n * k),
@@ -316,7 +315,7 @@ class CaptureStage(Stage):
             "layer": pa.array(np.repeat(np.array([key[0] for key in keys], np.int16), n)),
             "site": pa.array([key[1] for key in keys]).take(pa.array(np.repeat(np.arange(k), n))),
             "norm": pa.array(np.concatenate(norms)),
-            "cos_prev": pa.array(np.concatenate(coss), mask=np.repeat(~np.array(has_prev), n)),
+            "cos_prev": pa.array(np.concatenate(coss), mask=np.repeat([p is None for p in prev_norms], n)),
         }, schema=self.schemas["token_layers"]), sums
 
     @staticmethod
@@ -342,3 +341,20 @@ class CaptureStage(Stage):
             pa.array(np.repeat([p[2] for p in pending], n).tolist()),
             lk.vectors_to_arrow(h, self.cfg.store_dtype.value),
         ], schema=self.schemas["activations"])
+
+
+def _block_sums(cos: np.ndarray, norm: np.ndarray, prev_norm: np.ndarray | None, entropy: np.ndarray,
+                span: tuple[int, int]) -> tuple:
+    """One block's `block_sums` over the text `span`, in float64 from the float32 values written to
+    `token_layers` and `tokens`: (text tokens, *BLOCK_SUMS, in the schema's order). No input block (the
+    embedding): zeros."""
+    a, b = span
+    if prev_norm is None or b <= a:
+        return (0,) + (0.0,) * len(BLOCK_SUMS)
+    c, nb, na = (x[a:b].astype(np.float64) for x in (cos, norm, prev_norm))
+    e = np.append(entropy[1:], np.nan)[a:b].astype(np.float64)  # next-token entropy (stored at pos + 1)
+    has_e = ~np.isnan(e)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        upd = np.sqrt(np.maximum(nb * nb + na * na - 2 * na * nb * c, 0))
+        return (b - a, c.sum(), (np.arccos(np.clip(c, -1.0, 1.0)) / np.pi).sum(), e[has_e].sum(),
+                (e * c)[has_e].sum(), upd.sum(), (upd / na).sum())

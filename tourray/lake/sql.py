@@ -27,6 +27,8 @@ from tourray.lake.tables import TABLES, Lake, arrow_to_numpy, schema_or_empty
 from tourray.lake.repair import SAMPLE_TABLES
 
 QUERY_DIR = Path(__file__).resolve().parent / "queries"  # package data: tourray/lake/queries/*.sql
+#: `block_sums`' float64 sums (after run, sample_id, layer, site, text_tokens), as its schema declares them.
+BLOCK_SUMS = tuple(f.name for f in schema_or_empty("block_sums", None).schema if pa.types.is_float64(f.type))
 #: Tables a lake written before them lacks, read as empty (layer_similarity.sql then sums token_layers).
 READ_AS_EMPTY = ("block_sums",)
 
@@ -104,19 +106,39 @@ def connect(lake: str | Lake, database: str = ":memory:"):
     return con
 
 
-#: `block_sums` recomputed from the complete samples' `token_layers` rows of one run (every stored
-#: block, 0 text tokens included), optionally only for samples with no block_sums rows yet.
+#: `block_sums` recomputed from the complete samples' `token_layers` (each row joined to layer l-1's
+#: resid_post row at its position) and `tokens` (next-token entropy) rows of one run: every stored
+#: block, 0 text tokens included; optionally only samples with no block_sums rows yet ({missing}).
 _BLOCK_SUMS_SQL = """
-SELECT t.run, t.sample_id, t.layer, t.site,
-       count(*) FILTER (text)::INTEGER AS text_tokens,
-       coalesce(sum(t.cos_prev::DOUBLE) FILTER (text), 0) AS cos_sum,
-       coalesce(sum(acos(CASE WHEN isnan(t.cos_prev) THEN t.cos_prev::DOUBLE ELSE least(greatest(t.cos_prev::DOUBLE, -1.0), 1.0) END) / pi()) FILTER (text), 0) AS angle_sum
-FROM raw_token_layers AS t JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
-WHERE t.run = $run AND s.run = $run {missing}
+WITH t AS (
+    SELECT t.*, s.text_start, s.text_end
+    FROM raw_token_layers AS t JOIN samples AS s ON s.run = t.run AND s.sample_id = t.sample_id
+    WHERE t.run = $run AND s.run = $run {missing}
+),
+k AS (SELECT sample_id, pos, lead(entropy) OVER (PARTITION BY sample_id ORDER BY pos) AS e FROM raw_tokens WHERE run = $run),
+x AS (
+    SELECT t.run, t.sample_id, t.layer, t.site, t.cos_prev::DOUBLE AS c, k.e::DOUBLE AS e,
+           sqrt(greatest(t.norm::DOUBLE * t.norm + p.norm::DOUBLE * p.norm - 2 * p.norm::DOUBLE * t.norm * t.cos_prev, 0)) AS u,
+           p.norm::DOUBLE AS na,
+           t.cos_prev IS NOT NULL AND t.pos >= t.text_start AND t.pos < t.text_end AS counted
+    FROM t
+    LEFT JOIN t AS p ON p.sample_id = t.sample_id AND p.pos = t.pos AND p.layer = t.layer - 1 AND p.site = 'resid_post'
+    LEFT JOIN k ON k.sample_id = t.sample_id AND k.pos = t.pos
+)
+SELECT run, sample_id, layer, site,
+       count(*) FILTER (counted)::INTEGER AS text_tokens,
+       coalesce(sum(c) FILTER (counted), 0) AS cos_sum,
+       coalesce(sum(acos(CASE WHEN isnan(c) THEN c ELSE least(greatest(c, -1.0), 1.0) END) / pi()) FILTER (counted), 0)
+           AS angle_sum,
+       coalesce(sum(e) FILTER (counted), 0) AS entropy_sum,
+       coalesce(sum(e * c) FILTER (counted), 0) AS entropy_cos_sum,
+       coalesce(sum(u) FILTER (counted), 0) AS update_sum,
+       coalesce(sum(u / na) FILTER (counted), 0) AS rel_update_sum
+FROM x
 GROUP BY ALL
-ORDER BY t.sample_id, t.layer, t.site
-""".replace("(text)", "(WHERE t.cos_prev IS NOT NULL AND t.pos >= s.text_start AND t.pos < s.text_end)")
-# (greatest() skips a NULL: the filter, not the clamp, keeps the embedding's missing cosines out; and
+ORDER BY sample_id, layer, site
+"""
+# (greatest() skips a NULL: `counted`, not the clamp, keeps the embedding's missing cosines out; and
 # DuckDB orders NaN above 1, so a NaN cosine (a zero vector) is kept NaN as numpy's arccos keeps it)
 
 

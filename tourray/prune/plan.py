@@ -91,7 +91,7 @@ def read_evidence(lake: lk.Lake, row: dict, method: str, n: int | None = None) -
         raise UserError(f"--method {method}: run {run} stored no vectors (no token_layers rows); capture it with "
                         "--store all (or at least every block's resid_post) to plan from evidence")
     ev.blocks = _block_table(lake, run, ev.num_layers)
-    ev.versions |= {t: lake.dataset(t).version for t in ("token_layers", "tokens")}
+    ev.versions |= {t: lake.dataset(t).version for t in ("token_layers", "block_sums", "tokens") if lake.exists(t)}
     if method == "variance":
         ev.blocks["variance_ratio"] = _variance_ratio(lake, run, ev.num_layers)
         ev.versions["layer_stats"] = lake.dataset("layer_stats").version
