@@ -269,7 +269,7 @@ class CaptureStage(Stage):
         """One sample's `token_layers` rows: each stored vector's norm and its cosine with layer l-1's
         resid_post (the block input), in float32 from the stored values, so that layer-similarity
         queries read scalars instead of joining vectors; and their `block_sums` (float64 sums over the
-        text `span`), which `layer_similarity.sql` reads instead of the rows. Keeps at most two layers
+        text `span`), which `layer_similarity.sql` and `block_evidence.sql` read instead of the rows. Keeps at most two layers
         in float32.
 
         The norms are also the finiteness check of the stored values, at no extra pass: a vector

@@ -452,17 +452,13 @@ def _check_block_sums(lake: Lake, per_run: dict[tuple, tuple], where, report: Re
         got = have.get(k)
         if got is None or k[:2] in named:
             continue
-        tol = 1e-9 * max(1, r["text_tokens"])
         if got["text_tokens"] != r["text_tokens"]:
             report.problems.append(f"{name(k)} block_sums: {got['text_tokens']} text tokens, token_layers has "
                                    f"{r['text_tokens']}")
-        elif bad := [c for c in BLOCK_SUMS if not _close(got[c], r[c], tol * max(1.0, abs(r[c]) / max(1, r["text_tokens"])))]:
+        elif bad := [c for c in BLOCK_SUMS if not np.isclose(got[c], r[c], rtol=0, equal_nan=True,
+                                                                 atol=1e-9 * max(1, r["text_tokens"], abs(r[c])))]:
             report.problems.append(f"{name(k)} block_sums: sums differ from token_layers' rows ("
                                    + ", ".join(f"{c} {got[c]!r} against {r[c]!r}" for c in bad) + ")")
-
-
-def _close(a: float, b: float, tol: float) -> bool:
-    return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
 
 
 def _logits_spans(by_run: dict, info: dict) -> dict[tuple, tuple[int, int]]:
