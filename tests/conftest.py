@@ -137,7 +137,7 @@ def prune_lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("prune_lake")
     for run, extra in (("full", dict(sites="resid_post,resid_mid")), ("bare", dict(layers="none"))):
         run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root), run=run,
-                                  store_dtype="float32", batch_size=2, group_size=3, stats=[], **extra), progress=False)
+                                  store_dtype="float32", batch_size=2, group_size=3, stats=[], **extra), progress=False, executor="local")
     return root
 
 

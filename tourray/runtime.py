@@ -110,6 +110,13 @@ def _spend_actor_restart_warning(ray) -> None:
     ray.kill(actor, no_restart=True)
 
 
+def node_cpus(ray) -> int:
+    """CPUs of the largest live node: a task runs on one node, so one sized to the cluster's total (the
+    sum over its nodes) fits none and waits forever."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus, default=0) or os.cpu_count() or 1
+
+
 def in_ray_job() -> bool:
     """True inside a driver started by `ray job submit` (it runs in a temporary copy of the
     working dir, so relative output paths would vanish with it)."""

@@ -1,7 +1,9 @@
-"""Capture against an independent transformers recomputation, in-process on embedded Ray."""
+"""Capture against an independent transformers recomputation, in-process: on embedded Ray's actor pool,
+or with the local executor (the same stage and commits, no actor process) where the pool proves nothing."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,9 @@ from tourray.lake.tables import Lake, arrow_to_numpy
 from tourray.model.prompt import SEGMENTS, PromptFormat
 
 
-def capture(model, samples, lake, run="r", **kw):
+def capture(model, samples, lake, run="r", executor="ray", **kw):
     cfg = CaptureConfig(model=str(model), samples=str(samples), lake=str(lake), run=run, group_size=2, batch_size=2, **kw)
-    return run_capture(cfg, progress=False), cfg
+    return run_capture(cfg, progress=False, executor=executor), cfg
 
 
 def reference(model_dir, text, system_prompt="", **fmt):
@@ -163,19 +165,19 @@ def test_resid_mid_and_llama_chat_template(llama_model, corpus_dir, tmp_path, ra
 
 def test_rerun_is_idempotent_and_identity_is_guarded(qwen3_model, llama_model, fresh_corpus, tmp_path, ray_session):
     lake = tmp_path / "lake"
-    capture(qwen3_model, fresh_corpus, lake)
+    capture(qwen3_model, fresh_corpus, lake, executor="local")
     before = lake_snapshot(lake)
-    summary, _ = capture(qwen3_model, fresh_corpus, lake)
+    summary, _ = capture(qwen3_model, fresh_corpus, lake, executor="local")
     assert summary["captured"] == 0 and summary["already_done"] == 6
     assert {k: v[0] for k, v in lake_snapshot(lake).items()} == {k: v[0] for k, v in before.items()}
     before = lake_snapshot(lake)
     with pytest.raises(UserError, match="model"):
-        capture(llama_model, fresh_corpus, lake)
+        capture(llama_model, fresh_corpus, lake, executor="local")
     (fresh_corpus / "train/xian__bell-tower.txt").write_text("Changed text about the Bell Tower.\n")
     with pytest.raises(UserError, match=r"texts changed: 1 \(train/xian__bell-tower.txt\)"):
-        capture(qwen3_model, fresh_corpus, lake)
+        capture(qwen3_model, fresh_corpus, lake, executor="local")
     with pytest.raises(UserError, match="--layers"):
-        capture(qwen3_model, fresh_corpus, lake, run="other", layers="0-7")
+        capture(qwen3_model, fresh_corpus, lake, run="other", layers="0-7", executor="local")
     assert lake_snapshot(lake) == before
 
 
@@ -206,8 +208,15 @@ def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_pa
         model.model.layers[1].mlp.down_proj.weight.fill_(1e6)  # pushes block 1's output past float16's 65504
     model.save_pretrained(big)
     AutoTokenizer.from_pretrained(qwen3_model).save_pretrained(big)
-    with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16"):
+    free = ray_session.available_resources().get("CPU")
+    with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16") as err:
         capture(big, corpus_dir, tmp_path / "lake", layers="0-2")
+    # the failed capture's actor pool is gone while the error is still held (it kept its CPU until the
+    # cyclic garbage collector ran, and a statistics pass asking for every CPU then waited forever)
+    deadline = time.time() + 10
+    while ray_session.available_resources().get("CPU") != free and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray_session.available_resources().get("CPU") == free and err.value
 
 
 def test_a_non_finite_vector_of_one_sample_is_refused_by_name(qwen3_model, corpus_dir, tmp_path, monkeypatch):
@@ -286,12 +295,12 @@ def test_reference_run_kl_equals_the_reference_model_and_bounds_it(qwen3_model, 
     other = _perturbed(qwen3_model, tmp_path / "perturbed")
     vocab = AutoConfig.from_pretrained(qwen3_model).vocab_size
     lake_dir = tmp_path / "lake"
-    capture(qwen3_model, corpus_dir, lake_dir, run="orig", layers="none", logits=str(vocab))
-    capture(qwen3_model, corpus_dir, lake_dir, run="orig4", layers="none", logits="4")
-    capture(qwen3_model, corpus_dir, lake_dir, run="bare", layers="none")
-    capture(other, corpus_dir, lake_dir, run="exact", layers="none", reference=str(qwen3_model))
-    capture(other, corpus_dir, lake_dir, run="stored", layers="none", reference_run="orig")
-    capture(other, corpus_dir, lake_dir, run="bound", layers="none", reference_run="orig4")
+    capture(qwen3_model, corpus_dir, lake_dir, run="orig", layers="none", logits=str(vocab), executor="local")
+    capture(qwen3_model, corpus_dir, lake_dir, run="orig4", layers="none", logits="4", executor="local")
+    capture(qwen3_model, corpus_dir, lake_dir, run="bare", layers="none", executor="local")
+    capture(other, corpus_dir, lake_dir, run="exact", layers="none", reference=str(qwen3_model), executor="local")
+    capture(other, corpus_dir, lake_dir, run="stored", layers="none", reference_run="orig", executor="local")
+    capture(other, corpus_dir, lake_dir, run="bound", layers="none", reference_run="orig4", executor="local")
     lake = Lake(str(lake_dir))
 
     def kl(run):
@@ -313,7 +322,7 @@ def test_reference_run_kl_equals_the_reference_model_and_bounds_it(qwen3_model, 
                       (dict(reference_run="orig", reference=str(qwen3_model)), "not both"),
                       (dict(reference_run="orig", user_prompt="Another question."), "prompt settings")):
         with pytest.raises(UserError, match=match):
-            capture(other, corpus_dir, lake_dir, run="bad", layers="none", **kw)
+            capture(other, corpus_dir, lake_dir, run="bad", layers="none", executor="local", **kw)
     assert lake_snapshot(lake_dir) == before
 
 
@@ -361,8 +370,8 @@ def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tm
     from transformers import AutoModelForCausalLM
 
     other = _perturbed(qwen3_model, tmp_path / "perturbed")
-    capture(other, corpus_dir, tmp_path / "lake", run="v", layers="none", reference=str(qwen3_model))
-    capture(qwen3_model, corpus_dir, tmp_path / "lake", run="self", layers="none", reference=str(qwen3_model))
+    capture(other, corpus_dir, tmp_path / "lake", run="v", layers="none", reference=str(qwen3_model), executor="local")
+    capture(qwen3_model, corpus_dir, tmp_path / "lake", run="self", layers="none", reference=str(qwen3_model), executor="local")
     lake = Lake(str(tmp_path / "lake"))
     tok = lake.read("tokens", filter="run = 'v'")
     s = lake.read("samples", filter="run = 'v'").to_pylist()[0]
@@ -383,7 +392,7 @@ def test_reference_kl_and_token_classes(qwen3_model, llama_model, corpus_dir, tm
     assert pc.sum(text).as_py() == sum(classes.values())  # text tokens, and only they, have a class
     before = lake_snapshot(tmp_path / "lake")
     with pytest.raises(UserError, match="--reference .*tokenizer differs"):
-        capture(qwen3_model, corpus_dir, tmp_path / "lake", run="bad", layers="none", reference=str(llama_model))
+        capture(qwen3_model, corpus_dir, tmp_path / "lake", run="bad", layers="none", reference=str(llama_model), executor="local")
     assert lake_snapshot(tmp_path / "lake") == before
 
 

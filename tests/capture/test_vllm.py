@@ -26,6 +26,10 @@ def _has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+# decided before any fixture is built (the SmolLM2 import costs ~30 s where vLLM is absent)
+needs_vllm = pytest.mark.skipif(not _has_vllm(), reason="needs vLLM (make test runs this file in .venv-vllm)")
+
+
 @pytest.mark.skipif(_has_vllm(), reason="checks the error shown when vLLM is missing")
 def test_missing_vllm_is_one_clean_error(qwen3_model, corpus_dir, tmp_path):
     from tourray.capture.vllm import check_available
@@ -63,7 +67,6 @@ def _rel(a, b):
 
 
 def _parity(model, inner=("mlp_act", "head_out")):
-    pytest.importorskip("vllm")
     import torch
     from transformers import AutoConfig
 
@@ -111,6 +114,7 @@ def _parity(model, inner=("mlp_act", "head_out")):
     return vl
 
 
+@needs_vllm
 def test_vllm_matches_hf_qwen3(qwen3_model):
     from transformers import AutoConfig
 
@@ -120,13 +124,14 @@ def test_vllm_matches_hf_qwen3(qwen3_model):
         vl.capture([np.zeros(97, np.int64)])
 
 
+@needs_vllm
 @needs_smollm2
 def test_vllm_matches_hf_smollm2(smollm2_model):
     _parity(smollm2_model, inner=())
 
 
+@needs_vllm
 def test_vllm_refuses_what_it_cannot_run(qwen3_model, tmp_path):
-    pytest.importorskip("vllm")
     from tourray.capture.vllm import VLLMEngine
 
     with pytest.raises(UserError, match="max-length"):
@@ -135,8 +140,8 @@ def test_vllm_refuses_what_it_cannot_run(qwen3_model, tmp_path):
         VLLMEngine(_cfg(tmp_path / "nope"), [0], 3, [0], ())
 
 
+@needs_vllm
 def test_vllm_run_through_ray_verifies(qwen3_model, tmp_path):
-    pytest.importorskip("vllm")
     from conftest import _vectors
     from tourray.capture import run_capture
     from tourray.lake.tables import Lake, run_row

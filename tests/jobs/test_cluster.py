@@ -100,14 +100,15 @@ def test_capture_job_on_two_nodes_into_s3(qwen3_model, s3_endpoint, tmp_path):
         probe = f"""
 import json, time, ray
 from tourray.errors import UserError
-from tourray.runtime import check_lake_placement
+from tourray.runtime import check_lake_placement, node_cpus
 ray.init(address="127.0.0.1:{gcs}", logging_level="ERROR")
 for _ in range(120):
     alive = [n for n in ray.nodes() if n["Alive"]]
     if len(alive) == 2:
         break
     time.sleep(1)
-out = dict(nodes=len(alive), resources=sorted(k for n in alive for k in n["Resources"] if k.startswith("node_")))
+out = dict(nodes=len(alive), resources=sorted(k for n in alive for k in n["Resources"] if k.startswith("node_")),
+           cpus=[ray.cluster_resources()["CPU"], node_cpus(ray)])  # a statistics task is sized to one node
 try:
     check_lake_placement({str(tmp_path / 'local-lake')!r}, shared=False)
     out["local"] = "allowed"
@@ -122,6 +123,7 @@ print(json.dumps(out))
         assert p.returncode == 0, p.stderr[-4000:] + (tmp_path / "node_b.log").read_text()[-2000:]
         probe_out = json.loads(p.stdout.strip().splitlines()[-1])
         assert probe_out["nodes"] == 2 and probe_out["resources"] == ["node_b", "node_head"], probe_out
+        assert probe_out["cpus"] == [4, 2], probe_out  # 2 a node: tourray.stats asks no task for all 4
         assert "local folder" in probe_out["local"] and "2 nodes" in probe_out["local"], probe_out
 
         lake = f"s3://{BUCKET}/lake"

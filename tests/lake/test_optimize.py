@@ -27,7 +27,7 @@ def config(qwen3_model, corpus_dir, lake):
 @pytest.fixture(scope="module")
 def captured(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     lake = tmp_path_factory.mktemp("optimize") / "lake"
-    assert run_capture(config(qwen3_model, corpus_dir, lake), progress=False)["groups"] == 6  # one group per sample
+    assert run_capture(config(qwen3_model, corpus_dir, lake), progress=False, executor="local")["groups"] == 6  # one group per sample
     return lake
 
 
@@ -78,7 +78,7 @@ def test_optimize_compacts_and_keeps_every_reading(lake, qwen3_model, corpus_dir
         assert lake.dataset(t).stats.index_stats(RUN_ZONES)["num_unindexed_fragments"] == 0, t
     assert readings(lake) == before
     # a resumed capture finds every sample complete and adds nothing (it only records itself in runs)
-    assert run_capture(config(qwen3_model, corpus_dir, lake.root), progress=False)["captured"] == 0
+    assert run_capture(config(qwen3_model, corpus_dir, lake.root), progress=False, executor="local")["captured"] == 0
     after = readings(lake)
     assert {k: v for k, v in after.items() if k != "runs"} == {k: v for k, v in before.items() if k != "runs"}
 

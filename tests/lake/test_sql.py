@@ -24,7 +24,7 @@ def lakes(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
         lake = tmp_path_factory.mktemp(f"lake-{dtype}")
         cfg = CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="r",
                             store_dtype=dtype, layers=LAYERS[dtype], group_size=2, batch_size=2)
-        assert run_capture(cfg, progress=False)["captured"] == 6
+        assert run_capture(cfg, progress=False, executor="local")["captured"] == 6
         out[dtype] = lake
     return out
 

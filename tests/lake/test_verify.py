@@ -25,7 +25,7 @@ def captured(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     lake = tmp_path_factory.mktemp("verify") / "lake"
     cfg = CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(lake), run="r",
                         layers="embed,0", group_size=2, batch_size=2)
-    run_capture(cfg, progress=False)
+    run_capture(cfg, progress=False, executor="local")
     return lake
 
 

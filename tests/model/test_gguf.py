@@ -181,7 +181,7 @@ def test_capture_equals_gguf_hidden_states(imported, gguf_reference, gguf_sha256
     lake = tmp_path / "lake"
     cfg = CaptureConfig(model=str(imported), samples=str(samples), lake=str(lake), run="smol", layers="0,15,29",
                         store_dtype="float32", batch_size=2, group_size=2)
-    s = run_capture(cfg, progress=False)
+    s = run_capture(cfg, progress=False, executor="local")
     assert s["captured"] == 2
     lk = Lake(str(lake))
     run = lk.read("runs").to_pylist()[0]

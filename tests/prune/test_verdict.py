@@ -35,7 +35,7 @@ FACTUAL = ("number", "proper")
 
 def capture(model, samples, lake, run, **kw):
     cfg = CaptureConfig(model=str(model), samples=str(samples), lake=str(lake), run=run, **KW, **kw)
-    return run_capture(cfg, progress=False)
+    return run_capture(cfg, progress=False, executor="local")
 
 
 @pytest.fixture(scope="module")

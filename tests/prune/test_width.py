@@ -27,7 +27,7 @@ def width_lake(qwen3_model, llama_model, corpus_dir, tmp_path_factory, ray_sessi
     root = tmp_path_factory.mktemp("width_lake")
     for run, model, stats in (("q", qwen3_model, "moments"), ("l", llama_model, "units")):
         run_capture(CaptureConfig(model=str(model), samples=str(corpus_dir), lake=str(root), run=run, store_dtype="float32",
-                                  batch_size=2, group_size=3, stats=[stats]), progress=False)
+                                  batch_size=2, group_size=3, stats=[stats]), progress=False, executor="local")
     return root
 
 

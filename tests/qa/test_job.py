@@ -21,7 +21,7 @@ def qa_lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("qa_lake")
     run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir / "train"), lake=str(root), run="ev",
                               store_dtype="float32", batch_size=2, group_size=3, sites="resid_post,resid_mid",
-                              stats=["moments"]), progress=False)
+                              stats=["moments"]), progress=False, executor="local")
     return root
 
 

@@ -38,8 +38,8 @@ def student_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lakes(qwen3_model, student_model, corpus_dir, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("paired")
-    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root / "teacher"), **KW), progress=False)
-    run_capture(CaptureConfig(model=str(student_model), samples=str(corpus_dir), lake=str(root / "student"), **KW), progress=False)
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root / "teacher"), **KW), progress=False, executor="local")
+    run_capture(CaptureConfig(model=str(student_model), samples=str(corpus_dir), lake=str(root / "student"), **KW), progress=False, executor="local")
     return root / "student", root / "teacher"
 
 
@@ -106,7 +106,7 @@ def test_procrustes_across_widths_needs_k_and_equals_pca_plus_scipy(lakes, capsy
 def test_runs_over_different_texts_are_refused(lakes, student_model, tmp_path, capsys):
     student, teacher = lakes
     other = write_corpus(tmp_path / "other", {"train/a.txt": "A different text about a harbour.\n"})
-    run_capture(CaptureConfig(model=str(student_model), samples=str(other), lake=str(tmp_path / "o"), **KW), progress=False)
+    run_capture(CaptureConfig(model=str(student_model), samples=str(other), lake=str(tmp_path / "o"), **KW), progress=False, executor="local")
     before = lake_snapshot(tmp_path / "o")
     assert main(["solve", "lstsq", "--lake", str(tmp_path / "o"), "--from", "r:1", "--to", f"{teacher}:r:2",
                  "--heldout", "0.01"]) == 2

@@ -27,7 +27,7 @@ def lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("solves") / "lake"
     run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root), run="r",
                               store_dtype="float32", layers="embed,0,1", sites="resid_post,resid_mid", batch_size=3,
-                              group_size=3), progress=False)
+                              group_size=3), progress=False, executor="local")
     return root
 
 

@@ -20,7 +20,7 @@ def lake(qwen3_model, corpus_dir, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("stats") / "lake"
     run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root), run="r",
                               store_dtype="float32", sites="resid_post,resid_mid", batch_size=2, group_size=2),
-                progress=False)
+                progress=False, executor="local")
     return root
 
 
@@ -158,7 +158,7 @@ def test_cli_bad_input_is_one_error_line(lake, capsys):
 def test_bfloat16_vectors(qwen3_model, corpus_dir, tmp_path, ray_session):
     root = tmp_path / "lake"
     run_capture(CaptureConfig(model=str(qwen3_model), samples=str(corpus_dir), lake=str(root), run="b",
-                              store_dtype="bfloat16", layers="0,1", batch_size=3, group_size=3), progress=False)
+                              store_dtype="bfloat16", layers="0,1", batch_size=3, group_size=3), progress=False, executor="local")
     run_stats(StatsConfig(lake=str(root), run="b"), progress=False)
     ref = stored_text_vectors(root, run="b")       # bfloat16 bits -> float32 -> float64
     row = Lake(root).read("pair_stats").to_pylist()[0]

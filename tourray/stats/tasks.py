@@ -50,7 +50,7 @@ class StatsConfig(BaseConfig):
     split: Literal["all", "fit", "heldout"] = Field("all", description="all samples, or one side of a deterministic split by sample id (fit / heldout).")
     heldout: float = Field(0.1, gt=0, lt=1, description="Fraction of samples held out when --split is fit or heldout.")
     workers: int = Field(1, gt=0, description="Ray tasks running at once.")
-    threads: int | None = Field(None, gt=0, description="BLAS threads per task; default: cores / workers.")
+    threads: int | None = Field(None, gt=0, description="BLAS threads per task; default: the largest node's cores / workers.")
     tile_layers: int = Field(4, gt=0, description="Layers per side of an all-pairs tile (memory: tile_layers^2 cross matrices per task).")
     batch_rows: int = Field(4096, gt=0, description="Token rows per batch read from the lake.")
     matrices: bool = Field(True, description="Store full covariance (and, except for --pairs all, cross-covariance) matrices for the solves.")
@@ -385,7 +385,7 @@ def run_stats(cfg: StatsConfig, progress: bool = True) -> dict:
     """Plan each site, run its tiles as Ray tasks (at most `workers` at once), commit the results."""
     from tqdm import tqdm
 
-    from tourray.runtime import init_ray, user_error_in
+    from tourray.runtime import init_ray, node_cpus, user_error_in
     from tourray.stats.linalg import cka_from_norms
 
     t0 = time.perf_counter()
@@ -406,9 +406,7 @@ def run_stats(cfg: StatsConfig, progress: bool = True) -> dict:
         for t in STATS_TABLES:
             lake.ensure(t, lk.schema(t))
         ray = init_ray(cfg.address)
-        import os
-
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        cpus = node_cpus(ray)
         threads = cfg.threads or max(1, cpus // cfg.workers)
         task = ray.remote(run_tile).options(num_cpus=min(threads, cpus))
         mask_ref = ray.put(plan.mask)
