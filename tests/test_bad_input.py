@@ -26,13 +26,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world(qwen3_model, tmp_path_factory):
-    """A lake with run "base" (captured by the CLI), its texts, and files the cases point at."""
+    """A lake with run "base" (captured in this process: the cases are the commands), its texts, and
+    files the cases point at."""
+    from tourray.capture import CaptureConfig, run_capture
+
     root = tmp_path_factory.mktemp("bad")
     samples = write_corpus(root / "samples", dict(list(TEXTS.items())[:3]))
     lake = root / "lake"
-    p = run(["capture", "--model", qwen3_model, "--samples", samples, "--lake", lake, "--run", "base",
-             "--layers", "embed,0", "--group-size", 2, "--no-progress"])
-    assert p.returncode == 0, p.stderr
+    run_capture(CaptureConfig(model=str(qwen3_model), samples=str(samples), lake=str(lake), run="base",
+                              layers="embed,0", group_size=2), progress=False, executor="local")
     files = {
         "broken.yaml": "run: [unclosed\n",
         "list.yaml": "- a\n- b\n",

@@ -166,8 +166,10 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
     (see _kill_capture.py: tables made, no group; a group half committed; between groups; a group's
     files written, none committed; a later group committed before the first; inside the inline
     statistics' merge, every group committed); the lake is checked to be in that state, then a normal
-    run resumes it: byte-identical to the uninterrupted reference, `verify` clean, no never-committed
-    file left, and (merge) the run's merged statistics complete."""
+    run resumes it (in this process with the local executor: the same driver, plan, repair and commits;
+    resumes through the actor pool are test_resume_after_sigkill_is_exact and tests/jobs/test_capture_job.py):
+    byte-identical to the uninterrupted reference, `verify` clean, no never-committed file left, and
+    (merge) the run's merged statistics complete."""
     samples, _, ref = reference
     lake = tmp_path / "lake"
     # inline statistics do not change the stored vectors: the reference (captured without) still holds
@@ -224,7 +226,7 @@ def test_resume_after_sigkill_at_each_instant_is_exact(instant, qwen3_model, ref
         newest = max(os.path.getmtime(f) for fs in debris.values() for f in fs)
         time.sleep(max(0.0, newest + 3.5 - time.time()))
 
-    s = run_capture(cfg, progress=False)
+    s = run_capture(cfg, progress=False, executor="local")
     assert s["already_done"] == len(done) and s["captured"] == 8 - len(done)
     assert s["groups"] == len(groups) - len(complete)
     assert _acts(lake) == ref
