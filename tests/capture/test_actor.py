@@ -3,6 +3,7 @@ or with the local executor (the same stage and commits, no actor process) where 
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -208,15 +209,17 @@ def test_float16_overflow_names_sample_and_layer(qwen3_model, corpus_dir, tmp_pa
         model.model.layers[1].mlp.down_proj.weight.fill_(1e6)  # pushes block 1's output past float16's 65504
     model.save_pretrained(big)
     AutoTokenizer.from_pretrained(qwen3_model).save_pretrained(big)
+    gc.collect()  # a pool an earlier test left for the collector would be freed inside this capture
+    time.sleep(1)
     free = ray_session.available_resources().get("CPU")
     with pytest.raises(UserError, match=r"sample .* layer 1, site resid_post: values are not finite in float16") as err:
         capture(big, corpus_dir, tmp_path / "lake", layers="0-2")
     # the failed capture's actor pool is gone while the error is still held (it kept its CPU until the
     # cyclic garbage collector ran, and a statistics pass asking for every CPU then waited forever)
     deadline = time.time() + 10
-    while ray_session.available_resources().get("CPU") != free and time.time() < deadline:
+    while ray_session.available_resources().get("CPU") < free and time.time() < deadline:
         time.sleep(0.1)
-    assert ray_session.available_resources().get("CPU") == free and err.value
+    assert ray_session.available_resources().get("CPU") >= free and err.value
 
 
 def test_a_non_finite_vector_of_one_sample_is_refused_by_name(qwen3_model, corpus_dir, tmp_path, monkeypatch):

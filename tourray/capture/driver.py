@@ -16,6 +16,7 @@ import json
 import os
 import logging
 import time
+import traceback
 from typing import Iterator, Literal
 
 import pyarrow as pa
@@ -125,7 +126,7 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
              compact_layers(plan.layers), ",".join(s.value for s in cfg.sites), cfg.store_dtype.value)
     if pending:
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
-        t1, committed, failed = time.perf_counter(), set(), None
+        t1, committed, failed, results = time.perf_counter(), set(), None, None
         try:
             if executor == "local":
                 results = local_capture(plan, done)
@@ -155,6 +156,7 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
             if not (failed := user_error_in(e)):
                 if not type(e).__module__.startswith("ray"):
                     raise  # the driver's own failure (a commit, the lease): not a group that kept failing
+                log.debug("capture failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
                 left = [group_name(g) for g in groups(plan, done | committed)]
                 failed = UserError(f"capture failed after {MAX_TRIES} tries on one of the group(s) not committed: "
                                    f"{'; '.join(left[:4])}{' ...' if len(left) > 4 else ''} ({type(e).__name__}: "
@@ -166,6 +168,7 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
             # dropping their handles): until the cyclic collector ran, the pool kept its CPUs, and a statistics
             # pass asking for every CPU waited for them forever. Raised outside `except`, unchained, so the
             # error's traceback holds none of it (tests/capture/test_actor.py::test_float16_overflow_names_sample_and_layer)
+            results = None  # its executor holds the error that holds the pool: this frame outlives the raise
             gc.collect()
             raise failed
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
