@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import queue
@@ -14,7 +15,8 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+import traceback
+from typing import Callable, Iterator
 
 from tourray.errors import UserError
 
@@ -137,6 +139,31 @@ def user_error_in(e: BaseException) -> UserError | None:
             return UserError(m[1].strip())
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
+
+
+def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None = None) -> Iterator:
+    """A Ray Data pipeline's output blocks, each as soon as it is computed (no prefetch: the consumer
+    commits one before the next arrives, so a kill loses one group, not two).
+
+    A failed execution leaves its actor pool in a reference cycle with the error (Ray Data frees actors by
+    dropping their handles): until the cyclic collector ran, the pool kept its CPUs, and a later task asking
+    for every CPU of the node waited forever. So on failure the iterator is dropped, the collector run, and
+    the error raised outside `except`, unchained: a UserError raised inside an actor as itself, Ray's own
+    failure as `on_ray_error(e)` when given (its full text goes to the debug log), anything else as it is.
+    """
+    it, failed = ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"), None
+    try:
+        yield from it
+    except Exception as e:  # noqa: BLE001 - sorted below; what is not ours or Ray's goes on as it is
+        if (failed := user_error_in(e)) is None:
+            if on_ray_error is None or not type(e).__module__.startswith("ray"):
+                raise
+            log.debug("Ray Data pipeline failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
+            failed = on_ray_error(e)
+    if failed is not None:
+        ds = it = None  # they hold the error that holds the pool, and this frame outlives the raise
+        gc.collect()
+        raise failed
 
 
 @contextlib.contextmanager

@@ -1,11 +1,10 @@
-"""The capture job end to end: killed and resumed, crashed between commits, submitted to a real
-Ray head through the Jobs API. Each compares the lake with an uninterrupted capture."""
+"""The capture job end to end: killed and resumed, crashed between commits. Each compares the lake with
+an uninterrupted capture (`ray job submit` to a real cluster: tests/jobs/test_cluster.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -107,67 +106,3 @@ def test_crash_between_table_commits_is_rolled_back(qwen3_model, reference, tmp_
     assert half["samples"] == 4 and half["blocks"] == 5 * 2  # group 5's blocks/tokens/activations are orphans
     run_capture(cfg, progress=False)
     assert rows(lake) == want
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def submit_and_wait(client, args, timeout=400):
-    """Submit `python jobs/capture.py ARGS` (retrying while the head's job agent starts) and wait."""
-    from ray.job_submission import JobStatus
-
-    entry = " ".join([sys.executable, "jobs/capture.py", *map(str, args)])
-    deadline = time.time() + timeout
-    while True:
-        try:
-            job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO), "excludes": ["lake/", "reports/"]})
-            break
-        except RuntimeError as e:  # "No available agent to submit job" while the head warms up
-            assert time.time() < deadline, f"could not submit: {e}"
-            time.sleep(2)
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, "job did not finish"
-        time.sleep(1)
-    return job
-
-
-def test_ray_job_submit_to_a_local_head(qwen3_model, reference, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    samples, want = reference
-    lake = tmp_path / "lake"
-    gcs, dash, agent, agent_grpc, client_port, metrics = (_free_port() for _ in range(6))
-    bin_dir = Path(sys.executable).parent
-    env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}")
-    # --block keeps the head in this process group, so the test stops exactly this cluster
-    # (`ray stop` would also kill the embedded Ray of this test session).
-    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
-                             # free ports: the job agent's default (52365) may belong to another Ray here
-                             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-                             "--ray-client-server-port", str(client_port), "--metrics-export-port", str(metrics)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = None
-        for _ in range(120):  # the dashboard takes a while to come up
-            try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(1)
-        assert client is not None, "Ray head did not come up"
-        job = submit_and_wait(client, capture_args(qwen3_model, samples, lake))
-        logs = client.get_job_logs(job)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-        assert "captured 40 samples" in logs
-        assert rows(lake) == want
-        # a relative lake inside a job would vanish with the job's working-dir copy: refused
-        bad = submit_and_wait(client, capture_args(qwen3_model, samples, "lake"))
-        assert client.get_job_status(bad) == JobStatus.FAILED
-        assert "is relative" in client.get_job_logs(bad)
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)

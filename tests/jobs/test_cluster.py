@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine (a head and a second node, each with 2 CPUs and its own
 custom resource), a capture submitted with `ray job submit --working-dir .` into an s3:// lake served
-by moto: its actors run on both nodes, and the lake verifies. A local-folder lake on that cluster is
-refused by `check_lake_placement` unless it is declared shared.
+by moto: its actors run on both nodes, the lake verifies and holds exactly the rows of the same capture
+run in one process. A local-folder lake on that cluster is refused by `check_lake_placement` unless it
+is declared shared, and a relative lake path in a submitted job is refused.
 
 Each node runs `ray start --block` in its own session (process group), so the test stops exactly
 this cluster (never `ray stop`, which would stop every Ray on the machine) even when it fails.
@@ -137,14 +138,17 @@ print(json.dumps(out))
         for name in ("jobs", "tourray"):  # the lake's schemas and queries are inside the package
             shutil.copytree(REPO / name, stage / name, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "configs"))
-        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                  sys.executable, "jobs/capture.py", "--model", str(qwen3_model), "--samples", str(samples),
-                  "--lake", lake, "--run", "two-nodes", "--group-size", "1", "--batch-size", "1",
-                  "--layers", "embed,1", "--actors", "2", "--cpus-per-actor", "1.5", "--threads", "1",
-                  "--no-progress"]
+
+        def submit(lake: str) -> list[str]:
+            return [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                    sys.executable, "jobs/capture.py", "--model", str(qwen3_model), "--samples", str(samples),
+                    "--lake", lake, "--run", "two-nodes", "--group-size", "1", "--batch-size", "1",
+                    "--layers", "embed,1", "--actors", "2", "--cpus-per-actor", "1.5", "--threads", "1",
+                    "--no-progress"]
+
         deadline = time.time() + 420
         while True:  # the head's job agent may take a while to accept jobs
-            job = subprocess.run(submit, env=env, cwd=stage, capture_output=True, text=True, timeout=480)
+            job = subprocess.run(submit(lake), env=env, cwd=stage, capture_output=True, text=True, timeout=480)
             if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
                 break
             time.sleep(3)
@@ -169,20 +173,33 @@ print(json.dumps(dict(actors=len(actors), nodes=sorted({{r for a in actors for r
         placed = json.loads(p.stdout.strip().splitlines()[-1])
         assert placed["actors"] >= 2 and placed["nodes"] == ["node_b", "node_head"], (placed, logs[-3000:])
 
-        # the lake on the object store is complete and consistent, read from this process
+        # a relative lake inside a job would vanish with the job's working-dir copy: refused
+        bad = subprocess.run(submit("lake"), env=env, cwd=stage, capture_output=True, text=True, timeout=480)
+        assert bad.returncode != 0 and "is relative" in bad.stdout + bad.stderr, (bad.stdout + bad.stderr)[-4000:]
+
+        # the lake on the object store is complete and consistent, and holds exactly the rows of the same
+        # capture run in one process (the local executor, 1 torch thread as each actor had)
         check = f"""
-import json
+import json, sys
+sys.path[:0] = [{str(REPO / "tests")!r}, {str(REPO / "tests" / "jobs")!r}]
+from test_capture_job import rows
+from tourray.capture import CaptureConfig, run_capture
 from tourray.lake.sql import connect
 from tourray.lake.verify import verify
 checked, problems = verify({lake!r}, "two-nodes")
 n = connect({lake!r}).execute("SELECT count(DISTINCT sample_id) FROM samples WHERE run = 'two-nodes'").fetchone()[0]
-print(json.dumps(dict(checked=checked, problems=problems, samples=n)))
+ref = {str(tmp_path / "ref-lake")!r}
+run_capture(CaptureConfig(model={str(qwen3_model)!r}, samples={str(samples)!r}, lake=ref, run="two-nodes", group_size=1,
+                          batch_size=1, layers="embed,1", threads=1), progress=False, executor="local")
+want, got = rows(ref), rows({lake!r})
+print(json.dumps(dict(checked=checked, problems=problems, samples=n, counts=got["counts"], same_rows=got == want)))
 """
         p = subprocess.run([sys.executable, "-c", check], env=dict(env, PYTHONPATH=str(REPO)), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-4000:]
         got = json.loads(p.stdout.strip().splitlines()[-1])
         assert got["problems"] == [] and got["checked"] > 0 and got["samples"] == n, got
+        assert got["same_rows"] and got["counts"]["samples"] == n, got
     finally:
         _stop(procs)
         log_head.close()

@@ -55,19 +55,19 @@ from tourray.lake.sql import connect
 from tourray.stats.tasks import StatsConfig, run_stats
 from tourray.lake.verify import verify
 
-lake_uri, model, corpus, so = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+lake_uri, model, corpus, so, executor = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
 kw = dict(model=model, samples=corpus, lake=lake_uri, run="s3run", group_size=2, batch_size=2, stats=["moments"])
 if so:
     kw["storage_options"] = so
 cfg = CaptureConfig(**kw)
-first = run_capture(cfg, progress=False)
+first = run_capture(cfg, progress=False, executor=executor)
 lake = Lake(lake_uri, so or None)
 # simulate a kill after the first groups: drop the last committed sample's rows so a re-run redoes it
 last = sorted(lake.read("samples", ["sample_id"]).column(0).to_pylist())[-1]
 for t in ("samples",):
     lake.delete(t, f"sample_id = '{last}'")
-again = run_capture(cfg, progress=False)
-third = run_capture(cfg, progress=False)
+again = run_capture(cfg, progress=False, executor=executor)
+third = run_capture(cfg, progress=False, executor=executor)
 checked, problems = verify(lake, "s3run")
 con = connect(lake)
 n_tok = con.execute("SELECT count(*) FROM tokens WHERE run = 's3run'").fetchone()[0]
@@ -96,17 +96,20 @@ def check_scenario(out: dict, n_samples: int) -> None:
     assert out["stat_layers"] == 4 and out["layer_stats_rows"] >= 4  # embed + 3 blocks
 
 
-def scenario(env: dict, lake_uri: str, model, corpus, storage_options: dict | None = None) -> dict:
+def scenario(env: dict, lake_uri: str, model, corpus, storage_options: dict | None = None, executor: str = "ray") -> dict:
     p = subprocess.run([sys.executable, "-c", SCENARIO, lake_uri, str(model), str(corpus),
-                        json.dumps(storage_options or {})], env=env, cwd=REPO, capture_output=True, text=True,
+                        json.dumps(storage_options or {}), executor], env=env, cwd=REPO, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, f"rc {p.returncode}\nstderr:\n{p.stderr[-6000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def test_s3_lake_env_credentials(s3, qwen3_model, corpus_dir):
+    """Credentials from AWS_* in the environment. The capture runs in the driver (the local executor) and
+    the statistics pass in Ray tasks, which inherit the environment; capture actors writing to S3 with
+    credentials from the environment are tests/jobs/test_cluster.py's (and storage_options' below)."""
     n = len(list(Path(corpus_dir).rglob("*.txt")))
-    out = scenario(s3_env(s3), f"s3://{BUCKET}/env-lake", qwen3_model, corpus_dir)
+    out = scenario(s3_env(s3), f"s3://{BUCKET}/env-lake", qwen3_model, corpus_dir, executor="local")
     check_scenario(out, n)
 
 

@@ -11,12 +11,10 @@ of samples that never got theirs (a killed run), then captures only what is miss
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import logging
 import time
-import traceback
 from typing import Iterator, Literal
 
 import pyarrow as pa
@@ -115,7 +113,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, executor: Literal["ra
 def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progress: bool, executor: str) -> dict:
     from tqdm import tqdm
 
-    from tourray.runtime import init_ray, user_error_in
+    from tourray.runtime import init_ray, pool_batches
 
     done = prepare_lake(plan, lease.holder)
     pending = [s for s in plan.samples if s.sample_id not in done]
@@ -126,16 +124,20 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
              compact_layers(plan.layers), ",".join(s.value for s in cfg.sites), cfg.store_dtype.value)
     if pending:
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
-        t1, committed, failed, results = time.perf_counter(), set(), None, None
+        t1, committed = time.perf_counter(), set()
+
+        def gave_up(e: BaseException) -> UserError:  # Ray's error after MAX_TRIES of one group
+            left = [group_name(g) for g in groups(plan, done | committed)]
+            return UserError(f"capture failed after {MAX_TRIES} tries on one of the group(s) not committed: "
+                             f"{'; '.join(left[:4])}{' ...' if len(left) > 4 else ''} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})")
+
+        if executor == "local":
+            results = local_capture(plan, done)
+        else:
+            init_ray(cfg.address)
+            results = pool_batches(build_capture(plan, done), on_ray_error=gave_up)
         try:
-            if executor == "local":
-                results = local_capture(plan, done)
-            else:
-                init_ray(cfg.address)
-                # prefetch_batches=0: commit each group as soon as it arrives (a prefetching iterator
-                # holds a result back until the next one, so a kill would lose two groups, not one)
-                results = build_capture(plan, done).iter_batches(batch_size=None, prefetch_batches=0,
-                                                                    batch_format="pyarrow")
             for row in (r for b in results for r in b.to_pylist()):
                 frags = json.loads(row["fragments"])
                 lease.check()
@@ -152,25 +154,8 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
                 dt_s = time.perf_counter() - t1
                 bar.update(row["n_samples"])
                 bar.set_postfix_str(f"{summary['captured'] / dt_s:.2f} samples/s, {summary['tokens'] / dt_s:,.0f} tokens/s")
-        except Exception as e:  # noqa: BLE001 - surface a user error raised inside an actor as itself
-            if not (failed := user_error_in(e)):
-                if not type(e).__module__.startswith("ray"):
-                    raise  # the driver's own failure (a commit, the lease): not a group that kept failing
-                log.debug("capture failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
-                left = [group_name(g) for g in groups(plan, done | committed)]
-                failed = UserError(f"capture failed after {MAX_TRIES} tries on one of the group(s) not committed: "
-                                   f"{'; '.join(left[:4])}{' ...' if len(left) > 4 else ''} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''})")
         finally:
             bar.close()
-        if failed:
-            # a failed Ray Data execution leaves its actor pool in a reference cycle (Ray Data frees actors by
-            # dropping their handles): until the cyclic collector ran, the pool kept its CPUs, and a statistics
-            # pass asking for every CPU waited for them forever. Raised outside `except`, unchained, so the
-            # error's traceback holds none of it (tests/capture/test_actor.py::test_float16_overflow_names_sample_and_layer)
-            results = None  # its executor holds the error that holds the pool: this frame outlives the raise
-            gc.collect()
-            raise failed
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
     # merge the groups' parts into layer/pair stats, unless this run's merge of exactly these samples

@@ -254,7 +254,7 @@ def run_tours(cfg: ToursConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from tourray.lake.tables import Lake, schema
-    from tourray.runtime import init_ray, user_error_in
+    from tourray.runtime import init_ray, pool_batches
 
     t0 = time.perf_counter()
     plan = plan_tours(cfg)
@@ -269,10 +269,11 @@ def run_tours(cfg: ToursConfig, progress: bool = True) -> dict:
             ds, n_pending = build_tours(plan, done)
             log.info("tours %s: %d inputs, %d already written, %d to write with %s (%s, %s)", cfg.run, plan.inputs.num_rows,
                      summary["already_done"], n_pending, cfg.model, cfg.engine.value, cfg.decoding.describe())
+            batches, ds = pool_batches(ds), None  # a failure's traceback holds this frame: not the pool
             bar = tqdm(total=n_pending, unit="tour", disable=not progress, dynamic_ncols=True)
             t1 = time.perf_counter()
             try:
-                for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
+                for batch in batches:
                     lease.check()
                     lake.append("tours", batch, schema("tours"))
                     summary["groups"] += 1
@@ -280,10 +281,6 @@ def run_tours(cfg: ToursConfig, progress: bool = True) -> dict:
                     summary["new_tokens"] += sum(batch.column("new_tokens").to_pylist())
                     bar.update(batch.num_rows)
                     bar.set_postfix_str(f"{summary['new_tokens'] / (time.perf_counter() - t1):.1f} tokens/s")
-            except Exception as e:  # noqa: BLE001 - a user error raised inside an actor, as itself
-                if err := user_error_in(e):
-                    raise err from None
-                raise
             finally:
                 bar.close()
             summary["generate_seconds"] = round(time.perf_counter() - t1, 2)
