@@ -5,6 +5,7 @@ tensor; bad inputs give one `error:` line, exit 2, and write nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -73,16 +74,27 @@ def weights(folder) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """An uninterrupted heal of 10 steps on one worker, from a relative --student (Ray Train's workers run
+    elsewhere): the kill test's reference weights and the DDP test's one-worker held-out KL."""
     from tourray.heal.train import run_heal
 
-    monkeypatch.chdir(world["root"])  # a relative --student (Ray Train's workers run elsewhere)
+    out = tmp_path_factory.mktemp("ref") / "ref"
     before = set(Path(tempfile.gettempdir()).glob("heal-*"))
-    ref = run_heal(heal_cfg(world, tmp_path / "ref", run="ref", student="student"), progress=False)
+    with contextlib.chdir(world["root"]):
+        ref = run_heal(heal_cfg(world, out, run="ref", student="student"), progress=False)
+    return dict(ref, out=out, temp_before=before, temp_after=set(Path(tempfile.gettempdir()).glob("heal-*")))
+
+
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, reference, tmp_path):
+    from tourray.heal.train import run_heal
+
+    ref = reference
     assert ref["steps"] == 10 and not ref["already_done"]
     # each checkpoint is written to a temporary folder that Ray Train copies; none may stay behind (a CI
     # machine once filled its disk with them)
-    assert set(Path(tempfile.gettempdir()).glob("heal-*")) <= before
+    assert ref["temp_after"] <= ref["temp_before"]
     cfg = heal_cfg(world, tmp_path / "killed", run="killed")
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "_kill_heal.py"), cfg.model_dump_json()],
                        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
@@ -93,7 +105,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, tmp_path, mo
     assert logged and max(logged) < 10  # killed mid-run
     out = run_heal(cfg, progress=False)
     assert out["steps"] == 10 and out["tokens"] == ref["tokens"]
-    a, b = weights(tmp_path / "ref"), weights(tmp_path / "killed")
+    a, b = weights(ref["out"]), weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
@@ -201,19 +213,22 @@ def test_bad_input_is_one_error_and_writes_nothing(bad_world, case, tmp_path):
     assert sorted(p.name for p in bad_world["started"].rglob("*")) == started
 
 
-def test_two_workers_train_with_ddp_and_validate_on_the_whole_held_out_slice(world, tmp_path):
+def test_two_workers_train_with_ddp_and_validate_on_the_whole_held_out_slice(world, reference, tmp_path):
     """Two CPU workers (DDP over gloo, half a CPU each so Ray Data keeps a core): each step trains on
     both workers' texts, and the held-out KL before training equals one worker's (every worker reads the
     whole held-out slice; an equal split of a one-text slice would leave both with nothing)."""
     from tourray.heal.train import run_heal
 
-    one = run_heal(heal_cfg(world, tmp_path / "one", run="one", max_steps=1, eval_every=1), progress=False)
+    one = reference  # the same student and held-out slice on one worker
     two = run_heal(heal_cfg(world, tmp_path / "two", run="two", max_steps=2, eval_every=1, workers=2,
                             cpus_per_worker=0.5), progress=False)
     assert two["val_kl_before"] > 0 and abs(two["val_kl_before"] - one["val_kl_before"]) < 1e-6
     log = Lake(str(world["lake"])).read("heal_log", filter="run = 'two'").sort_by("step").to_pylist()
     assert [r["step"] for r in log] == [0, 1, 2] and all(r["val_kl"] > 0 for r in log)
-    assert two["steps"] == 2 and two["tokens"] > one["tokens"]  # two workers' texts per step
+    # two workers' texts per step: more tokens in its first step than one worker's first step
+    first = Lake(str(world["lake"])).read("heal_log", ["run", "tokens"], filter="step = 1 AND run IN ('ref', 'two')")
+    first = dict(zip(*first.to_pydict().values()))
+    assert two["steps"] == 2 and first["two"] > first["ref"], first
 
 
 def test_embedded_ray_trainer_leaves_out_the_placement_group_cleaner(monkeypatch):
