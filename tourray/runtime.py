@@ -149,17 +149,22 @@ def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None =
     dropping their handles): until the cyclic collector ran, the pool kept its CPUs, and a later task asking
     for every CPU of the node waited forever. So on failure the iterator is dropped, the collector run, and
     the error raised outside `except`, unchained: a UserError raised inside an actor as itself, Ray's own
-    failure as `on_ray_error(e)` when given (its full text goes to the debug log), anything else as it is.
+    failure as `on_ray_error(e)` when given (its full text goes to the debug log), anything else as it is,
+    its traceback's frames cleared of their locals (which hold the pool). A consumer that stops early
+    (its own error) closes the generator, which closes Ray's iterator.
     """
     it, failed = ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"), None
     try:
         yield from it
-    except Exception as e:  # noqa: BLE001 - sorted below; what is not ours or Ray's goes on as it is
+    except Exception as e:  # noqa: BLE001 - every failure of the pipeline, sorted below
         if (failed := user_error_in(e)) is None:
-            if on_ray_error is None or not type(e).__module__.startswith("ray"):
-                raise
-            log.debug("Ray Data pipeline failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
-            failed = on_ray_error(e)
+            if on_ray_error is not None and type(e).__module__.startswith("ray"):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("Ray Data pipeline failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
+                failed = on_ray_error(e)
+            else:
+                traceback.clear_frames(e.__traceback__)  # the lines stay; the locals that hold the pool go
+                failed = e
     if failed is not None:
         ds = it = None  # they hold the error that holds the pool, and this frame outlives the raise
         gc.collect()

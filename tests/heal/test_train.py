@@ -5,7 +5,6 @@ tensor; bad inputs give one `error:` line, exit 2, and write nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -82,7 +81,8 @@ def reference(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ref") / "ref"
     before = set(Path(tempfile.gettempdir()).glob("heal-*"))
-    with contextlib.chdir(world["root"]):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(world["root"])
         ref = run_heal(heal_cfg(world, out, run="ref", student="student"), progress=False)
     return dict(ref, out=out, temp_before=before, temp_after=set(Path(tempfile.gettempdir()).glob("heal-*")))
 

@@ -123,7 +123,6 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
              cfg.run, len(plan.samples), summary["already_done"], len(pending),
              compact_layers(plan.layers), ",".join(s.value for s in cfg.sites), cfg.store_dtype.value)
     if pending:
-        bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
         t1, committed = time.perf_counter(), set()
 
         def gave_up(e: BaseException) -> UserError:  # Ray's error after MAX_TRIES of one group
@@ -137,6 +136,7 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
         else:
             init_ray(cfg.address)
             results = pool_batches(build_capture(plan, done), on_ray_error=gave_up)
+        bar = tqdm(total=len(pending), unit="sample", disable=not progress, dynamic_ncols=True)
         try:
             for row in (r for b in results for r in b.to_pylist()):
                 frags = json.loads(row["fragments"])
@@ -156,6 +156,7 @@ def _capture(cfg: CaptureConfig, plan: Plan, lease: RunLease, t0: float, progres
                 bar.set_postfix_str(f"{summary['captured'] / dt_s:.2f} samples/s, {summary['tokens'] / dt_s:,.0f} tokens/s")
         finally:
             bar.close()
+            results.close()  # after a failure of this loop's own (a commit, the lease): the pool stops now
         summary["capture_seconds"] = round(time.perf_counter() - t1, 2)
         summary["tokens_per_s"] = round(summary["tokens"] / max(summary["capture_seconds"], 1e-9), 1)
     # merge the groups' parts into layer/pair stats, unless this run's merge of exactly these samples

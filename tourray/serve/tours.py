@@ -283,6 +283,7 @@ def run_tours(cfg: ToursConfig, progress: bool = True) -> dict:
                     bar.set_postfix_str(f"{summary['new_tokens'] / (time.perf_counter() - t1):.1f} tokens/s")
             finally:
                 bar.close()
+                batches.close()  # after a failure of this loop's own (the lease, a write): the pool stops now
             summary["generate_seconds"] = round(time.perf_counter() - t1, 2)
             summary["tokens_per_s"] = round(summary["new_tokens"] / max(summary["generate_seconds"], 1e-9), 2)
     if plan.export is not None:
