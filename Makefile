@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 # pip installs torch (it finds a local CPU wheel where pip.conf names one), uv the rest: the same versions
-# pip resolves (measured: both venvs 170 s against 297 s with pip on the 2-core VM). --compile-bytecode as
+# pip resolves (both venvs, cold caches, 2-core VM: 170 s and 414 s in two runs; 297 s with pip in one). --compile-bytecode as
 # pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc recompiles torch and transformers
 # in every process (the suite took 2144 s instead of 1275 s). uv reads no pip.conf:
 # point it at a private index with UV_INDEX_URL / UV_EXTRA_INDEX_URL, or run make PKG_INSTALL='$(1)/python -m pip install -q'.
