@@ -15,6 +15,7 @@ from collections import Counter
 import pyarrow as pa
 
 from tourray.errors import UserError
+from tourray.runtime import keep_freed_memory
 
 
 class Stage(abc.ABC):
@@ -24,6 +25,7 @@ class Stage(abc.ABC):
     inputs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
+        keep_freed_memory()  # batched tensor work: reuse freed memory instead of faulting it in again
         self.stats: Counter[str] = Counter()
         self._checked = False
 

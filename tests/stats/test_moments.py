@@ -90,3 +90,33 @@ def test_refuses_mismatched_shapes():
         Moments(4) + Moments.of(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="weights"):
         Moments.of(np.zeros((3, 4)), np.ones(2))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "np.float16", "np.float32"])
+@pytest.mark.parametrize("full", [True, False])
+def test_a_low_precision_batch_counts_near_zero_as_its_float64_copy_would(dtype, full):
+    """|x|, its maximum and the near-zero count run in the batch's own dtype (a capture's float32 or
+    bfloat16): each must equal what the float64 copy gives, also for values that round to the
+    threshold in that dtype (float32(1e-3) > 1e-3); the sums agree to float64 rounding."""
+    rng = np.random.default_rng(3)
+    nz = 1e-3
+    x = rng.normal(scale=2e-3, size=(400, 6))
+    if dtype.startswith("np."):
+        x = x.astype(getattr(np, dtype[3:]))
+        x[:50, 0] = x.dtype.type(nz)  # nz rounded to the dtype: above 1e-3 in float16 and float32
+        x[50:60, 1] = -x.dtype.type(nz)
+        lo, ref = x, x.astype(np.float64)
+    else:
+        lo = torch.from_numpy(x).to(getattr(torch, dtype))
+        lo[:50, 0] = torch.tensor(nz, dtype=torch.float64).to(lo.dtype)
+        lo[50:60, 1] = -lo[0, 0]
+        ref = lo.to(torch.float64).numpy()
+    m, m64 = Moments.of(lo, full=full, near_zero=nz).to_numpy(), Moments.of(ref, full=full, near_zero=nz)
+    assert rel(m.zero_w, m64.zero_w) == 0 and rel(m.absmax, m64.absmax) == 0
+    # the rounded threshold itself (rows 0-49): counted only where it is <= 1e-3 (bfloat16), not in float16 / float32
+    assert m.zero_w[0] == 50 * (float(ref[0, 0]) <= nz) + (np.abs(ref[50:, 0]) <= nz).sum()
+    assert rel(m.abs_w, m64.abs_w) < 1e-12 and rel(m.mean, m64.mean) < 1e-12 and rel(m.m2, m64.m2) < 1e-12
+    assert m.norm_w == pytest.approx(m64.norm_w, rel=1e-12)
+    assert lo.dtype != torch.float64 and np.asarray(ref).dtype == np.float64  # the caller's batch is left as it was
+    again = Moments.of(lo, full=full, near_zero=nz).to_numpy()
+    assert rel(again.m2, m.m2) == 0

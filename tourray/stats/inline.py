@@ -76,19 +76,21 @@ class InlineStats:
         if text is None:
             return
         for k in sorted(tensors, key=lambda k: k[0]):  # layer order: a pair's first member comes first
+            # the model's dtype: `Moments` widens to float64 itself, after its exact |x| passes
+            x = tensors[k][text]
             if k in self.keys:
-                rows = tensors[k][text].to(torch.float64)
-                self.moments.setdefault(k, Moments(rows.shape[1], near_zero=self.near_zero)).update(rows)
-                if (a := self.pair_of.get(k)) is not None:
+                self.moments.setdefault(k, Moments(x.shape[1], near_zero=self.near_zero)).update(x)
+                a = self.pair_of.get(k)
+                rows = x.to(torch.float64) if a is not None or k in self._firsts else None
+                if a is not None:
                     first = self._held.pop(a)
                     self.cross.setdefault((a, k), CrossMoments(first.shape[1], rows.shape[1])).update(first, rows)
                 if k in self._firsts:
                     self._held[k] = rows
             elif k in self.inner_keys:
-                t = tensors[k][text].to(torch.float64)
                 if k[1] == "head_out":  # [n, H * head_dim] -> per-head norms [n, H]
-                    t = t.reshape(t.shape[0], self.num_heads, -1).norm(dim=-1)
-                self.moments.setdefault(k, Moments(t.shape[1], full=False, near_zero=self.near_zero)).update(t)
+                    x = torch.linalg.vector_norm(x.reshape(x.shape[0], self.num_heads, -1), dim=-1, dtype=torch.float64)
+                self.moments.setdefault(k, Moments(x.shape[1], full=False, near_zero=self.near_zero)).update(x)
 
     def part_rows(self, run: str, sample_ids: list[str]) -> list[dict]:
         """This group's accumulators as `moments` rows (kind *_part), then reset."""

@@ -57,6 +57,26 @@ def _weights(x, weights):
     return w
 
 
+def _at_most(value: float, dtype, xp):
+    """The largest number of `dtype` not above `value`: for x of that dtype, x <= it exactly when
+    float64(x) <= value (a plain comparison would round `value` to the dtype, perhaps upwards)."""
+    if xp is np:
+        t = np.asarray(value, dtype=np.float64).astype(dtype)
+        return t if float(t) <= value else np.nextafter(t, dtype.type(-np.inf))
+    t = xp.tensor(value, dtype=xp.float64).to(dtype)
+    return t if float(t) <= value else xp.nextafter(t, xp.tensor(-float("inf"), dtype=dtype))
+
+
+def _rowdot(a, b):
+    """sum_j a_ij b_ij per row, without an [n, d] product (torch's `vecdot` makes one)."""
+    return _xp(a).einsum("ij,ij->i", a, b)
+
+
+def _rownorm(x):
+    """Euclidean norm of each row, without an [n, d] temporary."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x)) if isinstance(x, np.ndarray) else _xp(x).linalg.vector_norm(x, dim=1)
+
+
 def _to_numpy(v):
     if v is None or isinstance(v, (int, float, np.ndarray)):
         return v
@@ -95,30 +115,35 @@ class Moments:
     @classmethod
     def of(cls, x, weights=None, full: bool = True, near_zero: float = 1e-3) -> "Moments":
         """The moments of one batch, computed directly (two passes over the batch: mean, then
-        centred products)."""
+        centred products). |x|, its maximum and the near-zero test are exact in the batch's own
+        dtype, so they run there (a capture hands float32, bfloat16 or float16): only the sums are
+        float64, and the float64 copy is centred in place when this call made it."""
         xp = _xp(x)
-        x = _f64(x)
-        v = _weights(x, weights)
-        n, d = x.shape
+        ax = abs(x)
+        small = ax <= _at_most(near_zero, x.dtype, xp)  # counted as integers (exact), weighted as float64
+        absmax = _f64(xp.amax(ax, 0))
+        x64 = _f64(x)
+        v = _weights(x64, weights)
+        n, d = x64.shape
         w = float(n) if v is None else float(v.sum())
-        mean = x.sum(0) / n if v is None else (v @ x) / w
-        xc = x - mean
-        xv = xc if v is None else xc * v[:, None]
+        mean = x64.sum(0) / n if v is None else (v @ x64) / w
+        norms = _rownorm(x64)
+        zero_w = _f64(small.sum(0)) if v is None else v @ _f64(small)
+        del small
+        abs_w = _f64(ax).sum(0) if v is None else v @ _f64(ax)
+        del ax
+        if x64.dtype != x.dtype and v is None:  # a copy of our own: centre (and, for the diagonal, square) in place
+            xc = x64.__isub__(mean)
+        else:
+            xc = x64 - mean
         if full:
-            m2 = xv.T @ xc
+            m2 = (xc if v is None else xc * v[:, None]).T @ xc
         elif v is None:  # in place on the one centred temporary: at d_ff wide, passes over memory are the cost
             m2 = (xc.square_() if xp is not np else np.square(xc, out=xc)).sum(0)
         else:
-            m2 = (xv * xc).sum(0)
-        ax = abs(x)
-        small = ax <= near_zero  # counted as integers (exact), weighted as float64
-        # row norms without an [n, d] temporary of x * x
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x)) if xp is np else xp.linalg.vector_norm(x, dim=1)
-        return cls(d=d, full=full, near_zero=near_zero, n=n, w=w, mean=mean, m2=m2,
-                   absmax=xp.amax(ax, 0),
-                   zero_w=_f64(small.sum(0)) if v is None else v @ _f64(small),
-                   abs_w=ax.sum(0) if v is None else v @ ax,
-                   norm_w=float(norms.sum() if v is None else v @ norms))
+            m2 = (xc * v[:, None] * xc).sum(0)
+        return cls(d=d, full=full, near_zero=near_zero, n=n, w=w, mean=mean, m2=m2, absmax=absmax,
+                   zero_w=zero_w, abs_w=abs_w, norm_w=float(norms.sum() if v is None else v @ norms))
 
     def merge(self, other: "Moments", inplace: bool = False) -> "Moments":
         """Exact pairwise merge (Chan et al.): the moments of both parts' tokens together."""
@@ -229,16 +254,15 @@ class CrossMoments:
         if keep_matrix:
             ac = a - mean_a
             m_ab = (ac if v is None else ac * v[:, None]).T @ (b - mean_b)
-        na = xp.sqrt((a * a).sum(1))
+        na = _rownorm(a)
         out = cls(d_a=a.shape[1], d_b=b.shape[1], n=n, w=w, mean_a=mean_a, mean_b=mean_b, m_ab=m_ab,
                   sq_a_w=float(wsum(na * na)), keep_matrix=keep_matrix)
         if a.shape[1] == b.shape[1]:  # per-token comparisons need one space
-            nb = xp.sqrt((b * b).sum(1))
-            denom = na * nb
-            cos = xp.clip((a * b).sum(1) / (denom + (denom == 0)), -1.0, 1.0)  # a zero vector: cosine 0
-            diff = b - a
+            denom = na * _rownorm(b)
+            cos = xp.clip(_rowdot(a, b) / (denom + (denom == 0)), -1.0, 1.0)  # a zero vector: cosine 0
+            dn = _rownorm(b - a)
             out.cos_w, out.angle_w = float(wsum(cos)), float(wsum(xp.arccos(cos) / np.pi))
-            out.diff_w = float(wsum((diff * diff).sum(1)))
+            out.diff_w = float(wsum(dn * dn))
         return out
 
     def merge(self, other: "CrossMoments", inplace: bool = False) -> "CrossMoments":
