@@ -43,8 +43,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc unmaps or trims every freed block above 128 KiB-32 MiB, so a batched forward's
     temporaries (and inline statistics' float64 copies) fault their pages in again on every batch:
-    ~10 million minor page faults in a 16-text SmolLM2 capture, 0.85x the plain forward with units
-    statistics against 0.98x with these settings (bench/results/capture_steady.md). Peak memory is
+    ~10 million minor page faults in a 16-text SmolLM2 capture in one process, 0.81-0.85x the plain
+    forward with units statistics against 0.94-0.98x with these settings; through Ray no difference
+    was measured (bench/results/capture_steady.md). Peak memory is
     unchanged; what is kept is what the process already used. Called by each process that runs a
     `Stage`; a no-op off glibc or when the user set any MALLOC_* variable above. Returns whether it
     applied."""

@@ -74,7 +74,7 @@ def _rowdot(a, b):
 
 def _rownorm(x):
     """Euclidean norm of each row, without an [n, d] temporary."""
-    return np.sqrt(np.einsum("ij,ij->i", x, x)) if isinstance(x, np.ndarray) else _xp(x).linalg.vector_norm(x, dim=1)
+    return np.sqrt(_rowdot(x, x)) if isinstance(x, np.ndarray) else _xp(x).linalg.vector_norm(x, dim=1)
 
 
 def _to_numpy(v):
