@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tourray.capture.config import HFEngineConfig
-from tourray.capture.engine import kl_divergence, surprisal_entropy, token_stats
-from tourray.capture.hf import HFEngine, check_sites
+from tourray.capture.engine import HeadScratch, kl_divergence, logit_support, surprisal_entropy, token_stats
+from tourray.capture.hf import HFEngine, check_sites, lm_head_logits
 from tourray.config import Site
 from tourray.errors import UserError
 
@@ -155,6 +155,67 @@ def test_softcap_is_applied(tmp_path):
     eng = HFEngine(str(path), None, "float32", "float32", [0], [Site.resid_post], L)
     h = torch.randn(5, 64) * 100
     assert eng.head(h).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "granite", "cohere"])
+def test_the_lm_head_writes_the_same_bits_into_a_buffer(family):
+    """The head into `HeadScratch`'s buffer, scaled in place (Cohere's logit_scale, Granite's
+    logits_scaling, Gemma's soft cap), equals the head's new tensor bit for bit, and is that buffer."""
+    import transformers as T
+    from transformers import AutoModelForCausalLM
+
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    cfg = {"qwen3": lambda: _cfg("qwen3"), "gemma2": lambda: _cfg("gemma2"),
+           "granite": lambda: T.GraniteConfig(**common, logits_scaling=4.0, eos_token_id=0, bos_token_id=0, pad_token_id=0),
+           "cohere": lambda: T.CohereConfig(**common, logit_scale=0.5)}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    head = lm_head_logits(model)
+    h, buf = torch.randn(11, 64) * 3, torch.full((11, V), float("nan"))
+    with torch.inference_mode():
+        want, got = head(h), head(h, out=buf)
+        raw = model.get_output_embeddings()(h)
+    assert got is buf and torch.equal(got, want)
+    assert torch.equal(want, raw) == (family == "qwen3")  # the family's scaling is really applied
+
+
+def test_token_stats_into_scratch_are_the_same_bits():
+    """Surprisal, entropy, KL and the --logits support from scratch buffers (the last chunk shorter
+    than the first, and -inf logits) equal those from new tensors exactly."""
+    g = torch.Generator().manual_seed(0)
+    scratch = HeadScratch()
+    for m in (9, 4):
+        logits = torch.randn(m, V, generator=g) * 4
+        logits[0, :10] = float("-inf")
+        ref, ids = torch.randn(m, V, generator=g), torch.randint(0, V, (m,), generator=g)
+        for support in (None, lambda lp: logit_support(lp, ("top", 5))):
+            want = token_stats(logits, ids, ref, support)
+            lg, lp, tmp = scratch(m, V, "cpu")
+            lg.copy_(logits)
+            got = token_stats(lg, ids, ref, support, scratch=(lp, tmp))
+            for a, b in zip(want[:3], got[:3]):
+                assert torch.equal(a, b)
+            if support is not None:
+                assert all(torch.equal(a, b) for a, b in zip(want[3][:3], got[3][:3]))
+    assert scratch._buf.shape == (3, 9, V)  # the first chunk's buffers serve the shorter one
+
+
+def test_the_head_scratch_is_reused_across_batches_and_carries_nothing_over(tmp_path):
+    """One allocation serves every chunk of every batch (on CPU each fresh chunk was mapped and
+    faulted in anew), and a batch after a longer one gets what a fresh engine gets, bit for bit."""
+    path, _ = _build("qwen3", tmp_path)
+    kw = dict(hf=HFEngineConfig(lm_head_positions=7), logits=("top", 4))
+    eng = HFEngine(str(path), None, "float32", "float32", [0], [Site.resid_post], L, **kw)
+    eng.capture(_batch(lengths=(12, 12, 9)))
+    buf = eng.scratch._buf.data_ptr()
+    small = _batch(seed=2, lengths=(5, 3))
+    got = eng.capture(small)
+    assert eng.scratch._buf.data_ptr() == buf
+    fresh = HFEngine(str(path), None, "float32", "float32", [0], [Site.resid_post], L, **kw).capture(small)
+    for a, b in zip(got, fresh):
+        for x, y in ((a.surprisal, b.surprisal), (a.entropy, b.entropy), (a.logits.logprobs, b.logits.logprobs),
+                     (a.logits.ids, b.logits.ids), (a.logits.rest, b.logits.rest)):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_hooks_copy_not_alias(tmp_path):

@@ -135,11 +135,46 @@ class Engine(Protocol):
                 reference: list[RefSupport] | None = None, prefix: int = 0) -> list[Captured]: ...
 
 
-def _entropy(lp):
+class HeadScratch:
+    """Three float32 [chunk, vocab] buffers an engine reuses for every chunk of every batch: the LM
+    head's logits, their log-softmax and the entropy's p log p. On CPU a fresh block that size
+    (100 MB at 512 x 49,152) is above glibc's largest mmap threshold, so each chunk's temporaries
+    were mapped and faulted in page by page again (~1.2 CPU-s of a SmolLM2 batch of 8 texts). The
+    buffers are the chunk's own peak, held between batches; on a GPU the caching allocator held them
+    already."""
+
+    def __init__(self):
+        self._buf = None
+
+    def __call__(self, m: int, vocab: int, device) -> tuple:
+        """(logits, log-softmax, product) views [m, vocab]; m <= the largest chunk asked so far or grows."""
+        import torch
+
+        b = self._buf
+        if b is None or b.shape[1] < m or b.shape[2] != vocab or b.device != torch.device(device):
+            self._buf = b = None  # let the old one go before the new one is allocated
+            self._buf = b = torch.empty((3, m, vocab), dtype=torch.float32, device=device)
+        return b[0, :m], b[1, :m], b[2, :m]
+
+
+def linear_into(h, weight, bias=None, out=None):
+    """`h @ weight.T (+ bias)`, written into `out` where dtypes and devices agree (the very kernel
+    `torch.nn.functional.linear` runs on a 2-D input: the same bits), else a new tensor."""
+    import torch
+
+    if out is not None and weight.dtype == out.dtype == h.dtype and out.device == h.device == weight.device:
+        return torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def _entropy(lp, out=None):
     """-sum p log p per row of a log-softmax, 0 for p = 0 terms (masked logits, -inf, would give
-    0 * -inf = nan). In place on one [m, vocab] temporary: this runs over every position's full
-    vocabulary, where each extra full-size temporary costs more than the arithmetic."""
-    return -lp.exp().mul_(lp).nan_to_num_(0.0).sum(-1)
+    0 * -inf = nan). In place on one [m, vocab] temporary (`out`, or a new one): this runs over
+    every position's full vocabulary, where each extra full-size temporary costs more than the
+    arithmetic."""
+    import torch
+
+    return -torch.exp(lp, out=out).mul_(lp).nan_to_num_(0.0).sum(-1)
 
 
 def partition_kl(lp, ids, ref_logprobs, ref_rest):
@@ -155,17 +190,20 @@ def partition_kl(lp, ids, ref_logprobs, ref_rest):
     return term.sum(-1).clamp_min(0)
 
 
-def token_stats(logits, next_ids, ref_logits=None, support=None, ref_support=None):
+def token_stats(logits, next_ids, ref_logits=None, support=None, ref_support=None, scratch=None):
     """Surprisal of `next_ids` [m] under `logits` [m, vocab], the entropy of those distributions and,
     with `ref_logits`, KL(p_ref || p), in nats from float32 log-softmaxes, as float32 tensors on
     the logits' device (with `ref_support` = (ids, logprobs, rest) instead: `partition_kl`). One
     chunk of positions at a time, so float32 logits stay [m, vocab].
-    `support(lp)`: also return what it makes of the same log-softmax (the --logits rows), 4th."""
+    `support(lp)`: also return what it makes of the same log-softmax (the --logits rows), 4th.
+    `scratch`: (log-softmax, product) float32 buffers shaped like `logits` (`HeadScratch`), written
+    instead of new tensors; the results are the same bits."""
     import torch
 
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp_out, tmp = (None, None) if scratch is None else scratch
+    lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=lp_out)
     s = -lp.gather(1, next_ids[:, None])[:, 0]
-    e = _entropy(lp)
+    e = _entropy(lp, out=tmp)
     kl = None
     if ref_logits is not None:
         lr = torch.log_softmax(ref_logits.float(), dim=-1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tourray.capture.engine import RefSupport, INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
+from tourray.capture.engine import (RefSupport, INNER_SITES, Captured, HeadScratch, Support, _submodule, linear_into,
+                                    logit_support, support_uniforms, token_stats)
 from tourray.model.identity import find_blocks, text_model_type
 from tourray.model.prompt import right_padded
 from tourray.config import Site
@@ -42,23 +43,37 @@ def lm_head_logits(model):
     """`hidden [m, d] -> logits [m, vocab]` as the family's causal-LM head computes them, applied to
     final-norm'd hidden states: the output embedding plus Gemma's tanh soft-capping, Cohere's
     logit_scale and Granite's logits_scaling."""
+    import torch
+
     head = model.get_output_embeddings()
     tc = model.config.get_text_config()
     cap = getattr(tc, "final_logit_softcapping", None)
     mul = getattr(tc, "logit_scale", None) if tc.model_type.startswith("cohere") else None
     div = getattr(tc, "logits_scaling", None) if tc.model_type.startswith("granite") else None
 
-    def f(h):
-        x = head(h.to(head.weight.device))
-        if mul is not None:
-            x = x * mul
-        if div is not None:
-            x = x / div
-        if cap is not None:
-            x = (x / cap).tanh() * cap
-        return x
+    def f(h, out=None):
+        """`out`: a float32 [m, vocab] buffer (`HeadScratch`) the logits of a float32 Linear head are
+        written into and scaled in place, the same bits as new tensors; otherwise unused."""
+        h = h.to(head.weight.device)
+        if out is None or type(head) is not torch.nn.Linear:
+            x = head(h)
+        else:
+            x = linear_into(h, head.weight, head.bias, out)
+            if x is out:  # ours: scale in place (not under autograd, where tanh_ would break the backward)
+                return _scaled(x.mul_(mul) if mul is not None else x, div, cap, inplace=True)
+        x = x * mul if mul is not None else x
+        return _scaled(x, div, cap, inplace=False)
 
     return f
+
+
+def _scaled(x, div, cap, inplace: bool):
+    """Granite's division and Gemma's soft cap, in place on a buffer of ours."""
+    if div is not None:
+        x = x.div_(div) if inplace else x / div
+    if cap is not None:
+        x = x.div_(cap).tanh_().mul_(cap) if inplace else (x / cap).tanh() * cap
+    return x
 
 
 def _load(torch, model: str, revision, dtype, hf, gguf_file, device_map):
@@ -105,6 +120,7 @@ class HFEngine:
         device_map = "auto" if gpus > 1 else None
         self.device = "cuda" if gpus > 0 else "cpu"
         self.chunk = 512 if hf is None else hf.lm_head_positions
+        self.scratch = HeadScratch()
         self.logits = logits  # --logits: ("top", K) or ("sample", N)
         self.store = getattr(torch, store_dtype)
         self.model = _load(torch, model, revision, model_dtype, hf, gguf_file, device_map)
@@ -247,12 +263,15 @@ class HFEngine:
             u = np.concatenate([support_uniforms(np.asarray(x), self.logits[1]) for x in batch])
         parts, sup_parts = [], []
         for a in range(0, h.shape[0], self.chunk):
-            logits = self.head(h[a : a + self.chunk])
+            hc = h[a : a + self.chunk]
+            lg, lp, tmp = self.scratch(len(hc), self.vocab, hc.device)
+            logits = self.head(hc, out=lg)
             ref = None if rh is None else self.ref_head(rh[a : a + self.chunk]).to(logits.device)
             support = None if self.logits is None else \
                 (lambda lp, a=a: logit_support(lp, self.logits, None if u is None else u[a : a + self.chunk]))
             rsc = None if rs is None else tuple(x[a : a + self.chunk].to(logits.device) for x in rs[:3])
-            cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support, rsc)
+            cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support, rsc,
+                                             scratch=(lp, tmp) if logits.device == lp.device else None)
             if ck is not None and rs is not None:
                 ck = ck.masked_fill(~rs[3][a : a + self.chunk].to(ck.device), float("nan"))  # no stored row
             sup_parts += sp

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from tourray.capture.engine import INNER_SITES, Captured, Support, _submodule, logit_support, support_uniforms, token_stats
+from tourray.capture.engine import (INNER_SITES, Captured, HeadScratch, Support, _submodule, linear_into, logit_support,
+                                    support_uniforms, token_stats)
 from tourray.config import Site
 from tourray.errors import UserError
 
@@ -88,6 +89,7 @@ class VLLMEngine:
         self.params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self.store = getattr(torch, cfg.store_dtype.value)
         self.chunk = cfg.hf.lm_head_positions
+        self.scratch = HeadScratch()
         self.logits = cfg.logits_spec  # --logits: from the same full float32 log-softmax as the surprisal
         self.keys = []
         for layer in layers:
@@ -250,10 +252,12 @@ class VLLMEngine:
         with torch.inference_mode():
             for a in range(0, n - 1, self.chunk):
                 b = min(n - 1, a + self.chunk)
-                logits = torch.nn.functional.linear(final[a:b].to(w.device, w.dtype), w).float() * self._logit_scale
+                lg, lp, tmp = self.scratch(b - a, w.shape[0], w.device)
+                logits = linear_into(final[a:b].to(w.device, w.dtype), w, out=lg).float()
+                logits = logits.mul_(self._logit_scale) if logits is lg else logits * self._logit_scale
                 support = None if self.logits is None else \
                     (lambda lp, a=a, b=b: logit_support(lp, self.logits, None if u is None else u[a:b]))
-                cs, ce, _, *sp = token_stats(logits, ids[a + 1 : b + 1].to(logits.device), None, support)
+                cs, ce, _, *sp = token_stats(logits, ids[a + 1 : b + 1].to(logits.device), None, support, scratch=(lp, tmp))
                 sup_parts += sp
                 s[a + 1 : b + 1] = cs.cpu().numpy()
                 e[a + 1 : b + 1] = ce.cpu().numpy()
