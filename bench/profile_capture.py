@@ -7,12 +7,16 @@ layer stored as float16, batches of 8 of the train texts behind the system promp
   plain    the model's own batched forward over the same padded ids (LM head included)
   engine   HFEngine.capture: the forward with hooks, the host copy of every hooked tensor in the store
            dtype, surprisal and entropy (float32 log-softmax over the vocabulary)
+  + sink   with --stats (e.g. units): the same with the inline-statistics sink fed from the hooks
   stage    CaptureStage.process on one group: engine + the stage's own work (token tables, token_layers,
            block checksums, Arrow, Lance data files; no commit), overlapped on two threads
   pieces   the stage's own work alone, on one batch's captured output: what each costs per token
   lance    the same activations data files written at each Lance file version
 
-Usage:  .venv/bin/python bench/profile_capture.py [--model DIR] [--samples 16] [--threads 2]
+Forward passes run on the stage's forward thread, as in the actor. Each row is the best of --reps passes,
+with that pass's CPU seconds (user / system) and minor page faults, for the whole process.
+
+Usage:  .venv/bin/python bench/profile_capture.py [--model DIR] [--samples 16] [--threads 2] [--stats units]
 Prints a table (ms per token and ratios to plain); nothing is kept (lakes in a temporary folder).
 """
 
@@ -22,6 +26,7 @@ import argparse
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -36,6 +41,8 @@ def main() -> int:
     p.add_argument("--model", default=str(REPO / ".cache/smollm2-135m-instruct"), help="Checkpoint folder (default: %(default)s).")
     p.add_argument("--samples", type=int, default=16, help="Texts (one group; default %(default)s).")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
+    p.add_argument("--stats", default="", help="Inline statistics of the stage, e.g. units (default: none).")
+    p.add_argument("--reps", type=int, default=2, help="Passes per row, the best kept (default %(default)s).")
     args = p.parse_args()
     os.chdir(REPO)
     import lance
@@ -51,14 +58,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="profile-capture-"))
     cfg = CaptureConfig(model=args.model, samples="samples", include=["train/*"], run="p", lake=str(tmp / "lake"),
                         system_prompt="samples/system_prompt.md", sites="resid_post,resid_mid", max_length=1024,
-                        batch_size=8, group_size=args.samples, threads=args.threads)
+                        batch_size=8, group_size=args.samples, threads=args.threads, stats=args.stats)
     plan = plan_capture(cfg)
     samples = plan.samples[: args.samples]
     stage = CaptureStage(plan.actor_cfg, cfg.lake, plan.layers, plan.info.hidden_size, plan.info.num_layers, plan.stored,
                          plan.system_prompt, plan.tokenizer)
     torch.set_num_threads(args.threads)
     group = pa.table({c: [getattr(s, c) for s in samples] for c in ("sample_id", "source", "category", "text", "sha256")})
-    enc = [stage.fmt.encode(s.text, cfg.max_length).input_ids for s in samples]
+    encoded = [stage.fmt.encode(s.text, cfg.max_length) for s in samples]
+    enc, spans = [e.input_ids for e in encoded], [stage._text_span(e) for e in encoded]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     batches = [order[a : a + 8] for a in range(0, len(order), 8)]
     ntok = sum(len(e) for e in enc)
@@ -74,17 +82,27 @@ def main() -> int:
         for idx in batches:
             stage.engine.capture([enc[i] for i in idx])
 
-    def best(f, n_tokens, reps=2):
-        out = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - t0)
-        return 1e3 * min(out) / n_tokens
+    def engine_sink():
+        for idx in batches:
+            stage.inline.reset()
+            stage.engine.capture([enc[i] for i in idx],
+                                 sink=lambda t, n, idx=idx: stage.inline(t, n, [spans[i] for i in idx]))
 
-    plain()  # warm-up
-    rows = [("plain forward", best(plain, ntok)), ("engine.capture", best(engine, ntok)),
-            ("stage.process (engine + the stage's work, 2 threads)", best(lambda: stage.process(group), ntok))]
+    def best(f, n_tokens, forward_thread=False):
+        """(ms per token, user s, system s, minor faults) of the fastest of --reps passes."""
+        out = []
+        for _ in range(args.reps):
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            stage._forward_thread.submit(f).result() if forward_thread else f()
+            t, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            out.append((1e3 * t / n_tokens, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+        return min(out)
+
+    stage._forward_thread.submit(plain).result()  # warm-up
+    rows = [("plain forward", best(plain, ntok, True)), ("engine.capture", best(engine, ntok, True))]
+    if stage.inline is not None:
+        rows.append((f"engine.capture + {args.stats} sink", best(engine_sink, ntok, True)))
+    rows.append(("stage.process (engine + the stage's work, 2 threads)", best(lambda: stage.process(group), ntok)))
     idx = batches[0]
     caps = stage.engine.capture([enc[i] for i in idx])
     nb = sum(len(enc[i]) for i in idx)
@@ -96,7 +114,7 @@ def main() -> int:
         lance.fragment.write_fragments(pa.Table.from_batches([rb]), f"{d}/a.lance", schema=stage.schemas["activations"],
                                        **({"data_storage_version": version} if version else {}))
 
-    pieces = [("  token_layers rows (norms, cosines)", lambda: [stage._token_layers_table({"sample_id": samples[i].sample_id, "source": samples[i].source}, c)
+    pieces = [("  token_layers rows (norms, cosines)", lambda: [stage._token_layers_table({"sample_id": samples[i].sample_id, "source": samples[i].source}, c, spans[i])
                                                                    for i, c in zip(idx, caps)]),
               ("  sha256 of every block", lambda: [hashlib.sha256(np.ascontiguousarray(h)).hexdigest() for c in caps for h in c.vectors.values()]),
               ("  activations Arrow batch", lambda: stage._activations_batch(pend)),
@@ -105,11 +123,11 @@ def main() -> int:
     rows += [(name, best(f, nb)) for name, f in pieces]
     print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, lance {lance.__version__}, "
           f"{args.threads} threads, {len(samples)} texts, {ntok} tokens, model {args.model}")
-    base = rows[0][1]
-    print(f"{'':56} {'ms/token':>9} {'x plain':>8}")
-    for name, ms in rows:
-        print(f"{name:56} {ms:9.3f} {base / ms if not name.startswith('  ') else ms / base:8.2f}"
-              + ("" if not name.startswith("  ") else "  (share of plain)"))
+    base = rows[0][1][0]
+    print(f"{'':56} {'ms/token':>9} {'x plain':>8} {'user s':>7} {'sys s':>6} {'faults':>8}")
+    for name, (ms, user, sys_s, faults) in rows:
+        print(f"{name:56} {ms:9.3f} {base / ms if not name.startswith('  ') else ms / base:8.2f} {user:7.2f} {sys_s:6.2f} "
+              f"{faults:8d}" + ("" if not name.startswith("  ") else "  (share of plain)"))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

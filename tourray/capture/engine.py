@@ -139,7 +139,7 @@ class HeadScratch:
     """Three float32 [chunk, vocab] buffers an engine reuses for every chunk of every batch: the LM
     head's logits, their log-softmax and the entropy's p log p. On CPU a fresh block that size
     (100 MB at 512 x 49,152) is above glibc's largest mmap threshold, so each chunk's temporaries
-    were mapped and faulted in page by page again (~1.2 CPU-s of a SmolLM2 batch of 8 texts). The
+    were mapped and faulted in page by page again (1.1-1.3 s of system CPU in a SmolLM2 batch of 8). The
     buffers are the chunk's own peak, held between batches; on a GPU the caching allocator held them
     already."""
 
