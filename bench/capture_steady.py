@@ -9,7 +9,8 @@ float16 store, the first N train texts behind the system prompt, in the order a,
   (a)        the model's batched forward over the capture's exact padded batches (bench_capture.encode_batches)
   (b)        run_capture through embedded Ray (the first run starts Ray): steady = groups 2..G as the
              actor wrote them; end to end = tokens / the whole call, Ray start included
-  (b+units)  the same with inline `units` statistics (a second run in the same lake, Ray already up)
+  (b+units)  the same with inline `units` statistics (a second run in the same lake, Ray already up;
+             with --units-first it runs first and starts Ray)
 
 The steady ratio compares the groups in the steady window with the plain forward over *those*
 groups' batches (timed group by group, matched by token count): texts differ in length, and a group
@@ -50,6 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="Also measure the actor's peak memory on the first N texts at 1x and 4x (0: skip).")
     p.add_argument("--mem-interval", type=float, default=0.3, help="RSS sampling interval, s (default %(default)s).")
+    p.add_argument("--units-first", action="store_true",
+                   help="Run (b+units) before (b): the first capture starts Ray, and its window may share the CPU "
+                        "with Ray's own start-up work; swapping the order shows how much that weighs.")
     args = p.parse_args(argv)
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no checkpoint (make demo imports SmolLM2 there)")
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
     group_s = [plain_by_group(model, groups)]
     bc.log(f"(a) {plain[-1]['tokens_per_s']:,.0f} tokens/s")
     runs = {}
-    for name, stats in (("b", []), ("b+units", ["units"])):
+    order = (("b", []), ("b+units", ["units"]))
+    for name, stats in order[::-1] if args.units_first else order:
         args.stats = stats
         runs[name] = bc.bench_capture(args, args.model, out / "samples", out / "lake", name.replace("+", "-"))
         bc.log(f"({name}) steady {runs[name].get('steady_tokens_per_s')} tokens/s, wall {runs[name]['wall_seconds']} s")
@@ -91,12 +96,13 @@ def main(argv=None) -> int:
         if all(len(by_tokens.get(t, [])) == 1 for t in window) and r.get("steady_seconds"):
             r["plain_seconds_same_groups"] = round(sum(by_tokens[t][0] for t in window), 3)
             r["steady_ratio_same_groups"] = round(r["plain_seconds_same_groups"] / r["steady_seconds"], 3)
+    first = next(iter(runs))  # the run that started Ray
     res.update(plain_runs=plain, plain_group_seconds=group_s, plain_tokens_per_s=round(a, 1), capture=runs, ratios={
         "(b)/(a) steady, same groups": runs["b"].get("steady_ratio_same_groups"),
         "(b+units)/(a) steady, same groups": runs["b+units"].get("steady_ratio_same_groups"),
         "(b)/(a) steady, mean rates": bc.ratio(runs["b"].get("steady_tokens_per_s"), a),
-        "(b)/(a) end to end, Ray start included": bc.ratio(runs["b"]["wall_tokens_per_s"], a),
-        "(b)/(a) capture_seconds (actor start + model load included)": bc.ratio(runs["b"]["summary_tokens_per_s"], a),
+        f"({first})/(a) end to end, Ray start included": bc.ratio(runs[first]["wall_tokens_per_s"], a),
+        f"({first})/(a) capture_seconds (actor start + model load included)": bc.ratio(runs[first]["summary_tokens_per_s"], a),
         "(b+units)/(a) steady, mean rates": bc.ratio(runs["b+units"].get("steady_tokens_per_s"), a),
     })
     if args.memory:
