@@ -152,7 +152,7 @@ class HeadScratch:
 
         b = self._buf
         if b is None or b.shape[1] < m or b.shape[2] != vocab or b.device != torch.device(device):
-            self._buf = b = None  # let the old one go before the new one is allocated
+            self._buf = None  # let the old one go before the new one is allocated
             self._buf = b = torch.empty((3, m, vocab), dtype=torch.float32, device=device)
         return b[0, :m], b[1, :m], b[2, :m]
 

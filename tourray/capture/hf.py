@@ -55,20 +55,17 @@ def lm_head_logits(model):
         """`out`: a float32 [m, vocab] buffer (`HeadScratch`) the logits of a float32 Linear head are
         written into and scaled in place, the same bits as new tensors; otherwise unused."""
         h = h.to(head.weight.device)
-        if out is None or type(head) is not torch.nn.Linear:
-            x = head(h)
-        else:
-            x = linear_into(h, head.weight, head.bias, out)
-            if x is out:  # ours: scale in place (not under autograd, where tanh_ would break the backward)
-                return _scaled(x.mul_(mul) if mul is not None else x, div, cap, inplace=True)
-        x = x * mul if mul is not None else x
-        return _scaled(x, div, cap, inplace=False)
+        x = head(h) if out is None or type(head) is not torch.nn.Linear else linear_into(h, head.weight, head.bias, out)
+        # in place only on our buffer: never under autograd, where tanh_ would break the backward
+        return _scaled(x, mul, div, cap, inplace=x is out)
 
     return f
 
 
-def _scaled(x, div, cap, inplace: bool):
-    """Granite's division and Gemma's soft cap, in place on a buffer of ours."""
+def _scaled(x, mul, div, cap, inplace: bool):
+    """Cohere's multiplier, Granite's division and Gemma's soft cap (the same bits in place or not)."""
+    if mul is not None:
+        x = x.mul_(mul) if inplace else x * mul
     if div is not None:
         x = x.div_(div) if inplace else x / div
     if cap is not None:
@@ -128,6 +125,7 @@ class HFEngine:
             self.model.to(self.device)
         self.base = self.model.get_decoder()
         self.head = lm_head_logits(self.model)
+        self.head_device = self.model.get_output_embeddings().weight.device  # where the logits live
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         # the reference (e.g. the unpruned original) runs on the same padded ids, for the per-token KL
         self.reference = self.ref_base = self.ref_head = None
@@ -264,14 +262,14 @@ class HFEngine:
         parts, sup_parts = [], []
         for a in range(0, h.shape[0], self.chunk):
             hc = h[a : a + self.chunk]
-            lg, lp, tmp = self.scratch(len(hc), self.vocab, hc.device)
+            lg, lp, tmp = self.scratch(len(hc), self.vocab, self.head_device)
             logits = self.head(hc, out=lg)
             ref = None if rh is None else self.ref_head(rh[a : a + self.chunk]).to(logits.device)
             support = None if self.logits is None else \
                 (lambda lp, a=a: logit_support(lp, self.logits, None if u is None else u[a : a + self.chunk]))
             rsc = None if rs is None else tuple(x[a : a + self.chunk].to(logits.device) for x in rs[:3])
             cs, ce, ck, *sp = token_stats(logits, nxt[a : a + self.chunk].to(logits.device), ref, support, rsc,
-                                             scratch=(lp, tmp) if logits.device == lp.device else None)
+                                             scratch=(lp, tmp))
             if ck is not None and rs is not None:
                 ck = ck.masked_fill(~rs[3][a : a + self.chunk].to(ck.device), float("nan"))  # no stored row
             sup_parts += sp
