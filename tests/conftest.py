@@ -182,12 +182,25 @@ needs_smollm2 = pytest.mark.skipif(not _have_smollm2(), reason="needs the SmolLM
                                    "(make test installs both)")
 
 
+def run_shared(tmp_path_factory, name: str) -> Path:
+    """A folder of this pytest run that every test worker sees (pytest-xdist gives each worker its own
+    basetemp under one parent), for read-only fixtures built once per run instead of once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="session")
 def smollm2_model(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder (tourray model import-gguf, ~20 s)."""
+    """SmolLM2-135M-Instruct as a float32 safetensors folder (tourray model import-gguf, ~20 s), imported
+    once per run: the first worker imports under the lock, the others find the import and reuse it."""
+    from filelock import FileLock
+
     from tourray.model.gguf import find_smollm2_gguf, import_gguf
 
-    return import_gguf(find_smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "ckpt")
+    out = run_shared(tmp_path_factory, "smollm2")
+    out.mkdir(exist_ok=True)
+    with FileLock(out / "import.lock"):
+        return import_gguf(find_smollm2_gguf(), out / "ckpt")
 
 
 def project_residual(model, basis) -> None:

@@ -200,18 +200,21 @@ def test_token_stats_into_scratch_are_the_same_bits():
     assert scratch._buf.shape == (3, 9, V)  # the first chunk's buffers serve the shorter one
 
 
-def test_the_head_scratch_is_reused_across_batches_and_carries_nothing_over(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_head_scratch_is_reused_across_batches_and_carries_nothing_over(tmp_path, dtype):
     """One allocation serves every chunk of every batch (on CPU each fresh chunk was mapped and
-    faulted in anew), and a batch after a longer one gets what a fresh engine gets, bit for bit."""
+    faulted in anew), and a batch after a longer one gets what a fresh engine gets, bit for bit. A
+    bf16 head makes its own logits: no buffer is kept for them."""
     path, _ = _build("qwen3", tmp_path)
     kw = dict(hf=HFEngineConfig(lm_head_positions=7), logits=("top", 4))
-    eng = HFEngine(str(path), None, "float32", "float32", [0], [Site.resid_post], L, **kw)
+    eng = HFEngine(str(path), None, dtype, "float32", [0], [Site.resid_post], L, **kw)
     eng.capture(_batch(lengths=(12, 12, 9)))
     buf = eng.scratch._buf.data_ptr()
+    assert eng.scratch._buf.shape == ((3 if dtype == "float32" else 2), 7, V)
     small = _batch(seed=2, lengths=(5, 3))
     got = eng.capture(small)
     assert eng.scratch._buf.data_ptr() == buf
-    fresh = HFEngine(str(path), None, "float32", "float32", [0], [Site.resid_post], L, **kw).capture(small)
+    fresh = HFEngine(str(path), None, dtype, "float32", [0], [Site.resid_post], L, **kw).capture(small)
     for a, b in zip(got, fresh):
         for x, y in ((a.surprisal, b.surprisal), (a.entropy, b.entropy), (a.logits.logprobs, b.logits.logprobs),
                      (a.logits.ids, b.logits.ids), (a.logits.rest, b.logits.rest)):

@@ -16,7 +16,7 @@ class HFEngineConfig(BaseConfig):
     """Settings only the transformers engine reads (`hf:` in YAML, `--hf-...` flags)."""
 
     attn_implementation: str | None = Field(None, description="transformers attention kernel (eager, sdpa, flash_attention_2); default: transformers' choice for the model.")
-    lm_head_positions: int = Field(512, gt=0, description="Positions per LM-head + log-softmax chunk: bounds the float32 logits to this many x vocab instead of batch x length x vocab; the engine keeps three float32 buffers of that size (logits, log-softmax, p log p) for all its chunks.")
+    lm_head_positions: int = Field(512, gt=0, description="Positions per LM-head + log-softmax chunk: bounds the float32 logits to this many x vocab instead of batch x length x vocab; the engine keeps float32 buffers of that size (the log-softmax and p log p, and the logits of a float32 head) for all its chunks.")
     prefix_cache: bool = Field(True, description="Tokens-only captures (no hooked layers, no inline statistics; e.g. every eval capture): run the prompt prefix that all texts of a group share (system prompt, chat template) once per model and reuse its key/value cache for every batch, so each forward runs only the tokens after it. Surprisal unchanged to 1e-5 (tested).")
 
 

@@ -136,25 +136,26 @@ class Engine(Protocol):
 
 
 class HeadScratch:
-    """Three float32 [chunk, vocab] buffers an engine reuses for every chunk of every batch: the LM
-    head's logits, their log-softmax and the entropy's p log p. On CPU a fresh block that size
-    (100 MB at 512 x 49,152) is above glibc's largest mmap threshold, so each chunk's temporaries
-    were mapped and faulted in page by page again (1.1-1.3 s of system CPU in a SmolLM2 batch of 8). The
-    buffers are the chunk's own peak, held between batches; on a GPU the caching allocator held them
-    already."""
+    """Float32 [chunk, vocab] buffers an engine reuses for every chunk of every batch: the LM head's
+    logits (where the head can write into one: a float32 head), their log-softmax and the entropy's
+    p log p. On CPU a fresh block that size (100 MB at 512 x 49,152) is above glibc's largest mmap
+    threshold, so each chunk's temporaries were mapped and faulted in page by page again (1.1-1.3 s of
+    system CPU in a SmolLM2 batch of 8). The buffers are the chunk's own peak, held between batches; on
+    a GPU the caching allocator held them already."""
 
-    def __init__(self):
+    def __init__(self, logits: bool = True):
+        self.logits = logits  # False: a bf16 / float16 head makes its own logits, no buffer is kept for them
         self._buf = None
 
     def __call__(self, m: int, vocab: int, device) -> tuple:
-        """(logits, log-softmax, product) views [m, vocab]; m <= the largest chunk asked so far or grows."""
+        """(logits or None, log-softmax, product) views [m, vocab]; m <= the largest chunk asked so far or grows."""
         import torch
 
         b = self._buf
         if b is None or b.shape[1] < m or b.shape[2] != vocab or b.device != torch.device(device):
             self._buf = None  # let the old one go before the new one is allocated
-            self._buf = b = torch.empty((3, m, vocab), dtype=torch.float32, device=device)
-        return b[0, :m], b[1, :m], b[2, :m]
+            self._buf = b = torch.empty((2 + self.logits, m, vocab), dtype=torch.float32, device=device)
+        return (b[0, :m] if self.logits else None), b[-2, :m], b[-1, :m]
 
 
 def linear_into(h, weight, bias=None, out=None):

@@ -117,7 +117,6 @@ class HFEngine:
         device_map = "auto" if gpus > 1 else None
         self.device = "cuda" if gpus > 0 else "cpu"
         self.chunk = 512 if hf is None else hf.lm_head_positions
-        self.scratch = HeadScratch()
         self.logits = logits  # --logits: ("top", K) or ("sample", N)
         self.store = getattr(torch, store_dtype)
         self.model = _load(torch, model, revision, model_dtype, hf, gguf_file, device_map)
@@ -125,8 +124,11 @@ class HFEngine:
             self.model.to(self.device)
         self.base = self.model.get_decoder()
         self.head = lm_head_logits(self.model)
-        self.head_device = self.model.get_output_embeddings().weight.device  # where the logits live
-        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        out_emb = self.model.get_output_embeddings()
+        self.head_device = out_emb.weight.device  # where the logits live
+        # a float32 Linear head writes its logits into the kept buffer (lm_head_logits); others make their own
+        self.scratch = HeadScratch(logits=type(out_emb) is torch.nn.Linear and out_emb.weight.dtype == torch.float32)
+        self.vocab = out_emb.weight.shape[0]
         # the reference (e.g. the unpruned original) runs on the same padded ids, for the per-token KL
         self.reference = self.ref_base = self.ref_head = None
         if reference is not None:

@@ -89,7 +89,6 @@ class VLLMEngine:
         self.params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self.store = getattr(torch, cfg.store_dtype.value)
         self.chunk = cfg.hf.lm_head_positions
-        self.scratch = HeadScratch()
         self.logits = cfg.logits_spec  # --logits: from the same full float32 log-softmax as the surprisal
         self.keys = []
         for layer in layers:
@@ -118,6 +117,7 @@ class VLLMEngine:
             raise UserError(f"--engine vllm: {type(model).__name__} has no model.layers[{num_layers}] / model.norm / "
                             "lm_head to hook; use --engine hf")
         self._head_w = head.weight
+        self.scratch = HeadScratch(logits=head.weight.dtype == torch.float32)  # bf16 weights: logits of their own
         self._logit_scale = float(getattr(getattr(model, "logits_processor", None), "scale", 1.0) or 1.0)
         if getattr(model.config, "final_logit_softcapping", None):
             raise UserError("--engine vllm: logit soft-capping models are not supported; use --engine hf")
