@@ -55,10 +55,12 @@ def lm_head_logits(model):
         """`out`: a float32 [m, vocab] buffer (`HeadScratch`) the logits of a float32 Linear head are
         written into and scaled in place, the same bits as new tensors; otherwise unused."""
         h = h.to(head.weight.device)
-        x = head(h) if out is None or type(head) is not torch.nn.Linear else linear_into(h, head.weight, head.bias, out)
+        x = linear_into(h, head.weight, head.bias, out) if out is not None and f.fills_buffer else head(h)
         # in place only on our buffer: never under autograd, where tanh_ would break the backward
         return _scaled(x, mul, div, cap, inplace=x is out)
 
+    #: whether `out` is used: a float32 Linear head (an engine keeps no logits buffer otherwise)
+    f.fills_buffer = type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
     return f
 
 
@@ -126,8 +128,7 @@ class HFEngine:
         self.head = lm_head_logits(self.model)
         out_emb = self.model.get_output_embeddings()
         self.head_device = out_emb.weight.device  # where the logits live
-        # a float32 Linear head writes its logits into the kept buffer (lm_head_logits); others make their own
-        self.scratch = HeadScratch(logits=type(out_emb) is torch.nn.Linear and out_emb.weight.dtype == torch.float32)
+        self.scratch = HeadScratch(logits=self.head.fills_buffer)
         self.vocab = out_emb.weight.shape[0]
         # the reference (e.g. the unpruned original) runs on the same padded ids, for the per-token KL
         self.reference = self.ref_base = self.ref_head = None
