@@ -65,12 +65,13 @@ def keep_freed_memory() -> bool:
                                                 (m_top_pad, 64 << 20)))
 
 
-_EMBEDDED = False
+def has_state_api() -> bool:
+    """Whether the Ray this process is connected to serves Ray's state API, i.e. runs a dashboard: an
+    embedded Ray (started without one by `init_ray`) or a cluster started with --include-dashboard=false
+    does not, and a question to it blocks until its timeout."""
+    from ray._private.worker import get_dashboard_url
 
-
-def embedded_ray() -> bool:
-    """True when this process started its Ray through `init_ray` (one machine, no dashboard)."""
-    return _EMBEDDED
+    return bool(get_dashboard_url())
 
 
 def init_ray(address: str | None = None, quiet: bool = True):
@@ -108,8 +109,6 @@ def init_ray(address: str | None = None, quiet: bool = True):
         ray.init(address=address or "local", ignore_reinit_error=True, logging_level=logging.WARNING, **kwargs)
     finally:
         auth_log.setLevel(level)
-    global _EMBEDDED
-    _EMBEDDED = address is None
     _spend_actor_restart_warning(ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tourray draws its own bar with samples/s and tokens/s

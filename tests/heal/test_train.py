@@ -20,7 +20,6 @@ from tourray.lake.tables import Lake
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-ENV.pop("RAY_ADDRESS", None)
 
 
 def _save_variant(src: Path, out: Path, seed: int, scale: float = 0.05, **config_changes) -> Path:
@@ -97,7 +96,8 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, reference, t
     assert ref["temp_after"] <= ref["temp_before"]
     cfg = heal_cfg(world, tmp_path / "killed", run="killed")
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "_kill_heal.py"), cfg.model_dump_json()],
-                       env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
+                       env=dict(ENV, RAY_ADDRESS=""), cwd=REPO, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)  # a Ray of its own, killed with it
     assert p.returncode == -9, (p.returncode, p.stderr[-3000:])
     assert list((tmp_path / "killed" / ".heal" / "ray").glob("checkpoint_*")), "killed before its first checkpoint"
     assert not (tmp_path / "killed" / "tourray_heal.json").exists()
@@ -231,21 +231,24 @@ def test_two_workers_train_with_ddp_and_validate_on_the_whole_held_out_slice(wor
     assert two["steps"] == 2 and first["two"] > first["ref"], first
 
 
-def test_embedded_ray_trainer_leaves_out_the_placement_group_cleaner(monkeypatch):
-    """Ray's PlacementGroupCleaner asks the state API, which an embedded Ray lacks, and stalled each heal
-    12 s at its end: it is left out there and kept on a cluster; the result poll is 0.1 s unless set."""
+def test_without_the_state_api_the_trainer_leaves_out_the_placement_group_cleaner(ray_session, monkeypatch):
+    """Ray's PlacementGroupCleaner asks the state API, which a Ray without a dashboard lacks (this test
+    process's embedded one), and stalled each heal 12 s at its end: it is left out there and kept where a
+    dashboard runs; the result poll is 0.1 s unless set."""
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from tourray.heal import train
+    from tourray.runtime import has_state_api
 
-    def cleaner(embedded: bool) -> bool:
-        t = train._trainer_class(embedded)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    def cleaner(state_api: bool) -> bool:
+        t = train._trainer_class(state_api)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
         return any(isinstance(c, PlacementGroupCleanerCallback) for c in t._create_default_callbacks())
 
+    assert not has_state_api()
     monkeypatch.delenv(train.POLL_ENV, raising=False)
-    assert not cleaner(True) and cleaner(False)
+    assert not cleaner(False) and cleaner(True)
     assert os.environ[train.POLL_ENV] == train.POLL_S
     monkeypatch.setenv(train.POLL_ENV, "5")
-    cleaner(True)
+    cleaner(False)
     assert os.environ[train.POLL_ENV] == "5"  # a user's setting is kept

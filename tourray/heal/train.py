@@ -388,12 +388,12 @@ class HealLog:
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
-def _trainer_class(embedded: bool):
+def _trainer_class(state_api: bool):
     """TorchTrainer with the result poll above (unless the user set it), less Ray's PlacementGroupCleaner
-    on an embedded Ray. The cleaner asks the state API whether the controller lives; an embedded Ray has
-    no API server, so each question blocks ~40 s and every heal ended with a 12 s stall ("Failed to stop
-    PlacementGroupCleaner gracefully"). Its job, freeing the placement group of a controller that died,
-    is done there when the driver's Ray exits. On a cluster (dashboard up) it stays."""
+    on a Ray without the state API (`tourray.runtime.has_state_api`). The cleaner asks the state API
+    whether the controller lives; without an API server each question blocks ~40 s and every heal ended
+    with a 12 s stall ("Failed to stop PlacementGroupCleaner gracefully"). Its job, freeing the placement
+    group of a controller that died, is then done when the driver's job ends. With a dashboard it stays."""
     from ray.train.torch import TorchTrainer
 
     os.environ.setdefault(POLL_ENV, POLL_S)
@@ -402,7 +402,7 @@ def _trainer_class(embedded: bool):
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # a Ray without the cleaner
         return TorchTrainer
-    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
+    if state_api or not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
 
     class Trainer(TorchTrainer):
@@ -412,7 +412,7 @@ def _trainer_class(embedded: bool):
     return Trainer
 
 
-def trainer(p: Prepared, q, embedded: bool = False):
+def trainer(p: Prepared, q, state_api: bool = True):
     """The TorchTrainer of a heal: datasets, scaling, failure and checkpoint settings."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -425,7 +425,7 @@ def trainer(p: Prepared, q, embedded: bool = False):
         opts = DataConfig.default_ingest_options()
     opts.preserve_order = True  # the seeded order is the order trained on (exact resume, 1 worker)
     res = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
-    return _trainer_class(embedded)(
+    return _trainer_class(state_api)(
         train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, datasets=ds,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=res),
@@ -458,7 +458,7 @@ def _train(p: Prepared, lease, t0: float, progress: bool) -> dict:
     from ray.util.queue import Queue
     from tqdm import tqdm
 
-    from tourray.runtime import embedded_ray
+    from tourray.runtime import has_state_api
 
     cfg = p.cfg
     hl = HealLog(p.teacher.lake, lease, cfg.run_name, p.teacher.run)
@@ -467,7 +467,7 @@ def _train(p: Prepared, lease, t0: float, progress: bool) -> dict:
 
     def fit():
         try:
-            res["result"] = trainer(p, q, embedded=embedded_ray()).fit()
+            res["result"] = trainer(p, q, state_api=has_state_api()).fit()
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             res["error"] = e
 
