@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,34 +105,14 @@ def llama_model(tmp_path_factory) -> Path:
     return out
 
 
-def pytest_sessionstart(session):
-    """One embedded Ray per test process, started before the test modules are imported (several copy
-    os.environ at import): in-process work uses it, and so does every CLI or job subprocess a test
-    starts, through RAY_ADDRESS (honoured as under `ray job submit`). A command that starts and stops a
-    Ray of its own pays ~10 s for it here (`tourray verify` of a tiny S3 lake: 17.7 s, 6.6 s joined).
-    A subprocess whose Ray workers must inherit its environment (S3 credentials, a kill switch), that
-    kills its whole process group, or whose Ray Train needs an embedded Ray, sets RAY_ADDRESS="" or
-    drops it. Not on pytest-xdist's controller, which runs no test."""
-    if session.config.getoption("numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    from tourray.runtime import init_ray
-
-    ray = init_ray(os.environ.get("RAY_ADDRESS") or None)
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def pytest_sessionfinish(session):
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def ray_session():
-    """The test process's Ray (see `pytest_sessionstart`)."""
-    import ray
+    """One embedded Ray for all in-process captures (starting Ray costs ~10 s)."""
+    from tourray.runtime import init_ray
 
-    return ray
+    ray = init_ray()
+    yield ray
+    ray.shutdown()
 
 
 def lake_snapshot(lake: Path) -> dict[str, int]:

@@ -36,9 +36,7 @@ def pipeline(ray, how: str):
 
 
 def cpus_come_back(ray, free: float) -> bool:
-    """Whether the pool's CPUs are free again: at once when nothing holds the pool, but an actor's kill on
-    a 2-core machine that also runs a test beside this one has taken over 10 s."""
-    deadline = time.time() + 30
+    deadline = time.time() + 10
     while ray.available_resources().get("CPU") < free and time.time() < deadline:
         time.sleep(0.1)
     return ray.available_resources().get("CPU") >= free

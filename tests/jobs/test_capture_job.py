@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled",
            RAY_USAGE_STATS_ENABLED="0")
-ENV.pop("RAY_ADDRESS", None)  # the job starts its own Ray, which a kill takes down with it
 
 
 def many_texts(n: int) -> dict[str, str]:

@@ -3,8 +3,7 @@ statistics; credentials from the environment or from storage_options (the API, a
 --storage-options, which no output, log or manifest shows); store errors reported as such.
 
 Each scenario runs in a fresh Python process: Ray workers inherit the environment of the process that
-starts Ray, so a scenario whose workers take S3 settings from the environment starts a Ray of its own
-with them in place; one whose settings all come from storage_options uses the test process's Ray.
+starts Ray, so the S3 settings must be in place before the embedded Ray starts.
 """
 
 from __future__ import annotations
@@ -35,10 +34,9 @@ def s3():
         yield endpoint
 
 
-def clean_env(own_ray: bool = True, **extra) -> dict:
-    """This environment without any AWS_* setting, plus `extra`; without the test process's Ray
-    (RAY_ADDRESS) unless `own_ray` is false, for commands whose Ray workers need nothing from it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and (k != "RAY_ADDRESS" or not own_ray)}
+def clean_env(**extra) -> dict:
+    """This environment without any AWS_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
@@ -127,7 +125,7 @@ def test_s3_lake_storage_options_only(s3, qwen3_model, corpus_dir):
     """No AWS_* in the environment: everything the capture, SQL, verify, runs and statistics need
     comes from storage_options."""
     n = len(list(Path(corpus_dir).rglob("*.txt")))
-    out = scenario(clean_env(own_ray=False, AWS_EC2_METADATA_DISABLED="true"), f"s3://{BUCKET}/opts-lake", qwen3_model, corpus_dir,
+    out = scenario(clean_env(AWS_EC2_METADATA_DISABLED="true"), f"s3://{BUCKET}/opts-lake", qwen3_model, corpus_dir,
                    storage_options(s3))
     check_scenario(out, n)
 
@@ -232,7 +230,7 @@ def test_cli_storage_options_only(s3, qwen3_model, corpus_dir, tmp_path, monkeyp
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(k)
     so = storage_options(s3) | {"aws_secret_access_key": SECRET}
-    uri, env = f"s3://{BUCKET}/cli-lake", clean_env(own_ray=False, AWS_EC2_METADATA_DISABLED="true")
+    uri, env = f"s3://{BUCKET}/cli-lake", clean_env(AWS_EC2_METADATA_DISABLED="true")
 
     def tourray(*args) -> str:
         p = subprocess.run([sys.executable, "-m", "tourray.cli", *map(str, args), "--lake", uri, "--storage-options",

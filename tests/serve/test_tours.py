@@ -110,8 +110,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_rows(world, ray_session, tmp_
     argv = [sys.executable, "-m", "tourray.cli", "-q", "tours", "generate", "--model", c.model, "--places", c.places,
             "--tags", c.tags, "--styles", "brief,detailed", "--system-prompt", c.system_prompt, "--max-new-tokens", "6",
             "--batch-size", "1", "--group-size", "1", "--lake", c.lake, "--run", "k", "--no-progress"]
-    p = subprocess.Popen(argv, cwd=REPO, env=dict(ENV, RAY_ADDRESS=""), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)  # a Ray of its own, which the kill takes down with it
+    p = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     t0, seen = time.time(), 0
     try:
         while time.time() - t0 < 300 and p.poll() is None:
