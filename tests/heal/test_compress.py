@@ -17,6 +17,7 @@ from tourray.lake.tables import Lake
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+ENV.pop("RAY_ADDRESS", None)
 LOOSE = dict(seen_category="seen", max_ppl_rise=100.0, max_factual_ratio=100.0, max_file_ppl=1e9)
 
 

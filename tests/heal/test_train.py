@@ -20,6 +20,7 @@ from tourray.lake.tables import Lake
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+ENV.pop("RAY_ADDRESS", None)
 
 
 def _save_variant(src: Path, out: Path, seed: int, scale: float = 0.05, **config_changes) -> Path:
@@ -96,8 +97,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(world, reference, t
     assert ref["temp_after"] <= ref["temp_before"]
     cfg = heal_cfg(world, tmp_path / "killed", run="killed")
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "_kill_heal.py"), cfg.model_dump_json()],
-                       env=dict(ENV, RAY_ADDRESS=""), cwd=REPO, capture_output=True, text=True, timeout=600,
-                       start_new_session=True)  # a Ray of its own, killed with it
+                       env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert p.returncode == -9, (p.returncode, p.stderr[-3000:])
     assert list((tmp_path / "killed" / ".heal" / "ray").glob("checkpoint_*")), "killed before its first checkpoint"
     assert not (tmp_path / "killed" / "tourray_heal.json").exists()

@@ -56,8 +56,8 @@ def job_config(work: Path) -> dict:
 def run_job(script: str, cfg: dict, work: Path, name: str) -> subprocess.CompletedProcess:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    # on the test process's Ray (RAY_ADDRESS), as a job submitted to a cluster runs
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--config", str(path)], cwd=work, env=env,
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, f"{script}: rc {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
