@@ -5,21 +5,16 @@ field, and the refusals before anything starts."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
+from conftest import free_port
 from serve_fixtures import SYS, chatty_llama, chatty_qwen3, engines, one_thread, system_prompt_file  # noqa: F401
 from tourray.errors import UserError
 from tourray.serve.config import ServeConfig
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url, body) -> tuple[int, str]:
