@@ -25,6 +25,9 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_A
            RAY_USAGE_STATS_ENABLED="0")
 
 
+N = 20  # groups of one sample: the kill lands after 3 commits, the crash in the 5th group
+
+
 def many_texts(n: int) -> dict[str, str]:
     base = list(TEXTS.values())
     return {f"train/stop-{i:03d}.txt": f"Stop {i}. " + base[i % len(base)] for i in range(n)}
@@ -55,14 +58,14 @@ def capture_args(model, samples, lake, run="r"):
 @pytest.fixture(scope="module")
 def reference(qwen3_model, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("ref")
-    samples = write_corpus(root / "samples", many_texts(40))
+    samples = write_corpus(root / "samples", many_texts(N))
     cfg = CaptureConfig(model=str(qwen3_model), samples=str(samples), lake=str(root / "lake"), run="r",
                         group_size=1, batch_size=1, layers="embed,1")
     run_capture(cfg, progress=False)
     return samples, rows(root / "lake")
 
 
-def test_kill_and_resume_gives_the_uninterrupted_rows(qwen3_model, reference, tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_rows(qwen3_model, reference, tmp_path, joined_ray):
     samples, want = reference
     lake = tmp_path / "lake"
     cmd = [sys.executable, str(REPO / "jobs/capture.py"), *capture_args(qwen3_model, samples, lake)]
@@ -78,8 +81,9 @@ def test_kill_and_resume_gives_the_uninterrupted_rows(qwen3_model, reference, tm
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its embedded Ray and the capture actor
     proc.wait()
-    assert 0 < committed < 40, f"the kill must land mid-run (committed {committed}/40)"
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert 0 < committed < N, f"the kill must land mid-run (committed {committed}/{N})"
+    # resumed as a job on a running Ray (`ray job submit`'s way), where the killed one had its own
+    done = subprocess.run(cmd, env=dict(ENV, **joined_ray), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert rows(lake) == want
     assert verify(str(lake))[1] == []
