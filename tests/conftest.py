@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -126,56 +120,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 5) -> None:
-    """SIGTERM each process's session, then SIGKILL what is left of it after `grace_s`: every daemon and
-    worker of a `ray start --block` node is in its session, so this stops exactly that node (never
-    `ray stop`, which would stop every Ray on the machine); a graceful stop of an idle head took 34 s."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)  # the session's daemons, even where `ray start` itself has gone
-        p.wait(timeout=30)
-
-
-@pytest.fixture(scope="session")
-def joined_ray(tmp_path_factory):
-    """A one-node Ray (`ray start --head`, no dashboard) that CLI and job subprocesses join through the
-    environment this yields, as a job under `ray job submit` does, instead of each starting and stopping
-    an embedded Ray of its own (~10 s each here). Not this process's Ray (`ray_session`): what a driver
-    leaves in a Ray it joined stays out of the tests of Ray itself. Its workers take the environment it
-    was started with, so a subprocess that hands its actors settings through the environment (S3 keys,
-    a kill switch), or that is killed with its Ray, starts its own instead."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    gcs, agent, agent_grpc, client, metrics = (str(free_port()) for _ in range(5))
-    temp = tempfile.mkdtemp(prefix="trj-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    log_path = tmp_path_factory.mktemp("joined_ray") / "head.log"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-             "--include-dashboard=false", "--port", gcs, "--node-ip-address", "127.0.0.1", "--temp-dir", temp,
-             "--dashboard-agent-listen-port", agent, "--dashboard-agent-grpc-port", agent_grpc,
-             "--ray-client-server-port", client, "--metrics-export-port", metrics],
-            env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while "Ray runtime started" not in log_path.read_text():
-            assert head.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        yield dict(RAY_ADDRESS=f"127.0.0.1:{gcs}", RAY_AUTH_MODE="disabled")
-    finally:
-        stop_sessions([head], grace_s=1)  # nothing of it is kept
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def lake_snapshot(lake: Path) -> dict[str, int]:

@@ -17,9 +17,9 @@ MAX_LENGTH = 12
 SHORT = {"train/short.txt": "Hi.\n"}  # fits in MAX_LENGTH tokens; every TEXTS entry does not
 
 
-def tourray(*args, timeout=300, env=ENV):
+def tourray(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "tourray.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+                          env=ENV, cwd=REPO, timeout=timeout)
 
 
 def error_lines(p):
@@ -27,17 +27,15 @@ def error_lines(p):
 
 
 @pytest.fixture(scope="module")
-def base(qwen3_model, tmp_path_factory, joined_ray):
-    """One successful CLI capture (run "base"), with every text but one past --max-length, on a Ray it
-    joins (its warnings must not show there either)."""
+def base(qwen3_model, tmp_path_factory):
+    """One successful CLI capture (run "base"), with every text but one past --max-length."""
     root = tmp_path_factory.mktemp("cli")
     samples = write_corpus(root / "samples", TEXTS | SHORT)
     lake = root / "lake"
-    env = dict(ENV, **joined_ray)
     p = tourray("capture", "--model", qwen3_model, "--samples", samples, "--lake", lake, "--run", "base",
-                "--layers", "embed,0", "--group-size", 2, "--max-length", MAX_LENGTH, "--no-progress", env=env)
+                "--layers", "embed,0", "--group-size", 2, "--max-length", MAX_LENGTH, "--no-progress")
     assert p.returncode == 0, p.stderr
-    return dict(root=root, lake=lake, model=qwen3_model, proc=p, env=env)
+    return dict(root=root, lake=lake, model=qwen3_model, proc=p)
 
 
 def test_long_texts_are_truncated_and_flagged(base):
@@ -114,7 +112,7 @@ def test_skip_invalid_captures_the_good_and_lists_the_bad(base):
     (samples / "eval/x/latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     lake = root / "lake-mixed"
     p = tourray("capture", "--model", base["model"], "--samples", samples, "--lake", lake, "--run", "m",
-                "--layers", "embed,0", "--group-size", 2, "--skip-invalid", "--no-progress", env=base["env"])
+                "--layers", "embed,0", "--group-size", 2, "--skip-invalid", "--no-progress")
     assert p.returncode == 0, p.stderr
     assert "3 invalid file(s) skipped" in p.stdout
     for name in ("train/empty.txt: empty", "train/blank.txt: whitespace only", "eval/x/latin1.txt: not UTF-8"):

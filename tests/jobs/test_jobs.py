@@ -1,7 +1,6 @@
 """Every entry script in jobs/ runs, small, as a user runs it: `python jobs/X.py --config FILE` in a
-fresh process, joined to a running Ray as under `ray job submit` (`joined_ray`; a job on an embedded
-Ray of its own is tests/jobs/test_capture_job.py's), on the demo Qwen3 trained here in seconds, with
-every step of the real job. Asserts exit 0 and each report file. (jobs/capture.py: tests/jobs/test_capture_job.py.)
+fresh process (its own embedded Ray), on the demo Qwen3 trained here in seconds, with every step of
+the real job. Asserts exit 0 and each report file. (jobs/capture.py: tests/jobs/test_capture_job.py.)
 
 The demo runs first; the sweep and QA jobs reuse its lake and model (their capture section matches,
 so it resumes with nothing to do), as `python jobs/prune_sweep.py` does after `make demo`.
@@ -54,14 +53,11 @@ def job_config(work: Path) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def job_env(joined_ray) -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **joined_ray)
-
-
-def run_job(script: str, cfg: dict, work: Path, name: str, env: dict) -> subprocess.CompletedProcess:
+def run_job(script: str, cfg: dict, work: Path, name: str) -> subprocess.CompletedProcess:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--config", str(path)], cwd=work, env=env,
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, f"{script}: rc {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
@@ -70,10 +66,10 @@ def run_job(script: str, cfg: dict, work: Path, name: str, env: dict) -> subproc
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, job_env):
+def demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("jobs")
     cfg = job_config(work)
-    return work, cfg, run_job("demo.py", cfg, work, "demo", job_env)
+    return work, cfg, run_job("demo.py", cfg, work, "demo")
 
 
 def test_demo_runs_every_step_and_writes_each_report(demo):
@@ -90,21 +86,21 @@ def test_demo_runs_every_step_and_writes_each_report(demo):
     assert "fold check" in out and "max |log-prob difference|" in out
 
 
-def test_prune_sweep_job_reuses_the_demo_capture(demo, job_env):
+def test_prune_sweep_job_reuses_the_demo_capture(demo):
     work, cfg, _ = demo
     cfg = dict(cfg, qa=None, heal=None, teacher=None)
     cfg["sweep"] = dict(cfg["sweep"], methods=["reverse"], patch=["none"], patch_methods=[], generate_prompts=None)
-    p = run_job("prune_sweep.py", cfg, work, "sweep", job_env)
+    p = run_job("prune_sweep.py", cfg, work, "sweep")
     assert "evidence run tiny" in p.stdout and "already committed" in p.stdout
     assert "== 3. sweep" in p.stdout and (work / "reports" / "prune_tiny.md").is_file()
 
 
-def test_qa_job_reuses_the_demo_capture(demo, job_env):
+def test_qa_job_reuses_the_demo_capture(demo):
     work, cfg, _ = demo
     cfg = dict(cfg, sweep=None, stats=None, heal=None, teacher=None)
     cfg["qa"] = dict(cfg["qa"], name="job", base_run=None, rotation=False, permutations=True, width=[], combined=[],
                      depth=[{"method": "block-influence", "remove": 1}])
-    p = run_job("qa.py", cfg, work, "qa", job_env)
+    p = run_job("qa.py", cfg, work, "qa")
     assert "== 3. qa" in p.stdout and (work / "reports" / "qa_job.md").is_file()
 
 
@@ -115,7 +111,7 @@ def test_capture_job_help():
     assert p.returncode == 0 and "--model" in p.stdout
 
 
-def test_heal_job_heals_a_width_pruned_demo_model(demo, job_env, tmp_path):
+def test_heal_job_heals_a_width_pruned_demo_model(demo, tmp_path):
     """jobs/heal.py at test size, after the demo (as a user runs it after `make demo`): its model, evidence
     and teacher runs are the demo's (resumed with nothing to do); one width-pruned variant judged, healed
     for a few steps on Ray Train and judged again; the report is written."""
@@ -130,7 +126,7 @@ def test_heal_job_heals_a_width_pruned_demo_model(demo, job_env, tmp_path):
                         generate_prompts=str(REPO / "jobs" / "configs" / "prompts.txt"),
                         heal=dict(max_steps=4, batch_size=2, eval_every=2, warmup_steps=1, learning_rate=1e-3,
                                   val_fraction=0.2))
-    p = run_job("heal.py", cfg, work, "heal", job_env)
+    p = run_job("heal.py", cfg, work, "heal")
     for step in ("1. model", "2. evidence run tiny", "3. teacher run tiny.teach", "4. heal study"):
         assert f"== {step}" in p.stdout, p.stdout[-3000:]
     for run in ("evidence run tiny", "teacher run tiny.teach"):  # the demo's runs, resumed with nothing to capture

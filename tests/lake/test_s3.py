@@ -3,8 +3,7 @@ statistics; credentials from the environment or from storage_options (the API, a
 --storage-options, which no output, log or manifest shows); store errors reported as such.
 
 Each scenario runs in a fresh Python process: Ray workers inherit the environment of the process that
-starts Ray, so a scenario whose workers take S3 settings from the environment starts a Ray of its own
-with them in place; those whose settings all come from storage_options join `joined_ray`.
+starts Ray, so the S3 settings must be in place before the embedded Ray starts.
 """
 
 from __future__ import annotations
@@ -122,11 +121,11 @@ def storage_options(endpoint: str) -> dict:
                 aws_endpoint=endpoint, allow_http="true")
 
 
-def test_s3_lake_storage_options_only(s3, qwen3_model, corpus_dir, joined_ray):
+def test_s3_lake_storage_options_only(s3, qwen3_model, corpus_dir):
     """No AWS_* in the environment: everything the capture, SQL, verify, runs and statistics need
     comes from storage_options."""
     n = len(list(Path(corpus_dir).rglob("*.txt")))
-    out = scenario(clean_env(AWS_EC2_METADATA_DISABLED="true", **joined_ray), f"s3://{BUCKET}/opts-lake", qwen3_model, corpus_dir,
+    out = scenario(clean_env(AWS_EC2_METADATA_DISABLED="true"), f"s3://{BUCKET}/opts-lake", qwen3_model, corpus_dir,
                    storage_options(s3))
     check_scenario(out, n)
 
@@ -224,14 +223,14 @@ def test_cli_reports_store_error(s3, tmp_path):
     assert len(lines) == 1 and uri in lines[0] and "no tourray tables" not in lines[0], p.stderr
 
 
-def test_cli_storage_options_only(s3, qwen3_model, corpus_dir, tmp_path, monkeypatch, joined_ray):
+def test_cli_storage_options_only(s3, qwen3_model, corpus_dir, tmp_path, monkeypatch):
     """Every lake command takes --storage-options: with no AWS_* anywhere, capture, sql, runs, verify,
     stats, solve, prune plan, optimize and repair work on an s3:// lake, and the secret is in none of
     their outputs and logs, nor in the lake's manifests or the plan."""
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(k)
     so = storage_options(s3) | {"aws_secret_access_key": SECRET}
-    uri, env = f"s3://{BUCKET}/cli-lake", clean_env(AWS_EC2_METADATA_DISABLED="true", **joined_ray)
+    uri, env = f"s3://{BUCKET}/cli-lake", clean_env(AWS_EC2_METADATA_DISABLED="true")
 
     def tourray(*args) -> str:
         p = subprocess.run([sys.executable, "-m", "tourray.cli", *map(str, args), "--lake", uri, "--storage-options",

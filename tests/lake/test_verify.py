@@ -90,10 +90,10 @@ def test_deleted_block_is_named(lake):
     assert problems == [f"run r sample {sid} layer -1 site resid_post: recorded in blocks but has no rows"]
 
 
-def test_cli_verify_exits_1_and_prints_the_problem(lake, joined_ray):
+def test_cli_verify_exits_1_and_prints_the_problem(lake):
     sid = a_sample(lake)
     lake.dataset("blocks").update({"sha256": "'00'"}, where=f"sample_id = '{sid}' AND layer = 0")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **joined_ray)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "tourray.cli", "verify", "--lake", lake.root, "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 1, p.stderr
@@ -290,14 +290,14 @@ def test_deleted_data_file_is_named(lake, table):
     assert any(f"table {table} " in p and f"data/{victim.name}" in p and "unreadable" in p for p in problems), problems
 
 
-def test_deleted_data_file_with_run_is_named_by_the_cli(lake, joined_ray):
+def test_deleted_data_file_with_run_is_named_by_the_cli(lake):
     """With --run, verify sized its progress bar with a filtered count that reads every file: a deleted
     one ended in a raw OSError traceback before the per-fragment scan could name it."""
     victim = data_files(lake, "activations")[0]
     victim.unlink()
     _, problems = verify(lake, run="r")
     assert any("table activations " in p and f"data/{victim.name}" in p and "unreadable" in p for p in problems), problems
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **joined_ray)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "tourray.cli", "verify", "--lake", lake.root, "--run", "r", "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 1, p.stderr[-3000:]
