@@ -4,6 +4,7 @@ tokenizer trained on local text), a tiny corpus, and one embedded Ray for the wh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -120,6 +121,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def last_json(stdout: str):
+    """A script's result, printed as its last JSON line: a loaded machine's raylet may still log to
+    stdout after it (seen with three test workers on two cores)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
 
 
 def lake_snapshot(lake: Path) -> dict[str, int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TEXTS, free_port, moto_s3, write_corpus
+from conftest import REPO, TEXTS, free_port, last_json, moto_s3, write_corpus
 
 pytest.importorskip("moto.server")
 
@@ -124,7 +124,7 @@ print(json.dumps(out))
                 break
             time.sleep(3)
         assert p.returncode == 0, p.stderr[-4000:] + (tmp_path / "node_b.log").read_text()[-2000:]
-        probe_out = json.loads(p.stdout.strip().splitlines()[-1])
+        probe_out = last_json(p.stdout)
         assert probe_out["nodes"] == 2 and probe_out["resources"] == ["node_b", "node_head"], probe_out
         assert probe_out["cpus"] == [4, 2], probe_out  # 2 a node: tourray.stats asks no task for all 4
         assert "local folder" in probe_out["local"] and "2 nodes" in probe_out["local"], probe_out
@@ -168,7 +168,7 @@ print(json.dumps(dict(actors=len(actors), nodes=sorted({{r for a in actors for r
         p = subprocess.run([sys.executable, "-c", state], env=dict(env, PYTHONPATH=str(REPO)), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-4000:]
-        placed = json.loads(p.stdout.strip().splitlines()[-1])
+        placed = last_json(p.stdout)
         assert placed["actors"] >= 2 and placed["nodes"] == ["node_b", "node_head"], (placed, logs[-3000:])
 
         # a relative lake inside a job would vanish with the job's working-dir copy: refused
@@ -196,7 +196,7 @@ print(json.dumps(dict(checked=checked, problems=problems, samples=n, counts=got[
         p = subprocess.run([sys.executable, "-c", check], env=dict(env, PYTHONPATH=str(REPO)), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-4000:]
-        got = json.loads(p.stdout.strip().splitlines()[-1])
+        got = last_json(p.stdout)
         assert got["problems"] == [] and got["checked"] > 0 and got["samples"] == n, got
         assert got["differ"] == [] and got["counts"]["samples"] == n, got  # tables (and row counts) that differ
     finally:

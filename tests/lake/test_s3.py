@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("moto.server")
 
-from conftest import moto_s3  # noqa: E402
+from conftest import last_json, moto_s3  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def scenario(env: dict, lake_uri: str, model, corpus, storage_options: dict | No
                         json.dumps(storage_options or {}), executor], env=env, cwd=REPO, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, f"rc {p.returncode}\nstderr:\n{p.stderr[-6000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return last_json(p.stdout)
 
 
 def test_s3_lake_env_credentials(s3, qwen3_model, corpus_dir):
