@@ -17,7 +17,6 @@ from conftest import REPO, TEXTS, free_port, lake_snapshot, write_corpus
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-
 @pytest.fixture(scope="module")
 def world(qwen3_model, tmp_path_factory):
     """A lake with run "base" (captured in this process: the cases are the commands), its texts, and

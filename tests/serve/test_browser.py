@@ -30,7 +30,6 @@ PLUS_CODE = re.compile(r"^[23456789CFGHJMPQRVWX]{8}\+[23456789CFGHJMPQRVWX]{2}$"
 OPERA = (-33.8568, 151.2153)
 
 
-
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):  # noqa: F811
     """The app over the tiny models, served by uvicorn in a thread (what `tourray serve --in-process` runs)."""

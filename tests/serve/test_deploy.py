@@ -16,7 +16,6 @@ from tourray.errors import UserError
 from tourray.serve.config import ServeConfig
 
 
-
 def post(url, body) -> tuple[int, str]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
