@@ -70,6 +70,26 @@ def test_without_a_message_of_its_own_the_caller_gets_rays_error(ray_session):
         list(pool_batches(pipeline(ray_session, "ray")))
     assert type(err.value).__module__.startswith("ray") and not isinstance(err.value, UserError)
     assert cpus_come_back(ray_session, free) and err.value  # its frames no longer hold the pool
+    held = [(type(x).__name__, f.f_code.co_name, sorted(f.f_locals)) for x in chain(err.value) for f in frames(x)
+            if f.f_locals and f.f_code.co_name != "pool_batches" and f.f_code.co_filename != __file__]
+    assert held == []  # nor do those of the exceptions chained to it (Ray's object-ref generators)
+
+
+def chain(e: BaseException) -> list[BaseException]:
+    seen, todo = [], [e]
+    while todo:
+        if (x := todo.pop()) is not None and not any(x is y for y in seen):
+            seen.append(x)
+            todo += [x.__cause__, x.__context__]
+    return seen
+
+
+def frames(e: BaseException) -> list:
+    tb, out = e.__traceback__, []
+    while tb is not None:
+        out.append(tb.tb_frame)
+        tb = tb.tb_next
+    return out
 
 
 def test_a_consumer_that_stops_early_closes_the_pool(ray_session):

@@ -173,6 +173,16 @@ def user_error_in(e: BaseException) -> UserError | None:
     return None
 
 
+def _clear_chain(e: BaseException) -> None:
+    """Clear the frames of `e`'s traceback and of every exception in its cause/context chain."""
+    seen, todo = set(), [e]
+    while todo:
+        if (x := todo.pop()) is not None and id(x) not in seen:
+            seen.add(id(x))
+            traceback.clear_frames(x.__traceback__)
+            todo += [x.__cause__, x.__context__]
+
+
 def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None = None) -> Iterator:
     """A Ray Data pipeline's output blocks, each as soon as it is computed (no prefetch: the consumer
     commits one before the next arrives, so a kill loses one group, not two).
@@ -182,7 +192,8 @@ def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None =
     for every CPU of the node waited forever. So on failure the iterator is dropped, the collector run, and
     the error raised outside `except`, unchained: a UserError raised inside an actor as itself, Ray's own
     failure as `on_ray_error(e)` when given (its full text goes to the debug log), anything else as it is,
-    its traceback's frames cleared of their locals (which hold the pool). A consumer that stops early
+    the frames of its traceback and of every exception chained to it cleared of their locals (which hold the
+    pool and Ray's object-ref generators). A consumer that stops early
     (its own error) closes the generator, which closes Ray's iterator.
     """
     it, failed = ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"), None
@@ -195,7 +206,7 @@ def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None =
                     log.debug("Ray Data pipeline failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
                 failed = on_ray_error(e)
             else:
-                traceback.clear_frames(e.__traceback__)  # the lines stay; the locals that hold the pool go
+                _clear_chain(e)  # the lines stay; the locals that hold the pool go
                 failed = e
     if failed is not None:
         ds = it = None  # they hold the error that holds the pool, and this frame outlives the raise
