@@ -23,8 +23,12 @@ load (other work may share the cores: compare ratios, not absolute figures, acro
                   block), which biases it;
     * wall      - tokens / the whole run_capture call (plan + Ray start + everything).
 
+The model is a synthetic Qwen3 built from a config (sizes below), or with --model an existing checkpoint
+folder: SmolLM2-135M-Instruct as `make demo` imports it, .cache/smollm2-135m-instruct.
+
 Usage:  .venv/bin/python bench/bench_capture.py            # full size (~210 samples, ~50k tokens)
         .venv/bin/python bench/bench_capture.py --quick    # smoke size (16 samples)
+        .venv/bin/python bench/bench_capture.py --model .cache/smollm2-135m-instruct -n 36  # SmolLM2, ~15k tokens
         .venv/bin/python bench/bench_capture.py --query-only  # the query figures again, on a previous run's data
 Writes <out>/results.json and prints a table; bulk data (model, lakes, .pt files) stays under <out>.
 """
@@ -143,6 +147,13 @@ def build_model(out: Path, train_texts: list[str], args) -> dict:
     return dict(path=str(out), params=n_params, vocab_size=len(tok), hidden_size=args.hidden_size,
                 layers=args.layers, heads=heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                 intermediate_size=args.intermediate_size, seed=args.seed, build_seconds=round(time.perf_counter() - t0, 2))
+
+
+def describe_model(model_dir: Path) -> dict:
+    """An existing checkpoint's shape, from its config.json (--model)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return dict(path=str(model_dir), model_type=cfg.get("model_type"), layers=cfg["num_hidden_layers"],
+                hidden_size=cfg["hidden_size"], intermediate_size=cfg.get("intermediate_size"), vocab_size=cfg["vocab_size"])
 
 
 def encode_batches(model_dir: Path, sample_dir: Path, system_prompt: Path, batch_size: int, group_size: int,
@@ -744,8 +755,9 @@ def fmt_table(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Targets: (b) >= 0.75x (a); (b) faster than (c); query >= 10x faster on (b); "
-                                       "capture peak memory at 4x within 20% of 1x.")
+                                epilog="Targets: (b) steady >= 0.85x (a), end to end (bench1, Ray start included) >= 0.6x (a); "
+                                       "(b) faster than (c); query >= 10x faster on (b); capture peak memory at 4x within "
+                                       "20% of 1x.")
     p.add_argument("--quick", action="store_true", help="Smoke size: 16 samples and group size 4 (unless given).")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="Output folder (default: bench/out, gitignored).")
     p.add_argument("--samples", type=Path, default=REPO / "samples" / "train", help="Source texts (default: samples/train).")
@@ -753,6 +765,9 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--num-samples", type=int, default=None, help="Samples to use (default: all; --quick: 16).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--group-size", type=int, default=None, help="Samples per capture group (default 32; --quick: 4).")
+    p.add_argument("--model", type=Path, default=None,
+                   help="An existing checkpoint folder to capture (e.g. .cache/smollm2-135m-instruct) instead of the "
+                        "synthetic Qwen3 that the size options below describe.")
     p.add_argument("--hidden-size", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -801,17 +816,23 @@ def main(argv=None) -> int:
     samples_dir = out / "samples"
     files = copy_samples(args.samples, n, samples_dir)
     all_train = [f.read_text(encoding="utf-8") for f in sorted(args.samples.glob("*.txt"))]
-    model_dir = out / "model"
-    res["model"] = build_model(model_dir, all_train, args)
-    log(f"model: {res['model']['params'] / 1e6:.1f} M params -> {model_dir}; {len(files)} samples -> {samples_dir}")
+    if args.model:
+        model_dir = args.model.resolve()
+        res["model"] = describe_model(model_dir)
+    else:
+        model_dir = out / "model"
+        res["model"] = build_model(model_dir, all_train, args)
     batches, tokens = encode_batches(model_dir, samples_dir, args.system_prompt, args.batch_size, args.group_size)
     res["tokens"], res["samples"], res["batches"] = tokens, len(files), len(batches)
     res["padded_tokens"] = sum(b["ids"].numel() for b in batches)
-    log(f"{tokens:,} tokens in {len(batches)} batches ({res['padded_tokens']:,} with padding)")
 
     # 3. throughput, in the order a c b b c a so that drift in the machine's load (other work shares
     # the cores) weighs on each approach alike; each figure is a mean over its runs
     model = load_model(model_dir)
+    res["model"]["params"] = sum(p.numel() for p in model.parameters())
+    log(f"model: {res['model']['params'] / 1e6:.1f} M params, {res['model']['layers']} blocks <- {model_dir}; "
+        f"{len(files)} samples -> {samples_dir}")
+    log(f"{tokens:,} tokens in {len(batches)} batches ({res['padded_tokens']:,} with padding)")
     pt_dir = out / "pt_baseline"
     lake = out / "lake"
     plain_runs, pt_runs, cap_runs = [], [], []
@@ -858,7 +879,7 @@ def main(argv=None) -> int:
     res["capture_mean"] = dict(steady_tokens_per_s=b_steady, summary_tokens_per_s=b_summary,
                                steady_tokens_per_actor_cpu_s=b_cpu, bytes_vectors=cap_runs[0]["bytes_vectors"])
 
-    res["query"] = bench_query(lake, pt_dir, args.layers, tokens, sum(z - a for b in batches for a, z in b["text_spans"]),
+    res["query"] = bench_query(lake, pt_dir, res["model"]["layers"], tokens, sum(z - a for b in batches for a, z in b["text_spans"]),
                                args.query_rounds, args.pt_threads)
 
     # 4. memory
@@ -893,8 +914,9 @@ def main(argv=None) -> int:
         **query_ratios(res["query"]),
     }
     targets = [
-        dict(target="(b) >= 0.75x (a): steady tokens/s", met=bool(b_steady and b_steady >= 0.75 * a_rate)),
-        dict(target="(b) >= 0.75x (a): summary tokens/s", met=b_summary >= 0.75 * a_rate),
+        dict(target="(b) >= 0.85x (a): steady tokens/s", met=bool(b_steady and b_steady >= 0.85 * a_rate)),
+        dict(target="(b) >= 0.6x (a): end to end, run 1 (Ray start included)",
+             met=cap_runs[0]["wall_tokens_per_s"] >= 0.6 * a_rate),
         dict(target="(b) faster than (c): steady tokens/s", met=bool(b_steady and b_steady > c_rate)),
         dict(target="(b) faster than (c): summary tokens/s", met=b_summary > c_rate),
         *query_targets(res["query"]),

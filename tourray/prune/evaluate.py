@@ -26,7 +26,7 @@ class EvalSettings(BaseConfig):
     max_length: int = Field(1024, gt=1, description="Eval capture truncation.")
     criteria: Criteria = Field(default_factory=Criteria, description="Verdict criteria.")
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig, description="transformers engine settings of the eval captures.")
-    kl_top_k: int = Field(1024, ge=0, description="The original's eval run stores its K most likely next tokens per text token (--logits K), and each variant's KL to the original is computed from them (--reference-run) instead of running the original beside every variant: about half the eval time, the same verdicts (they read surprisal only). That KL is over the K ids + the rest of the mass: exact when K >= the vocabulary, otherwise a lower bound (docs/prune.md gives its measured error). 0 = run the original beside each variant (the exact KL).")
+    kl_top_k: int = Field(1024, ge=0, description="The original's eval run stores its K most likely next tokens per text token (--logits K), and each variant's KL to the original is computed from them (--reference-run) instead of running the original beside every variant: about half the eval time, the same verdicts (they read surprisal only). That KL is over the K ids + the rest of the mass: exact when K >= the vocabulary, otherwise a lower bound (docs/pruning.md gives its measured error). 0 = run the original beside each variant (the exact KL).")
 
 
     def capture_config(self, model: str, run: str, reference: str | None, base_run: str | None = None):
