@@ -73,7 +73,9 @@ def summarize(res: dict) -> None:
     res["ratio_exact_over_before"] = res["seconds_per_variant"]["exact"] / res["seconds_per_variant"]["before"]
     judged = [n for n in names if ex[n]["kl"]]  # (the QA's base variant is the original itself: no KL)
     res["kl_rel_error_max"] = max((ex[n]["kl"] - lk[n]["kl"]) / ex[n]["kl"] for n in judged)
-    res["kl_bound_holds"] = all(lk[n]["kl"] <= ex[n]["kl"] * (1 + 1e-6) for n in judged)
+    # a lower bound up to float32 rounding: 1e-6 relative, and 1e-6 nats absolute for a function-preserving
+    # variant (a rotated fold's KL is ~5e-8, rounding noise either way)
+    res["kl_bound_holds"] = all(lk[n]["kl"] <= ex[n]["kl"] * (1 + 1e-6) + 1e-6 for n in judged)
     print(f"{'variant':28} {'before s':>8} {'exact s':>8} {'lake s':>8} {'KL exact':>9} {'KL lake':>9} {'rel err':>8}  verdict")
     for n in names:
         kx, kl = ex[n]["kl"] or 0.0, lk[n]["kl"] or 0.0
