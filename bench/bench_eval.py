@@ -134,10 +134,10 @@ def main() -> int:
                                kl=v["comparison"][-1]["mean_kl"],
                                ppl=[c["variant_perplexity"] for c in v["comparison"]]) for v in s["variants"]})
         print(f"{mode}: {len(s['variants'])} variants, {res['modes'][mode]['seconds']:.0f} s", flush=True)
-    out = OUT / ("results_qa.json" if args.qa else "results.json")
-    out.write_text(json.dumps(res, indent=1))  # the raw figures, kept even if the summary fails
-    summarize(res)
-    out.write_text(json.dumps(res, indent=1))
+    try:
+        summarize(res)
+    finally:  # the raw figures are kept even if the summary fails
+        (OUT / ("results_qa.json" if args.qa else "results.json")).write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -173,14 +173,14 @@ def user_error_in(e: BaseException) -> UserError | None:
     return None
 
 
-def _clear_chain(e: BaseException) -> None:
-    """Clear the frames of `e`'s traceback and of every exception in its cause/context chain."""
-    seen, todo = set(), [e]
-    while todo:
-        if (x := todo.pop()) is not None and id(x) not in seen:
-            seen.add(id(x))
-            traceback.clear_frames(x.__traceback__)
-            todo += [x.__cause__, x.__context__]
+def _detached(e: BaseException) -> BaseException:
+    """`e` holding no frame: its traceback's lines kept as a note, the traceback and the chained exceptions
+    (Ray Data's StopIteration and end-of-stream plumbing) dropped. Clearing the traceback's own frames was
+    not enough: an error raised on Ray Data's executor thread reaches, through its frames' callers, the
+    executor and its actor handles, and those callers may still be running when this is raised."""
+    e.add_note("Raised inside Ray Data at:\n" + "".join(traceback.format_tb(e.__traceback__)).rstrip())
+    e.__cause__ = e.__context__ = None
+    return e.with_traceback(None)
 
 
 def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None = None) -> Iterator:
@@ -192,8 +192,7 @@ def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None =
     for every CPU of the node waited forever. So on failure the iterator is dropped, the collector run, and
     the error raised outside `except`, unchained: a UserError raised inside an actor as itself, Ray's own
     failure as `on_ray_error(e)` when given (its full text goes to the debug log), anything else as it is,
-    the frames of its traceback and of every exception chained to it cleared of their locals (which hold the
-    pool and Ray's object-ref generators). A consumer that stops early
+    holding no frame (`_detached`: its lines kept as a note). A consumer that stops early
     (its own error) closes the generator, which closes Ray's iterator.
     """
     it, failed = ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"), None
@@ -206,8 +205,7 @@ def pool_batches(ds, on_ray_error: Callable[[BaseException], UserError] | None =
                     log.debug("Ray Data pipeline failed; Ray's error in full:\n%s", "".join(traceback.format_exception(e)))
                 failed = on_ray_error(e)
             else:
-                _clear_chain(e)  # the lines stay; the locals that hold the pool go
-                failed = e
+                failed = _detached(e)
     if failed is not None:
         ds = it = None  # they hold the error that holds the pool, and this frame outlives the raise
         gc.collect()
